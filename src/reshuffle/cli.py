@@ -1,0 +1,39 @@
+"""The ``reshuffle`` command line: ``reshuffle <command> --help`` for each command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from reshuffle import __version__
+from reshuffle.commands import plan
+
+COMMANDS = (plan,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reshuffle",
+        description="Data shuffling strategies for data-parallel training, made real and comparable.",
+    )
+    parser.add_argument("--version", action="version", version=f"reshuffle {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``reshuffle`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
+        print(f"reshuffle: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

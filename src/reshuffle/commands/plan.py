@@ -1,0 +1,121 @@
+"""``reshuffle plan``: what a strategy does to the data, epoch by epoch, before any training.
+
+Prints the shuffle-quality metrics of :mod:`reshuffle.plan.quality` per epoch, with the
+analytic expectation next to each where one exists.
+
+Example::
+
+    reshuffle plan --labels-from fashion-mnist --world-size 8 --strategy partial --fraction 0.1 \
+        --partition label-sorted --epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from reshuffle.plan import PARTITIONS, STRATEGIES, ShufflePlanner
+from reshuffle.plan.quality import measure
+from reshuffle.text_table import format_table
+
+MAX_MEASURED_RANKS = 64
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="print per-epoch shuffle quality of a strategy (no training)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--num-samples", type=int, help="N (default: the size of --labels-from)")
+    parser.add_argument("--world-size", type=int, required=True, help="M, the number of ranks")
+    parser.add_argument("--strategy", default="global", choices=sorted(STRATEGIES))
+    parser.add_argument("--fraction", type=float, default=0.0, help="Q for partial")
+    parser.add_argument("--partition", default="random", choices=sorted(PARTITIONS))
+    parser.add_argument(
+        "--labels-from",
+        metavar="DATASET",
+        help="take labels (and N) from a dataset's train split, e.g. fashion-mnist",
+    )
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--drop-last", action="store_true")
+    parser.add_argument(
+        "--ranks", type=int, default=MAX_MEASURED_RANKS, help="measure at most this many ranks, evenly spaced"
+    )
+    parser.add_argument("--system", help="system config file (dataset paths)")
+    parser.set_defaults(run=run)
+
+
+def _labels(args: argparse.Namespace) -> np.ndarray | None:
+    if args.labels_from is None:
+        return None
+    from reshuffle.config import DataConfig, load_system_config
+    from reshuffle.data import open_source
+
+    source = open_source(DataConfig(name=args.labels_from), "train", load_system_config(args.system))
+    labels = source.targets
+    if args.num_samples is not None:
+        if args.num_samples > labels.size:
+            raise ValueError(
+                f"--num-samples {args.num_samples} exceeds the {labels.size} samples of {args.labels_from}"
+            )
+        labels = labels[: args.num_samples]
+    return labels
+
+
+def run(args: argparse.Namespace) -> int:
+    labels = _labels(args)
+    num_samples = args.num_samples if labels is None else labels.size
+    if num_samples is None:
+        raise ValueError("give --num-samples N, or --labels-from DATASET to take N from a dataset")
+    planner = ShufflePlanner(
+        num_samples,
+        args.world_size,
+        strategy=args.strategy,
+        fraction=args.fraction,
+        partition=args.partition,
+        labels=labels,
+        seed=args.seed,
+        drop_last=args.drop_last,
+    )
+    count = max(1, min(args.ranks, args.world_size))
+    ranks = sorted({int(r) for r in np.linspace(0, args.world_size - 1, count).round()})
+    plan = planner.plan(0)
+    moved = sum(ids.size for ids in plan.sends(0).values())
+    print(
+        f"N={num_samples} M={args.world_size} strategy={args.strategy} fraction={planner.fraction} "
+        f"partition={args.partition} seed={args.seed}\n"
+        f"per rank: {plan.samples_per_rank} samples per epoch ({plan.num_padded} padded, "
+        f"{plan.num_dropped} dropped in all), holds {planner.layout.max_size} at most, "
+        f"rank 0 sends {moved} after epoch 0; measured {len(ranks)} of {args.world_size} ranks"
+    )
+    rows = [
+        (
+            q.epoch,
+            q.churn,
+            q.expected_churn,
+            q.coverage,
+            q.expected_coverage,
+            q.label_distance,
+            q.label_distance_max,
+            q.order_entropy,
+            q.order_entropy_max,
+        )
+        for q in measure(planner, args.epochs, ranks)
+    ]
+    headers = [
+        "epoch",
+        "churn",
+        "(expected)",
+        "coverage",
+        "(expected)",
+        "label_js",
+        "label_js_max",
+        "order_bits",
+        "(max)",
+    ]
+    print(format_table(headers, rows))
+    return 0

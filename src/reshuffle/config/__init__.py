@@ -1,0 +1,161 @@
+"""Loading, validating and saving the system config and run configs.
+
+Run config: a YAML file (see ``configs/``) plus ``key=value`` overrides, e.g.
+``reshuffle run configs/smoke.yaml shuffle.strategy=partial shuffle.fraction=0.1``.
+
+System config: ``--system FILE``, else ``$RESHUFFLE_SYSTEM``, else ``configs/system.yaml`` in the
+working directory if present, else built-in defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reshuffle.config.loading import (
+    ConfigError,
+    from_mapping,
+    merge,
+    parse_overrides,
+    read_yaml,
+    to_mapping,
+)
+from reshuffle.config.schema import (
+    BUILTIN_DATASETS,
+    DataConfig,
+    DatasetEntry,
+    DistConfig,
+    LogConfig,
+    ModelConfig,
+    RunConfig,
+    ShuffleConfig,
+    SyntheticConfig,
+    SystemConfig,
+    TrainConfig,
+)
+
+SYSTEM_ENV = "RESHUFFLE_SYSTEM"
+DEFAULT_SYSTEM_FILE = Path("configs") / "system.yaml"
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config in ``path`` (None: defaults) with ``overrides`` applied and validated."""
+    data = read_yaml(path) if path is not None else {}
+    config = from_mapping(RunConfig, merge(data, parse_overrides(overrides)))
+    check_run_config(config)
+    return config
+
+
+def check_run_config(config: RunConfig) -> None:
+    """Checks across fields and against the registries; ConfigError naming the key."""
+    from reshuffle.plan import PARTITIONS, STRATEGIES
+
+    shuffle, train = config.shuffle, config.train
+    if shuffle.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"shuffle.strategy: unknown strategy {shuffle.strategy!r}; "
+            f"choose one of {', '.join(sorted(STRATEGIES))}"
+        )
+    if shuffle.partition not in PARTITIONS:
+        raise ConfigError(
+            f"shuffle.partition: unknown partition {shuffle.partition!r}; "
+            f"choose one of {', '.join(sorted(PARTITIONS))}"
+        )
+    if not 0.0 <= shuffle.fraction <= 1.0:
+        raise ConfigError(f"shuffle.fraction must be in [0, 1], got {shuffle.fraction}")
+    if shuffle.fraction and not STRATEGIES[shuffle.strategy].uses_fraction:
+        raise ConfigError(
+            f"shuffle.fraction={shuffle.fraction} has no effect with shuffle.strategy={shuffle.strategy}; "
+            "use shuffle.strategy=partial or set shuffle.fraction=0"
+        )
+    positive = {
+        "train.epochs": train.epochs,
+        "train.batch_size": train.batch_size,
+        "train.reference_batch": train.reference_batch,
+        "train.bn_recalibrate_batches": train.bn_recalibrate_batches,
+        "dist.nproc": config.dist.nproc,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    non_negative = {
+        "seed": config.seed,
+        "train.lr": train.lr,
+        "train.warmup_epochs": train.warmup_epochs,
+        "train.mixup_alpha": train.mixup_alpha,
+        "train.workers": train.workers,
+        "train.checkpoint_every": train.checkpoint_every,
+        "train.checkpoint_steps": train.checkpoint_steps,
+        "train.max_steps": train.max_steps,
+        "model.dropout": config.model.dropout,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative, got {value}")
+    if train.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be at least 1, got {train.keep_checkpoints}")
+    if not 0.0 <= train.label_smoothing < 1.0:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
+    if config.dist.timeout_s <= 0:
+        raise ConfigError(f"dist.timeout_s must be positive, got {config.dist.timeout_s}")
+    if not config.name or "/" in config.name or config.name in (".", ".."):
+        raise ConfigError(f"name must be a plain directory name (no '/'), got {config.name!r}")
+
+
+def system_config_path(explicit: str | Path | None = None) -> Path | None:
+    """Which system config file applies (see the module docstring), or None for the defaults."""
+    if explicit is not None:
+        return Path(explicit)
+    if os.environ.get(SYSTEM_ENV):
+        return Path(os.environ[SYSTEM_ENV])
+    return DEFAULT_SYSTEM_FILE if DEFAULT_SYSTEM_FILE.is_file() else None
+
+
+def load_system_config(path: str | Path | None = None) -> SystemConfig:
+    """The system config at ``path`` (or found as in :func:`system_config_path`)."""
+    source = system_config_path(path)
+    data = read_yaml(source) if source is not None else {}
+    return from_mapping(SystemConfig, data)
+
+
+def dataset_entry(system: SystemConfig, name: str) -> DatasetEntry:
+    """How ``name`` is loaded: the system config's entry, else the built-in one."""
+    if name in system.datasets:
+        return system.datasets[name]
+    if name in BUILTIN_DATASETS:
+        return from_mapping(DatasetEntry, BUILTIN_DATASETS[name], f"datasets.{name}")
+    known = sorted(set(BUILTIN_DATASETS) | set(system.datasets))
+    raise ConfigError(
+        f"data.name: unknown dataset {name!r}; known: {', '.join(known)}. Add it to the system "
+        f"config's datasets (e.g. an imagefolder entry with a path)"
+    )
+
+
+def dump_yaml(config: Any) -> str:
+    """YAML text of a config dataclass (what a run saves as config.yaml)."""
+    return yaml.safe_dump(to_mapping(config), sort_keys=False)
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DatasetEntry",
+    "DistConfig",
+    "LogConfig",
+    "ModelConfig",
+    "RunConfig",
+    "ShuffleConfig",
+    "SyntheticConfig",
+    "SystemConfig",
+    "TrainConfig",
+    "check_run_config",
+    "dataset_entry",
+    "dump_yaml",
+    "load_run_config",
+    "load_system_config",
+    "system_config_path",
+]

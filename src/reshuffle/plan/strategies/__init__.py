@@ -1,0 +1,18 @@
+"""Shuffling strategies, one per module, registered here by name.
+
+Adding a strategy means adding a module with a :class:`~reshuffle.plan.strategies.base.Strategy`
+subclass and one line below; no other strategy changes.
+"""
+
+from __future__ import annotations
+
+from reshuffle.plan.strategies.base import PlanContext, Strategy
+from reshuffle.plan.strategies.global_shuffle import GlobalStrategy
+from reshuffle.plan.strategies.local import LocalStrategy
+from reshuffle.plan.strategies.partial import PartialStrategy
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (GlobalStrategy, LocalStrategy, PartialStrategy)
+}
+
+__all__ = ["STRATEGIES", "PlanContext", "Strategy"]

@@ -1,0 +1,115 @@
+"""The contract every shuffling strategy implements.
+
+A strategy decides, for each epoch, which sample sits in which slot of every rank (the balanced
+slots of :class:`~reshuffle.plan.layout.Layout`), and which ids move between ranks from one
+epoch to the next. It is pure: (seed, epoch, rank, its own state) in, arrays out; no
+``torch.distributed``, no files. The planner adds what is common to all strategies: the local
+training order, padding and truncation.
+
+A strategy may keep state that grows from observations (per-sample losses for ``importance``).
+Two rules keep plans deterministic: :meth:`Strategy.observe` for epoch ``e`` may change only the
+plans of epochs after ``e``, and everything observed goes into :meth:`Strategy.state_dict`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from reshuffle.plan.layout import Layout
+from reshuffle.plan.partitions import InitialPartition
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Everything a strategy may depend on, fixed for the life of a planner."""
+
+    layout: Layout
+    partition: InitialPartition  # who holds what at epoch 0
+    seed: int
+    fraction: float  # Q, for strategies that exchange a fraction of each partition
+    labels: NDArray[np.int64] | None
+    options: Mapping[str, Any] = field(default_factory=dict)  # strategy-specific keywords
+
+
+class Strategy(abc.ABC):
+    """Base class of the strategies registered in :data:`reshuffle.plan.strategies.STRATEGIES`.
+
+    Subclasses set ``name`` and implement :meth:`slots`, :meth:`sends` and :meth:`receives`;
+    ``option_defaults`` lists any extra keyword options they accept (validated by the planner).
+    """
+
+    name: ClassVar[str]
+    uses_fraction: ClassVar[bool] = False
+    option_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    MEMO_SIZE = 4  # (epoch, rank) pairs of slots kept: this epoch's and the next, for a rank or two
+
+    def __init__(self, context: PlanContext) -> None:
+        self.context = context
+        self.layout = context.layout
+        self._memo: OrderedDict[tuple[int, int], NDArray[np.int64]] = OrderedDict()
+
+    @abc.abstractmethod
+    def slots(self, epoch: int, rank: int) -> NDArray[np.int64]:
+        """Ids held by ``rank`` in ``epoch``, in slot order; shape ``(layout.size(rank),)``."""
+
+    def held(self, epoch: int, rank: int) -> NDArray[np.int64]:
+        """:meth:`slots`, remembered for the last few (epoch, rank) pairs; read-only.
+
+        A rank asks for its slots of epoch e for its order, its sends and (as epoch e+1's
+        receives) again; the memo makes that one computation.
+        """
+        key = (epoch, rank)
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        ids = self.slots(epoch, rank)
+        ids.flags.writeable = False
+        self._memo[key] = ids
+        if len(self._memo) > self.MEMO_SIZE:
+            self._memo.popitem(last=False)
+        return ids
+
+    @abc.abstractmethod
+    def sends(self, epoch: int, rank: int) -> dict[int, NDArray[np.int64]]:
+        """``{dst: sorted ids}`` that leave ``rank`` between ``epoch`` and ``epoch + 1``."""
+
+    @abc.abstractmethod
+    def receives(self, epoch: int, rank: int) -> dict[int, NDArray[np.int64]]:
+        """``{src: sorted ids}`` that arrive at ``rank`` between ``epoch`` and ``epoch + 1``."""
+
+    @classmethod
+    def expected_churn(cls, layout: Layout, fraction: float) -> float | None:
+        """Expected fraction of a rank's holdings that is new each epoch, if known in closed form."""
+        return None
+
+    @classmethod
+    def expected_coverage(cls, layout: Layout, fraction: float, epochs: int) -> float | None:
+        """Expected fraction of the dataset a rank has trained on after ``epochs`` epochs."""
+        return None
+
+    def observe(self, epoch: int, ids: NDArray[np.int64], losses: NDArray[np.floating]) -> None:  # noqa: B027
+        """Record per-sample losses seen in ``epoch``; most strategies ignore them (no-op)."""
+
+    def forget(self) -> None:
+        """Drop remembered slots (the planner calls this after :meth:`observe`)."""
+        self._memo.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`observe` accumulated (empty for stateless strategies)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if state:
+            raise ValueError(
+                f"strategy {self.name!r} keeps no state, but the state to load has keys "
+                f"{sorted(state)}; it was saved by a different strategy"
+            )

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reshuffle.cli import main
+
+
+def table_rows(text: str) -> list[list[str]]:
+    lines = text.strip().splitlines()
+    rule = next(i for i, line in enumerate(lines) if set(line.replace(" ", "")) == {"-"})
+    return [line.split() for line in lines[rule + 1 :]]
+
+
+def test_plan_prints_one_row_per_epoch_with_expectations(capsys):
+    assert (
+        main(
+            [
+                "plan",
+                "--num-samples",
+                "8000",
+                "--world-size",
+                "4",
+                "--strategy",
+                "partial",
+                "--fraction",
+                "0.25",
+                "--epochs",
+                "4",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "N=8000 M=4 strategy=partial fraction=0.25" in out
+    rows = table_rows(out)
+    assert [row[0] for row in rows] == ["0", "1", "2", "3"]
+    assert rows[0][1] == "-" and all(row[1] == row[2] == "0.25" for row in rows[1:])  # churn = expected = Q
+
+
+def test_plan_with_labels_from_a_dataset(capsys):
+    assert (
+        main(
+            [
+                "plan",
+                "--labels-from",
+                "digits",
+                "--world-size",
+                "10",
+                "--strategy",
+                "local",
+                "--partition",
+                "label-sorted",
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "N=1437 M=10" in out
+    rows = table_rows(out)
+    assert float(rows[0][5]) > 0.7  # label-sorted local: far from the dataset's label mix
+
+
+def test_plan_errors_are_one_line_with_exit_status_2(capsys):
+    assert main(["plan", "--num-samples", "3", "--world-size", "4"]) == 2
+    assert "num_samples (3) is smaller than world_size (4)" in capsys.readouterr().err
+    assert main(["plan", "--world-size", "4"]) == 2
+    assert "give --num-samples N, or --labels-from DATASET" in capsys.readouterr().err
+    assert main(["plan", "--world-size", "2", "--labels-from", "no-such-set"]) == 2
+    assert "unknown dataset 'no-such-set'" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = shutil.which("reshuffle", path=str(Path(sys.executable).parent))
+    assert script is not None
+    result = subprocess.run(
+        [script, "plan", "--num-samples", "100", "--world-size", "2", "--epochs", "2"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert "strategy=global" in result.stdout
+    help_text = subprocess.run(
+        [script, "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "plan" in help_text
+
+
+@pytest.mark.parametrize("flag", ["--strategy=sorted", "--partition=by-color"])
+def test_plan_rejects_unknown_choices(flag):
+    with pytest.raises(SystemExit):
+        main(["plan", "--num-samples", "10", "--world-size", "2", flag])
