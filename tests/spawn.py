@@ -1,58 +1,107 @@
 """Run a function in N spawned CPU processes joined by a gloo process group, with a hard timeout.
 
 Rendezvous goes through a FileStore in a temporary directory, so parallel tests never fight over
-ports. A rank that raises fails the test with its traceback; a rank that hangs is killed when the
-timeout expires and the test fails saying so. No test returns early when setup fails.
+ports. :func:`run_ranks` fails the test with each failing rank's traceback; :func:`launch`
+reports every rank's outcome (value, traceback, or the signal that killed it) for tests where a
+rank is meant to die. A rank still running at the deadline is killed and reported as hung; no
+test returns early when setup fails.
 """
 
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import pickle
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+@dataclass
+class RankOutcome:
+    rank: int
+    exitcode: int | None  # None: still running at the deadline (killed as hung)
+    value: Any = None
+    error: str | None = None  # the traceback, when the function raised
+
+    @property
+    def ok(self) -> bool:
+        return self.exitcode == 0 and self.error is None
 
 
 def _entry(
-    rank: int, fn: Callable[..., Any], world_size: int, store_path: str, out_dir: str, args: tuple
+    rank: int, fn: Callable[..., Any], world_size: int, tmp: str, args: tuple, timeout_s: float
 ) -> None:
+    import torch.distributed as dist
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    store = dist.FileStore(store_path, world_size)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
-    )
+    result_path = os.path.join(tmp, f"{rank}.result")
     try:
-        result = fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as handle:
-        pickle.dump(result, handle)
+        store = dist.FileStore(os.path.join(tmp, "rendezvous"), world_size)
+        dist.init_process_group(
+            "gloo",
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        value = fn(rank, world_size, *args)
+        outcome = ("value", value)
+    except BaseException:  # reported to the parent, which fails the test
+        outcome = ("error", traceback.format_exc())
+    with open(result_path + ".tmp", "wb") as handle:
+        pickle.dump(outcome, handle)
+    os.replace(result_path + ".tmp", result_path)
+    # Skip destroy_process_group: with a dead peer it can block; the process is ending anyway.
+    os._exit(0 if outcome[0] == "value" else 1)
+
+
+def launch(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120, pg_timeout_s: float = 60
+) -> list[RankOutcome]:
+    """Run ``fn(rank, world_size, *args)`` on every rank; never raises for a failed rank."""
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        processes = [
+            context.Process(target=_entry, args=(rank, fn, world_size, tmp, args, pg_timeout_s))
+            for rank in range(world_size)
+        ]
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        outcomes = []
+        for rank, process in enumerate(processes):
+            if process.is_alive():
+                process.kill()
+                process.join()
+                outcomes.append(
+                    RankOutcome(rank, None, error=f"rank {rank} still running after {timeout} s (hung)")
+                )
+                continue
+            path = os.path.join(tmp, f"{rank}.result")
+            outcome = RankOutcome(rank, process.exitcode)
+            if os.path.exists(path):
+                with open(path, "rb") as handle:
+                    kind, payload = pickle.load(handle)
+                if kind == "value":
+                    outcome.value = payload
+                else:
+                    outcome.error = payload
+            outcomes.append(outcome)
+        return outcomes
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120) -> list[Any]:
-    """``[fn(rank, world_size, *args) for each rank]``, each run in its own process."""
-    with tempfile.TemporaryDirectory() as tmp:
-        context = mp.start_processes(
-            _entry,
-            args=(fn, world_size, os.path.join(tmp, "store"), tmp, args),
-            nprocs=world_size,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + timeout
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                raise TimeoutError(f"ranks did not finish within {timeout} s")
-        results = []
-        for rank in range(world_size):
-            with open(os.path.join(tmp, f"{rank}.pkl"), "rb") as handle:
-                results.append(pickle.load(handle))
-        return results
+    """``[fn(rank, world_size, *args) for each rank]``, each in its own process; any failure fails."""
+    outcomes = launch(fn, world_size, *args, timeout=timeout)
+    failures = [o for o in outcomes if not o.ok]
+    if failures:
+        details = "\n".join(f"--- rank {o.rank} (exit code {o.exitcode}):\n{o.error}" for o in failures)
+        raise AssertionError(f"{len(failures)} of {world_size} ranks failed:\n{details}")
+    return [o.value for o in outcomes]

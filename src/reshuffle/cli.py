@@ -7,9 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from reshuffle import __version__
-from reshuffle.commands import plan
+from reshuffle.commands import plan, verify
+from reshuffle.errors import ReshuffleError
 
-COMMANDS = (plan,)
+COMMANDS = (plan, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ReshuffleError, ValueError, FileNotFoundError, ImportError) as error:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"reshuffle: error: {error}", file=sys.stderr)
         return 2

@@ -19,10 +19,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from reshuffle.errors import ReshuffleError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(ReshuffleError, ValueError):
     """A configuration problem; the message names the key or file and the fix."""
 
 

@@ -26,8 +26,9 @@ class SubsetSource(SampleSource):
     def raw(self, index: int) -> bytes:
         return self.source.raw(index)
 
-    def decode(self, raw: bytes) -> torch.Tensor:
-        return self.source.decode(raw)
+    @property
+    def decoder(self):
+        return self.source.decoder
 
     def image(self, index: int) -> torch.Tensor:
         return self.source.image(index)

@@ -7,6 +7,7 @@ hold; decoding (Pillow) and resizing to ``image_size`` happen at read time.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,24 @@ class ImageFolderSource(SampleSource):
     def raw(self, index: int) -> bytes:
         return self.files[index].read_bytes()
 
-    def decode(self, raw: bytes) -> torch.Tensor:
+    @property
+    def decoder(self) -> PillowDecoder:
+        return PillowDecoder(self.mode, self.shape[1], self.shape[2])
+
+
+@dataclass(frozen=True)
+class PillowDecoder:
+    """Encoded image file bytes -> uint8 tensor (C, height, width), via Pillow."""
+
+    mode: str  # "L" or "RGB"
+    height: int
+    width: int
+
+    def __call__(self, raw: bytes) -> torch.Tensor:
         from PIL import Image
 
         with Image.open(io.BytesIO(raw)) as image:
-            picture = image.convert(self.mode).resize(self.shape[1:][::-1], Image.Resampling.BILINEAR)
+            picture = image.convert(self.mode).resize((self.width, self.height), Image.Resampling.BILINEAR)
             array = np.asarray(picture, dtype=np.uint8)
         if array.ndim == 2:
             array = array[:, :, None]

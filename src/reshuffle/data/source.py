@@ -8,6 +8,7 @@ dataset is a :class:`SampleSource`: ``raw(i)`` gives the bytes, ``decode(raw)`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,12 @@ class SampleSource:
 
     def decode(self, raw: bytes) -> torch.Tensor:
         """The uint8 tensor of shape :attr:`shape` that ``raw`` encodes."""
+        return self.decoder(raw)
+
+    @property
+    def decoder(self) -> Callable[[bytes], torch.Tensor]:
+        """A small picklable callable doing :meth:`decode` without holding the dataset (what
+        store-mode DataLoader workers receive)."""
         raise NotImplementedError
 
     def image(self, index: int) -> torch.Tensor:
@@ -84,14 +91,27 @@ class ArraySource(SampleSource):
         filler = np.full(-(-self.padding // 8), index, dtype="<i8").tobytes()[: self.padding]
         return pixels + filler
 
-    def decode(self, raw: bytes) -> torch.Tensor:
-        if len(raw) != self.sample_bytes:
-            raise ValueError(f"a {self.name} sample is {self.sample_bytes} bytes, got {len(raw)}")
-        pixels = np.frombuffer(raw, dtype=np.uint8, count=self._image_bytes)
-        return torch.from_numpy(pixels.reshape(self.shape).copy())
+    @property
+    def decoder(self) -> PixelDecoder:
+        return PixelDecoder(self.name, self.shape, self.sample_bytes)
 
     def image(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self.images[index])
+
+
+@dataclass(frozen=True)
+class PixelDecoder:
+    """Raw uint8 pixels (plus padding) -> tensor of ``shape``."""
+
+    name: str
+    shape: tuple[int, ...]
+    sample_bytes: int
+
+    def __call__(self, raw: bytes) -> torch.Tensor:
+        if len(raw) != self.sample_bytes:
+            raise ValueError(f"a {self.name} sample is {self.sample_bytes} bytes, got {len(raw)}")
+        pixels = np.frombuffer(raw, dtype=np.uint8, count=int(np.prod(self.shape)))
+        return torch.from_numpy(pixels.reshape(self.shape).copy())
 
 
 class DataNotFoundError(FileNotFoundError):

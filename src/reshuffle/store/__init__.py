@@ -1,0 +1,31 @@
+"""Store mode: node-local rank stores and the real sample exchange between them."""
+
+from __future__ import annotations
+
+from reshuffle.store.dataset import StoreDataset
+from reshuffle.store.exchange import (
+    ExchangeError,
+    Exchanger,
+    ExchangeStats,
+    check_holdings,
+    new_exchange_group,
+)
+from reshuffle.store.format import StoreError
+from reshuffle.store.rank_store import RankStore, StoreMeta
+from reshuffle.store.stage import stage, store_meta
+from reshuffle.store.verify import verify_store
+
+__all__ = [
+    "ExchangeError",
+    "ExchangeStats",
+    "Exchanger",
+    "RankStore",
+    "StoreDataset",
+    "StoreError",
+    "StoreMeta",
+    "check_holdings",
+    "new_exchange_group",
+    "stage",
+    "store_meta",
+    "verify_store",
+]

@@ -1,0 +1,523 @@
+"""``RankStore``: one rank's samples on node-local storage, changed only by atomic commits.
+
+The committed state is ``manifest.json``: an epoch, a generation, and the index of that
+generation (one record per sample: id, label, pack, offset, length, crc32). Pack files are
+immutable once written. Changing the samples takes two phases, so that a crash at any point
+loses and duplicates nothing across ranks:
+
+1. :meth:`prepare`: new samples are already in fsynced packs; write the next index and
+   ``prepared.json`` (durable), leaving the committed state untouched;
+2. :meth:`commit`: ``rename(prepared.json, manifest.json)``, atomic.
+
+The caller (the exchanger) puts a barrier between the phases on all ranks, and recovery after a
+crash (:meth:`recover`) rolls a prepared state forward or discards it, as the job's checkpoint
+says. After a commit, :meth:`reclaim` frees dead bytes (hole punching) and rewrites packs that
+are mostly dead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from reshuffle.store import format as fmt
+from reshuffle.store.space import dead_ranges, punch_holes
+
+MAX_PACK_BYTES = 256 << 20  # a pack rolls over beyond this, so compaction rewrites bounded files
+COMPACT_BELOW = 0.5  # rewrite a pack once less than this share of its bytes is live
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What a store holds; identical in ``store.json`` on every node of a job."""
+
+    world_size: int
+    num_samples: int
+    num_classes: int
+    dataset: dict[str, Any]  # name, split and anything else that identifies the source
+    plan: dict[str, Any]  # the planner configuration the store follows
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "reshuffle-store",
+            "version": fmt.FORMAT_VERSION,
+            "world_size": self.world_size,
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "dataset": self.dataset,
+            "plan": self.plan,
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any], path: Path) -> StoreMeta:
+        if value.get("format") != "reshuffle-store" or value.get("version") != fmt.FORMAT_VERSION:
+            raise fmt.StoreError(f"{path} is not a reshuffle store (format version {fmt.FORMAT_VERSION})")
+        return cls(
+            world_size=fmt.manifest_value(value, "world_size", int, path),
+            num_samples=fmt.manifest_value(value, "num_samples", int, path),
+            num_classes=fmt.manifest_value(value, "num_classes", int, path),
+            dataset=fmt.manifest_value(value, "dataset", dict, path),
+            plan=fmt.manifest_value(value, "plan", dict, path),
+        )
+
+    def mismatch(self, other: StoreMeta) -> str | None:
+        """Why a store written with ``other`` cannot serve this job, or None."""
+        if other.world_size != self.world_size:
+            return (
+                f"the store was written for world size {other.world_size}, this job has {self.world_size}; "
+                f"run with {other.world_size} ranks or restage into an empty store_dir"
+            )
+        for name in ("num_samples", "num_classes", "dataset", "plan"):
+            if getattr(other, name) != getattr(self, name):
+                return (
+                    f"the store holds {name} {getattr(other, name)!r}, "
+                    f"this job expects {getattr(self, name)!r}; "
+                    "point shuffle.store_dir at a new directory (or delete this one) to restage"
+                )
+        return None
+
+
+def read_meta(root: Path) -> StoreMeta:
+    path = root / fmt.STORE_FILE
+    return StoreMeta.from_json(fmt.read_json(path, "store description"), path)
+
+
+class PackWriter:
+    """Appends samples to new pack files (rolling over at ``max_bytes``) and records where."""
+
+    def __init__(self, directory: Path, first_sequence: int, max_bytes: int = MAX_PACK_BYTES) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._sequence = first_sequence
+        self._handle: Any = None
+        self._written = 0
+        self._records: list[tuple[int, int, int, int, int, int]] = []
+        self.sequences: list[int] = []
+
+    def append(self, sample_id: int, label: int, payload: bytes | memoryview, crc: int | None = None) -> None:
+        if self._handle is None or (self._written and self._written + len(payload) > self.max_bytes):
+            self._roll()
+        crc = zlib.crc32(payload) if crc is None else crc
+        self._handle.write(payload)
+        self._records.append((sample_id, label, self._written, len(payload), self._sequence, crc))
+        self._written += len(payload)
+
+    def _roll(self) -> None:
+        self._finish_file()
+        if self._handle is not None or self.sequences:
+            self._sequence += 1
+        self._handle = open(self.directory / fmt.pack_name(self._sequence), "wb")  # noqa: SIM115
+        self.sequences.append(self._sequence)
+        self._written = 0
+
+    def _finish_file(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+
+    def close(self) -> np.ndarray:
+        """Fsync everything written; the records, in the order appended."""
+        self._finish_file()
+        if self.sequences:
+            fmt.fsync_dir(self.directory)
+        return np.array(self._records, dtype=fmt.RECORD)  # tuples are in RECORD's field order
+
+    def abort(self) -> None:
+        """Close and delete what was written (an exchange that failed)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        for sequence in self.sequences:
+            (self.directory / fmt.pack_name(sequence)).unlink(missing_ok=True)
+
+
+class RankStore:
+    """The committed samples of one rank. Construct with :meth:`open` or :func:`stage`."""
+
+    def __init__(self, root: Path, rank: int, meta: StoreMeta) -> None:
+        self.root = root
+        self.rank = rank
+        self.meta = meta
+        self.directory = root / fmt.rank_dir_name(rank)
+        self.pack_dir = self.directory / fmt.PACK_DIR
+        self.epoch = -1
+        self.generation = 0
+        self.records = np.empty(0, dtype=fmt.RECORD)
+        self._maps: dict[int, mmap.mmap | bytes] = {}
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- opening and checking
+
+    @classmethod
+    def open(
+        cls, root: str | Path, rank: int, meta: StoreMeta | None = None, *, verify: bool = False
+    ) -> RankStore:
+        """Open rank ``rank``'s committed state; ``meta`` (the job's) must match ``store.json``.
+
+        With ``verify``, also run :meth:`problems` (checksums included) and refuse a damaged
+        store with the same messages ``reshuffle verify`` prints.
+
+        Raises:
+            StoreError: the store is missing, for another job, or damaged (the message names it).
+        """
+        root = Path(root)
+        written = read_meta(root)
+        if meta is not None and (why := meta.mismatch(written)):
+            raise fmt.StoreError(f"store {root}: {why}")
+        if not 0 <= rank < written.world_size:
+            raise fmt.StoreError(f"store {root} has ranks 0..{written.world_size - 1}, not {rank}")
+        store = cls(root, rank, written)
+        store._load(store.directory / fmt.MANIFEST)
+        if verify and (found := store.problems(checksums=True)):
+            raise fmt.StoreError(f"store {root} is damaged; refusing to open it:\n  " + "\n  ".join(found))
+        return store
+
+    def _load(self, manifest_path: Path) -> None:
+        manifest = fmt.read_json(manifest_path, "manifest")
+        self.epoch, self.generation, self.records = self._parse(manifest, manifest_path)
+        self._close_maps()
+
+    def _parse(self, manifest: dict[str, Any], path: Path) -> tuple[int, int, np.ndarray]:
+        if manifest.get("format") != "reshuffle-rank-store":
+            raise fmt.StoreError(f"{path} is not a rank manifest")
+        for key, expected in (("rank", self.rank), ("world_size", self.meta.world_size)):
+            if fmt.manifest_value(manifest, key, int, path) != expected:
+                raise fmt.StoreError(
+                    f"{path} was written for {key} {manifest[key]}, not {expected}: "
+                    "the store was written for another world size or its rank directories were moved"
+                )
+        epoch = fmt.manifest_value(manifest, "epoch", int, path)
+        generation = fmt.manifest_value(manifest, "generation", int, path)
+        index = fmt.manifest_value(manifest, "index", str, path)
+        if fmt.index_generation(index) != generation:
+            raise fmt.StoreError(f"{path}: index file name {index!r} does not match generation {generation}")
+        records = fmt.read_index(
+            fmt.inside(self.directory, index), fmt.manifest_value(manifest, "index_sha256", str, path)
+        )
+        if records.size != fmt.manifest_value(manifest, "count", int, path):
+            raise fmt.StoreError(
+                f"{path}: the index holds {records.size} records, the manifest says {manifest['count']}"
+            )
+        ids = records["id"]
+        if records.size and (
+            ids.min() < 0 or ids.max() >= self.meta.num_samples or np.any(np.diff(ids) <= 0)
+        ):
+            raise fmt.StoreError(f"{path}: the index has ids out of range, unsorted or repeated")
+        if records.size and (records["label"].min() < 0 or records["label"].max() >= self.meta.num_classes):
+            raise fmt.StoreError(f"{path}: the index has labels outside 0..{self.meta.num_classes - 1}")
+        sizes = fmt.manifest_value(manifest, "pack_sizes", dict, path)
+        for sequence in np.unique(records["pack"]).tolist():
+            name = fmt.pack_name(sequence)
+            if name not in sizes:
+                raise fmt.StoreError(f"{path}: records point into {name}, which the manifest does not list")
+        return epoch, generation, records
+
+    def problems(self, *, checksums: bool = True) -> list[str]:
+        """Everything wrong with this rank's committed files (empty when all is well)."""
+        found: list[str] = []
+        manifest = fmt.read_json(self.directory / fmt.MANIFEST, "manifest")
+        sizes = manifest.get("pack_sizes", {})
+        for name, expected in sorted(sizes.items()):
+            path = fmt.inside(self.pack_dir, name)
+            if not path.is_file():
+                found.append(f"rank {self.rank}: pack {fmt.PACK_DIR}/{name} is missing")
+                continue
+            actual = path.stat().st_size
+            if actual != expected:
+                state = "truncated" if actual < expected else "longer than committed"
+                found.append(
+                    f"rank {self.rank}: pack {fmt.PACK_DIR}/{name} is {state} "
+                    f"({actual} bytes, manifest says {expected})"
+                )
+        if checksums:
+            actual = {
+                name: (self.pack_dir / name).stat().st_size
+                for name in sizes
+                if (self.pack_dir / name).is_file()
+            }
+            ends = self.records["offset"] + self.records["length"]
+            available = np.array([actual.get(fmt.pack_name(int(s)), -1) for s in self.records["pack"]])
+            readable = self.records[available >= ends.astype(np.int64)]
+            bad = [int(r["id"]) for r in readable if zlib.crc32(self._slice(r)) != int(r["crc"])]
+            if bad:
+                listed = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+                found.append(
+                    f"rank {self.rank}: {len(bad)} corrupt sample(s) (checksum mismatch): ids {listed}"
+                )
+        found += [f"rank {self.rank}: {line}" for line in self.stray_files()]
+        return found
+
+    def stray_files(self) -> list[str]:
+        """Files in the rank directory that no committed or prepared state explains."""
+        wanted = self._referenced()
+        lines = []
+        for path in sorted(self.directory.rglob("*")):
+            relative = path.relative_to(self.directory).as_posix()
+            if path.is_dir() and relative == fmt.PACK_DIR:
+                continue
+            if relative in wanted:
+                continue
+            if (
+                fmt.pack_sequence(path.name) is not None
+                or fmt.index_generation(path.name) is not None
+                or path.name.endswith(".tmp")
+            ):
+                lines.append(
+                    f"unreferenced file {relative} (left by an interrupted exchange or compaction; "
+                    "restarting the job removes it)"
+                )
+            else:
+                lines.append(f"stray file {relative} (not part of a store); remove it")
+        return lines
+
+    def _referenced(self) -> set[str]:
+        names = {fmt.MANIFEST}
+        for state in (fmt.MANIFEST, fmt.PREPARED):
+            path = self.directory / state
+            if not path.is_file():
+                continue
+            names.add(state)
+            value = fmt.read_json(path, "rank state")
+            if isinstance(value.get("index"), str):
+                names.add(value["index"])
+            names.update(f"{fmt.PACK_DIR}/{name}" for name in value.get("pack_sizes", {}))
+        return names
+
+    # ----------------------------------------------------------------- reading
+
+    @property
+    def ids(self) -> NDArray[np.int64]:
+        """Sorted ids this rank holds."""
+        return self.records["id"]
+
+    def __len__(self) -> int:
+        return int(self.records.size)
+
+    def position(self, sample_ids: NDArray[np.int64] | int) -> NDArray[np.int64]:
+        """Positions of ``sample_ids`` in :attr:`records`; KeyError for ids not held."""
+        ids = np.atleast_1d(np.asarray(sample_ids, dtype=np.int64))
+        where = np.searchsorted(self.records["id"], ids)
+        where = np.minimum(where, max(0, self.records.size - 1))
+        if self.records.size == 0 or np.any(self.records["id"][where] != ids):
+            missing = ids[self.records.size == 0 or self.records["id"][where] != ids]
+            raise KeyError(
+                f"rank {self.rank} does not hold sample(s) {missing[:10].tolist()} at epoch {self.epoch}"
+            )
+        return where
+
+    def read(self, sample_id: int) -> bytes:
+        """The stored bytes of ``sample_id``."""
+        return bytes(self._slice(self.records[int(self.position(sample_id)[0])]))
+
+    def label(self, sample_id: int) -> int:
+        return int(self.records["label"][int(self.position(sample_id)[0])])
+
+    def record_bytes(self, record: np.void) -> memoryview:
+        """Zero-copy view of one record's bytes (valid until the next commit)."""
+        return self._slice(record)
+
+    def _slice(self, record: np.void) -> memoryview:
+        data = self._map(int(record["pack"]))
+        start = int(record["offset"])
+        return memoryview(data)[start : start + int(record["length"])]
+
+    def _map(self, sequence: int) -> mmap.mmap | bytes:
+        data = self._maps.get(sequence)
+        if data is None:
+            with self._lock:
+                data = self._maps.get(sequence)
+                if data is None:
+                    path = fmt.inside(self.pack_dir, fmt.pack_name(sequence))
+                    with open(path, "rb") as handle:
+                        size = os.fstat(handle.fileno()).st_size
+                        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+                    self._maps[sequence] = data
+        return data
+
+    def _close_maps(self) -> None:
+        with self._lock:
+            maps, self._maps = self._maps, {}
+        for data in maps.values():
+            if isinstance(data, mmap.mmap):
+                with contextlib.suppress(BufferError):  # a view is still alive; GC unmaps it later
+                    data.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started with spawn get a copy without the open maps.
+        state = self.__dict__.copy()
+        state["_maps"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- writing
+
+    def next_pack_sequence(self) -> int:
+        existing = [fmt.pack_sequence(p.name) for p in self.pack_dir.glob("pack-*.bin")]
+        return max([s for s in existing if s is not None] + [0]) + 1
+
+    def pack_writer(self, max_bytes: int = MAX_PACK_BYTES) -> PackWriter:
+        return PackWriter(self.pack_dir, self.next_pack_sequence(), max_bytes)
+
+    def _state(self, epoch: int, generation: int, records: np.ndarray) -> dict[str, Any]:
+        """Write the index of ``records`` and return the manifest that commits it."""
+        records = np.sort(records, order="id")
+        index = fmt.index_name(generation)
+        digest = fmt.write_index(self.directory / index, records)
+        sequences = np.unique(records["pack"]).tolist()
+        return {
+            "format": "reshuffle-rank-store",
+            "version": fmt.FORMAT_VERSION,
+            "rank": self.rank,
+            "world_size": self.meta.world_size,
+            "epoch": epoch,
+            "generation": generation,
+            "index": index,
+            "index_sha256": digest,
+            "count": int(records.size),
+            "pack_sizes": {
+                fmt.pack_name(s): (self.pack_dir / fmt.pack_name(s)).stat().st_size for s in sequences
+            },
+        }
+
+    def prepare(self, epoch: int, removed: NDArray[np.int64], added: np.ndarray) -> None:
+        """Phase 1: make ``epoch``'s state (these records minus ``removed``, plus ``added``, whose
+        packs are already fsynced) durable in ``prepared.json``; the committed state is untouched."""
+        keep = np.ones(self.records.size, dtype=bool)
+        if removed.size:
+            keep[self.position(removed)] = False
+        records = np.concatenate([self.records[keep], added.astype(fmt.RECORD)])
+        if np.unique(records["id"]).size != records.size:
+            raise fmt.StoreError(f"rank {self.rank}: an exchange would leave a sample twice in the store")
+        fmt.write_json(self.directory / fmt.PREPARED, self._state(epoch, self.generation + 1, records))
+
+    def prepared_epoch(self) -> int | None:
+        """The epoch of a pending prepared state, if any."""
+        path = self.directory / fmt.PREPARED
+        if not path.is_file():
+            return None
+        return fmt.manifest_value(fmt.read_json(path, "prepared state"), "epoch", int, path)
+
+    def commit(self) -> None:
+        """Phase 2: the prepared state becomes the committed one (one atomic rename)."""
+        prepared = self.directory / fmt.PREPARED
+        # Parse before the rename, so a damaged prepared state never becomes the manifest.
+        self._parse(fmt.read_json(prepared, "prepared state"), prepared)
+        os.replace(prepared, self.directory / fmt.MANIFEST)
+        fmt.fsync_dir(self.directory)
+        self._load(self.directory / fmt.MANIFEST)
+
+    def discard_prepared(self) -> None:
+        (self.directory / fmt.PREPARED).unlink(missing_ok=True)
+        fmt.fsync_dir(self.directory)
+
+    def recover(self, target_epoch: int, all_prepared: bool) -> str:
+        """Bring this rank to ``target_epoch`` after a crash; the caller computed ``all_prepared``
+        (every rank holds a prepared or committed state for ``target_epoch``). Returns what it did."""
+        prepared = self.prepared_epoch()
+        action = f"rank {self.rank}: at epoch {self.epoch}"
+        if self.epoch == target_epoch:
+            if prepared is not None:
+                self.discard_prepared()
+                action += f", discarded a prepared epoch {prepared}"
+        elif prepared == target_epoch and self.epoch == target_epoch - 1 and all_prepared:
+            self.commit()
+            action = f"rank {self.rank}: rolled forward to epoch {target_epoch}"
+        else:
+            raise fmt.StoreError(
+                f"rank {self.rank}: the store is at epoch {self.epoch} (prepared: {prepared}) but the job "
+                f"resumes at epoch {target_epoch}; it cannot get there. Restage into an empty "
+                "shuffle.store_dir, or resume from the checkpoint of the store's epoch"
+            )
+        removed = self.remove_unreferenced()
+        return action + (f", removed {removed} leftover file(s)" if removed else "")
+
+    def remove_unreferenced(self) -> int:
+        """Delete pack, index and temporary files no state refers to; refuse foreign files."""
+        wanted = self._referenced()
+        foreign, removed = [], 0
+        for path in sorted(self.directory.rglob("*")):
+            relative = path.relative_to(self.directory).as_posix()
+            if relative in wanted or (path.is_dir() and relative == fmt.PACK_DIR):
+                continue
+            ours = fmt.pack_sequence(path.name) is not None or fmt.index_generation(path.name) is not None
+            if path.is_file() and (ours or path.name.endswith(".tmp")):
+                path.unlink()
+                removed += 1
+            else:
+                foreign.append(relative)
+        if foreign:
+            raise fmt.StoreError(
+                f"rank {self.rank}: stray file(s) {', '.join(foreign)} in {self.directory} "
+                "are not part of a store; remove them"
+            )
+        return removed
+
+    # ----------------------------------------------------------------- space
+
+    def reclaim(self, max_pack_bytes: int = MAX_PACK_BYTES) -> dict[str, int]:
+        """After a commit: rewrite mostly-dead packs, punch holes into the rest, delete dead files.
+
+        Runs between epochs, when nothing reads the store. Crash-safe: a rewrite commits a new
+        generation of the same epoch before the old packs go.
+        """
+        sizes = {
+            s: (self.pack_dir / fmt.pack_name(s)).stat().st_size
+            for s in np.unique(self.records["pack"]).tolist()
+        }
+        live = {s: int(self.records["length"][self.records["pack"] == s].sum()) for s in sizes}
+        mostly_dead = [s for s, size in sizes.items() if size and live[s] / size < COMPACT_BELOW]
+        rewritten = 0
+        if mostly_dead:
+            move = np.isin(self.records["pack"], mostly_dead)
+            writer = self.pack_writer(max_pack_bytes)
+            for record in self.records[move]:
+                writer.append(
+                    int(record["id"]), int(record["label"]), self._slice(record), int(record["crc"])
+                )
+            added = writer.close()
+            records = np.concatenate([self.records[~move], added])
+            fmt.write_json(
+                self.directory / fmt.MANIFEST, self._state(self.epoch, self.generation + 1, records)
+            )
+            self._load(self.directory / fmt.MANIFEST)
+            rewritten = int(added["length"].sum())
+        removed = self.remove_unreferenced()
+        punched = 0
+        for sequence in np.unique(self.records["pack"]).tolist():
+            mine = self.records[self.records["pack"] == sequence]
+            path = self.pack_dir / fmt.pack_name(sequence)
+            ranges = dead_ranges(mine["offset"], mine["length"], path.stat().st_size)
+            if punch_holes(path, ranges):
+                punched += sum(stop - start for start, stop in ranges)
+        return {"rewritten_bytes": rewritten, "removed_files": removed, "punched_bytes": punched}
+
+
+def stage_records(
+    store: RankStore, epoch: int, samples: Iterable[tuple[int, int, bytes]], max_pack_bytes: int
+) -> None:
+    """Write ``(id, label, bytes)`` samples as the store's first committed state."""
+    writer = store.pack_writer(max_pack_bytes)
+    try:
+        for sample_id, label, payload in samples:
+            writer.append(sample_id, label, payload)
+        records = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    fmt.write_json(store.directory / fmt.MANIFEST, store._state(epoch, 1, records))
+    store._load(store.directory / fmt.MANIFEST)

@@ -1,0 +1,84 @@
+"""Staging: each rank copies its share of the source dataset into its own store, once.
+
+What a job does before training in store mode, like copying a partition to node-local SSD.
+Staging a complete store again is a no-op that says so; a staging interrupted half-way leaves
+no manifest, so the next attempt starts that rank over.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from reshuffle.data.source import SampleSource
+from reshuffle.plan import ShufflePlanner
+from reshuffle.store import format as fmt
+from reshuffle.store.rank_store import MAX_PACK_BYTES, RankStore, StoreMeta, read_meta, stage_records
+
+
+def store_meta(
+    source: SampleSource, planner: ShufflePlanner, dataset: dict[str, Any] | None = None
+) -> StoreMeta:
+    """The description a store of ``source`` planned by ``planner`` carries."""
+    return StoreMeta(
+        world_size=planner.world_size,
+        num_samples=planner.num_samples,
+        num_classes=int(source.num_classes),
+        dataset=dataset if dataset is not None else {"name": source.name, "split": source.split},
+        plan=planner.config,
+    )
+
+
+def stage(
+    root: str | Path,
+    rank: int,
+    source: SampleSource,
+    planner: ShufflePlanner,
+    epoch: int = 0,
+    *,
+    dataset: dict[str, Any] | None = None,
+    max_pack_bytes: int = MAX_PACK_BYTES,
+) -> tuple[RankStore, str]:
+    """Write ``rank``'s holdings of ``epoch`` from ``source`` into its store under ``root``.
+
+    Returns the opened store and a line saying what happened.
+
+    Raises:
+        StoreError: ``root`` holds a store of another job (world size, dataset or plan).
+    """
+    root = Path(root)
+    if len(source) != planner.num_samples:
+        raise fmt.StoreError(
+            f"the source has {len(source)} samples but the plan is for {planner.num_samples}"
+        )
+    meta = store_meta(source, planner, dataset)
+    root.mkdir(parents=True, exist_ok=True)
+    if (root / fmt.STORE_FILE).is_file():
+        written = read_meta(root)
+        if why := meta.mismatch(written):
+            raise fmt.StoreError(f"store {root}: {why}")
+    else:
+        fmt.write_json(root / fmt.STORE_FILE, meta.to_json())
+    store = RankStore(root, rank, meta)
+    if (store.directory / fmt.MANIFEST).is_file():
+        store = RankStore.open(root, rank, meta)
+        return (
+            store,
+            f"rank {rank}: store already staged (epoch {store.epoch}, {len(store)} samples); nothing to do",
+        )
+    store.pack_dir.mkdir(parents=True, exist_ok=True)
+    store.remove_unreferenced()  # a previous staging that died half-way
+    started = time.perf_counter()
+    ids = planner.plan(epoch).holdings(rank)
+    stage_records(
+        store,
+        epoch,
+        ((int(i), int(source.targets[i]), source.raw(int(i))) for i in ids),
+        max_pack_bytes,
+    )
+    size = int(store.records["length"].sum())
+    return store, (
+        f"rank {rank}: staged {len(store)} samples ({size / 2**20:.1f} MiB) for epoch {epoch} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )

@@ -1,0 +1,135 @@
+"""Offline verification of a whole store: ``reshuffle verify STORE_DIR``.
+
+Checks that the rank stores together hold every sample exactly once with intact checksums, and
+names each problem: missing or extra rank directories (a store of another world size), missing
+or damaged manifests and indexes, missing or truncated packs, corrupt samples, stray files,
+manifests of different epochs (stale), interrupted commits, samples held twice or by nobody, and
+holdings that differ from the store's plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from reshuffle.plan import ShufflePlanner
+from reshuffle.store import format as fmt
+from reshuffle.store.rank_store import RankStore, read_meta
+
+
+def _ids(ids: np.ndarray) -> str:
+    shown = ", ".join(map(str, ids[:10].tolist()))
+    return shown + (f" ... ({ids.size} in all)" if ids.size > 10 else "")
+
+
+def verify_store(root: str | Path, *, checksums: bool = True) -> list[str]:
+    """Every problem found in the store at ``root`` (an empty list: all is well)."""
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root} is not a directory"]
+    try:
+        meta = read_meta(root)
+    except fmt.StoreError as error:
+        return [f"{error}; is {root} a store directory?"]
+    problems: list[str] = []
+    ranks_present = {}
+    for entry in sorted(root.iterdir()):
+        rank = fmt.rank_of_dir(entry.name)
+        if entry.name == fmt.STORE_FILE or entry.name.endswith(".tmp"):
+            continue
+        if rank is None or not entry.is_dir():
+            problems.append(f"stray file {entry.name} in {root} (not part of a store); remove it")
+        elif rank >= meta.world_size:
+            problems.append(
+                f"{entry.name}: the store was written for world size {meta.world_size}; this directory "
+                "belongs to a store of another world size"
+            )
+        else:
+            ranks_present[rank] = entry
+    stores: list[RankStore] = []
+    for rank in range(meta.world_size):
+        if rank not in ranks_present:
+            problems.append(f"rank {rank}: directory {fmt.rank_dir_name(rank)} is missing")
+            continue
+        try:
+            store = RankStore.open(root, rank)
+        except fmt.StoreError as error:
+            problems.append(f"rank {rank}: {error}")
+            continue
+        problems += store.problems(checksums=checksums)
+        if (pending := store.prepared_epoch()) is not None:
+            problems.append(
+                f"rank {rank}: an exchange into epoch {pending} was interrupted before it committed; "
+                "restart the job to roll it forward or back"
+            )
+        stores.append(store)
+    epochs = {store.rank: store.epoch for store in stores}
+    if len(set(epochs.values())) > 1:
+        newest = max(epochs.values())
+        stale = sorted(rank for rank, epoch in epochs.items() if epoch != newest)
+        problems.append(
+            f"stale manifest: rank(s) {stale} are at epoch(s) {sorted({epochs[r] for r in stale})}, "
+            "the others at "
+            f"{newest} (a commit was interrupted; restart the job to finish it)"
+        )
+    if len(stores) == meta.world_size:
+        problems += _check_union(stores, meta.num_samples)
+        if not problems:
+            problems += _check_plan(stores, meta.plan)
+    return problems
+
+
+def _check_union(stores: list[RankStore], num_samples: int) -> list[str]:
+    ids = np.concatenate([store.ids for store in stores])
+    owners = np.concatenate([np.full(len(store), store.rank) for store in stores])
+    counts = np.bincount(ids, minlength=num_samples)
+    problems = []
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        problems.append(f"missing: sample(s) {_ids(missing)} are held by no rank")
+    duplicated = np.flatnonzero(counts > 1)
+    for sample in duplicated[:10]:
+        problems.append(
+            f"duplicated: sample {sample} is held by ranks {sorted(owners[ids == sample].tolist())}"
+        )
+    if duplicated.size > 10:
+        problems.append(f"duplicated: {duplicated.size} samples in all are held by more than one rank")
+    return problems
+
+
+def _check_plan(stores: list[RankStore], config: dict) -> list[str]:
+    labels = np.empty(sum(len(s) for s in stores), dtype=np.int64)
+    for store in stores:
+        labels[store.ids] = store.records["label"]
+    try:
+        planner = ShufflePlanner(
+            config["num_samples"],
+            config["world_size"],
+            strategy=config["strategy"],
+            fraction=config["fraction"],
+            partition=config["partition"],
+            labels=labels,
+            seed=config["seed"],
+            drop_last=config["drop_last"],
+            **config.get("options", {}),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        return [f"store.json describes a plan this version cannot rebuild ({error})"]
+    if (
+        planner.config["labels_sha256"] != config.get("labels_sha256")
+        and config.get("labels_sha256") is not None
+    ):
+        return [
+            "the labels stored with the samples differ from those the plan was made with (a corrupt store?)"
+        ]
+    problems = []
+    for store in stores:
+        expected = planner.plan(store.epoch).holdings(store.rank)
+        if not np.array_equal(store.ids, expected):
+            problems.append(
+                f"rank {store.rank}: holds {np.setdiff1d(store.ids, expected).size} sample(s) "
+                "its plan does not give "
+                f"it at epoch {store.epoch} and lacks {np.setdiff1d(expected, store.ids).size}"
+            )
+    return problems

@@ -1,0 +1,265 @@
+"""Rank stores in one process: format, staging, two-phase commits, space, damage, verification."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from reshuffle import ShufflePlanner
+from reshuffle.cli import main
+from reshuffle.data import SourceDataset
+from reshuffle.data.synthetic import load_synthetic
+from reshuffle.data.transforms import build_transform
+from reshuffle.store import RankStore, StoreDataset, StoreError, stage, store_meta, verify_store
+from reshuffle.store.space import allocated_bytes
+
+WORLD = 3
+
+
+def staged(
+    root, num=100, sample_bytes=1000, world=WORLD, strategy="partial", fraction=0.2, max_pack_bytes=None
+):
+    source = load_synthetic("train", num_samples=num, sample_bytes=sample_bytes)
+    planner = ShufflePlanner(num, world, strategy=strategy, fraction=fraction, seed=1)
+    kwargs = {} if max_pack_bytes is None else {"max_pack_bytes": max_pack_bytes}
+    stores = [stage(root, rank, source, planner, **kwargs)[0] for rank in range(world)]
+    return source, planner, stores
+
+
+def prepare_moves(stores, moves, epoch, max_pack_bytes=1 << 28):
+    """A hand-made exchange in one process: ``moves`` is ``{(src, dst): ids}``; every rank prepares
+    ``epoch`` (phase 1) and nothing is committed."""
+    for rank, store in enumerate(stores):
+        writer = store.pack_writer(max_pack_bytes)
+        for (src, dst), ids in moves.items():
+            if dst == rank:
+                for i in ids:
+                    writer.append(int(i), stores[src].label(int(i)), stores[src].read(int(i)))
+        sent = [ids for (src, _), ids in moves.items() if src == rank]
+        store.prepare(epoch, np.concatenate(sent) if sent else np.empty(0, dtype=np.int64), writer.close())
+
+
+def test_staging_writes_each_ranks_share_and_a_second_run_is_a_no_op(tmp_path):
+    source, planner, stores = staged(tmp_path)
+    for store in stores:
+        assert np.array_equal(store.ids, planner.plan(0).holdings(store.rank))
+        assert all(store.read(int(i)) == source.raw(int(i)) for i in store.ids)
+    _, message = stage(tmp_path, 1, source, planner)
+    assert message == "rank 1: store already staged (epoch 0, 33 samples); nothing to do"
+    assert verify_store(tmp_path) == []
+
+
+def test_a_store_of_another_job_is_refused_with_the_reason(tmp_path):
+    source, _, _ = staged(tmp_path)
+    four = ShufflePlanner(100, 4, strategy="partial", fraction=0.2, seed=1)
+    with pytest.raises(
+        StoreError, match="written for world size 3, this job has 4; run with 3 ranks or restage"
+    ):
+        stage(tmp_path, 0, source, four)
+    other_plan = ShufflePlanner(100, WORLD, strategy="local", seed=1)
+    with pytest.raises(StoreError, match="the store holds plan"):
+        RankStore.open(tmp_path, 0, store_meta(source, other_plan))
+
+
+def test_store_dataset_serves_what_index_mode_serves(tmp_path):
+    source, planner, stores = staged(tmp_path)
+    transform = build_transform(["normalize"], [0.5], [0.25])
+    order = planner.plan(0).indices(2).tolist()
+    index_mode = list(DataLoader(SourceDataset(source, transform), batch_size=8, sampler=order))
+    store_mode = list(
+        DataLoader(
+            StoreDataset(stores[2], source.decoder, transform), batch_size=8, sampler=order, num_workers=2
+        )
+    )
+    for a, b in zip(index_mode, store_mode, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_two_phase_commit_changes_nothing_until_every_rank_commits(tmp_path):
+    source, _, stores = staged(tmp_path)
+    moving = stores[0].ids[:5]
+    prepare_moves(stores[:2], {(0, 1): moving}, epoch=1)
+    assert [s.epoch for s in stores[:2]] == [0, 0]  # prepared, not committed
+    assert any("interrupted before it committed" in p for p in verify_store(tmp_path))
+    stores[0].commit()
+    stores[1].commit()
+    assert not np.isin(moving, stores[0].ids).any() and np.isin(moving, stores[1].ids).all()
+    assert all(stores[1].read(int(i)) == source.raw(int(i)) for i in moving)
+    problems = verify_store(tmp_path)
+    assert any(
+        p.startswith("stale manifest: rank(s) [2] are at epoch(s) [0], the others at 1") for p in problems
+    )
+
+
+def test_discarding_a_prepared_state_and_its_orphans_restores_the_old_one(tmp_path):
+    _, _, stores = staged(tmp_path)
+    before = [s.ids.copy() for s in stores]
+    prepare_moves(stores[:2], {(0, 1): stores[0].ids[:5]}, epoch=1)
+    for store in stores:
+        store.discard_prepared()
+        store.remove_unreferenced()
+    assert verify_store(tmp_path) == []
+    assert all(np.array_equal(s.ids, b) for s, b in zip(stores, before, strict=True))
+
+
+def test_reclaim_punches_dead_bytes_and_rewrites_mostly_dead_packs(tmp_path):
+    # Large samples, small packs, 10% exchanged per epoch: storage must stay near the live bytes.
+    sample, pack = 16 * 4096, 8 * 16 * 4096
+    source, planner, stores = staged(
+        tmp_path, num=120, sample_bytes=sample, world=2, fraction=0.1, max_pack_bytes=pack
+    )
+    live = len(stores[0]) * sample
+    totals = {"punched_bytes": 0, "rewritten_bytes": 0, "removed_files": 0}
+    for epoch in range(1, 9):
+        plan = planner.plan(epoch - 1)
+        moves = {(src, dst): ids for src in (0, 1) for dst, ids in plan.sends(src).items()}
+        prepare_moves(stores, moves, epoch, max_pack_bytes=pack)
+        for store in stores:
+            store.commit()
+            for key, value in store.reclaim(pack).items():
+                totals[key] += value
+        assert allocated_bytes(stores[0].directory) <= live + 2 * pack
+    assert totals["punched_bytes"] > 0 and totals["rewritten_bytes"] > 0 and totals["removed_files"] > 0
+    assert verify_store(tmp_path) == []
+    for store in stores:
+        assert all(store.read(int(i)) == source.raw(int(i)) for i in store.ids)
+
+
+def first_pack(store):
+    return sorted(store.pack_dir.glob("pack-*.bin"))[0]
+
+
+def damage_truncate(root, stores):
+    path = first_pack(stores[1])
+    path.write_bytes(path.read_bytes()[:-10])
+    return r"rank 1: pack packs/pack-00000001\.bin is truncated \(\d+ bytes, manifest says \d+\)"
+
+
+def damage_flip(root, stores):
+    record = stores[2].records[4]
+    path = stores[2].pack_dir / f"pack-{int(record['pack']):08d}.bin"
+    data = bytearray(path.read_bytes())
+    data[int(record["offset"]) + 7] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return rf"rank 2: 1 corrupt sample\(s\) \(checksum mismatch\): ids {int(record['id'])}"
+
+
+def damage_manifest(root, stores):
+    (stores[0].directory / "manifest.json").unlink()
+    return r"rank 0: manifest .*rank-00000/manifest\.json is missing"
+
+
+def damage_stray(root, stores):
+    (stores[1].directory / "notes.txt").write_text("hello")
+    return r"rank 1: stray file notes\.txt \(not part of a store\); remove it"
+
+
+def damage_index(root, stores):
+    index = next(stores[0].directory.glob("index-*.bin"))
+    index.write_bytes(index.read_bytes()[:-40] + bytes(40))
+    return r"rank 0: index .* is corrupt \(its checksum does not match the manifest\)"
+
+
+def damage_missing_rank(root, stores):
+    for path in sorted(stores[2].directory.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    stores[2].directory.rmdir()
+    return r"rank 2: directory rank-00002 is missing"
+
+
+def damage_world_size(root, stores):
+    (root / "rank-00003").mkdir()
+    return (
+        r"rank-00003: the store was written for world size 3; "
+        r"this directory belongs to a store of another world size"
+    )
+
+
+def damage_duplicate(root, stores):
+    prepare_moves(stores, {}, epoch=0)  # a re-prepare of epoch 0 on every rank ...
+    writer = stores[1].pack_writer()
+    sample = int(stores[0].ids[0])
+    writer.append(sample, stores[0].label(sample), stores[0].read(sample))
+    stores[1].prepare(
+        0, np.empty(0, dtype=np.int64), writer.close()
+    )  # ... where rank 1 gains rank 0's sample
+    for store in stores:
+        store.commit()
+    return rf"duplicated: sample {sample} is held by ranks \[0, 1\]"
+
+
+def damage_missing_sample(root, stores):
+    sample = int(stores[2].ids[3])
+    stores[2].prepare(0, np.array([sample]), np.empty(0, dtype=stores[2].records.dtype))
+    stores[2].commit()
+    return rf"missing: sample\(s\) {sample} are held by no rank"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [damage_truncate, damage_flip, damage_manifest, damage_stray, damage_index, damage_missing_rank,
+     damage_world_size, damage_duplicate, damage_missing_sample],
+    ids=lambda f: f.__name__.removeprefix("damage_"),
+)  # fmt: skip
+def test_damage_is_named_by_verify_and_refused_at_open(tmp_path, damage, capsys):
+    source, planner, stores = staged(tmp_path)
+    expected = damage(tmp_path, stores)
+    problems = verify_store(tmp_path)
+    assert any(re.search(expected, p) for p in problems), problems
+    assert main(["verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "problem:" in out and "problem(s)" in out
+    rank_specific = {damage_truncate: 1, damage_flip: 2, damage_manifest: 0, damage_stray: 1, damage_index: 0}
+    if damage in rank_specific:
+        with pytest.raises(StoreError) as error:
+            RankStore.open(tmp_path, rank_specific[damage], store_meta(source, planner), verify=True)
+        assert re.search(re.sub(r"^rank \d: ", "", expected), str(error.value)), error.value
+
+
+def test_verify_passes_a_good_store_and_names_a_missing_one(tmp_path, capsys):
+    staged(tmp_path / "store")
+    assert main(["verify", str(tmp_path / "store")]) == 0
+    assert "ok (every sample held exactly once, checksums intact)" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "nothing")]) == 1
+    assert "is not a directory" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["verify", str(tmp_path / "empty")]) == 1
+    assert "store.json" in capsys.readouterr().out
+
+
+def test_store_paths_never_resolve_outside_the_store(tmp_path):
+    _, _, stores = staged(tmp_path)
+    manifest_path = stores[0].directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["index"] = "../../../etc/passwd"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"does not match generation|refusing store path"):
+        RankStore.open(tmp_path, 0)
+    # A pack replaced by a symlink that leads out of the store is refused when read.
+    outside = tmp_path.parent / "outside.bin"
+    outside.write_bytes(b"x" * 100_000)
+    pack = first_pack(stores[1])
+    pack.unlink()
+    os.symlink(outside, pack)
+    store = RankStore.open(tmp_path, 1)
+    with pytest.raises(StoreError, match="resolves outside"):
+        store.read(int(store.ids[0]))
+
+
+def test_a_manifest_with_bad_fields_is_named(tmp_path):
+    _, _, stores = staged(tmp_path)
+    manifest_path = stores[1].directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["epoch"] = "three"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="field 'epoch' is missing or not a int"):
+        RankStore.open(tmp_path, 1)
+    manifest_path.write_text("{not json")
+    with pytest.raises(StoreError, match="is unreadable"):
+        RankStore.open(tmp_path, 1)
