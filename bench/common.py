@@ -56,6 +56,59 @@ def time_pair(
     return timing(a), timing(b)
 
 
+def spawn_ranks(fn: Callable[..., object], world_size: int, *args: object, timeout_s: float = 600) -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned gloo processes; their results.
+
+    Rendezvous is a FileStore in a temporary directory; a failing or hung rank fails the run.
+    """
+    import multiprocessing
+    import pickle
+    import tempfile
+
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        processes = [
+            context.Process(target=_rank_entry, args=(rank, world_size, tmp, fn, args, timeout_s))
+            for rank in range(world_size)
+        ]
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + timeout_s
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        results = []
+        for rank, process in enumerate(processes):
+            path = Path(tmp) / f"{rank}.pkl"
+            if process.exitcode != 0 or not path.exists():
+                raise RuntimeError(
+                    f"benchmark rank {rank} failed (exit code {process.exitcode}); see its output above"
+                )
+            results.append(pickle.loads(path.read_bytes()))
+        return results
+
+
+def _rank_entry(
+    rank: int, world_size: int, tmp: str, fn: Callable[..., object], args: tuple, timeout_s: float
+) -> None:
+    import datetime
+    import os
+    import pickle
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    store = dist.FileStore(str(Path(tmp) / "rendezvous"), world_size)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    result = fn(rank, world_size, *args)
+    (Path(tmp) / f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    dist.destroy_process_group()
+
+
 def machine() -> str:
     return (
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "

@@ -38,7 +38,5 @@ class StoreDataset(Dataset):
         return len(self.store)
 
     def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int, int]:
-        position = int(self.store.position(sample_id)[0])
-        record = self.store.records[position]
-        image = self.decode(bytes(self.store.record_bytes(record)))
-        return self.transform(image), int(record["label"]), int(sample_id)
+        raw, label = self.store.sample(int(sample_id))
+        return self.transform(self.decode(raw)), label, int(sample_id)

@@ -20,6 +20,7 @@ current epoch's training without interleaving with DDP's gradient all-reduces.
 from __future__ import annotations
 
 import datetime
+import queue
 import threading
 import time
 import zlib
@@ -210,6 +211,7 @@ class Exchanger:
         self.timeout_s = timeout_s
         self.max_pack_bytes = max_pack_bytes
         self.on_phase = on_phase or (lambda phase: None)
+        self._round_buffers: dict[str, list[torch.Tensor]] = {}
         self._thread: threading.Thread | None = None
         self._stats: ExchangeStats | None = None
         self._error: BaseException | None = None
@@ -260,12 +262,13 @@ class Exchanger:
                 f"rank {self.rank}: another rank failed to prepare epoch {self.store.epoch + 1}"
             )
 
-    def commit(self) -> dict[str, int]:
-        """Barrier, then phase 2 on this rank, then space reclamation; returns reclaim figures."""
+    def commit(self) -> None:
+        """Barrier, then phase 2 on this rank. The space the sent samples occupied is freed at
+        the start of the next exchange, in the background (hole punching is slow on some file
+        systems, and nothing reads dead ranges)."""
         self._collective("the commit barrier", lambda: dist.barrier(group=self.group))
         self.on_phase("commit")
         self.store.commit()
-        return self.store.reclaim(self.max_pack_bytes)
 
     def exchange(self, epoch: int, before_commit: Callable[[], None] | None = None) -> ExchangeStats:
         """Start, wait, agree, run ``before_commit`` (e.g. a checkpoint), commit."""
@@ -293,7 +296,7 @@ class Exchanger:
         elif prepared is not None:
             self.store.discard_prepared()
             actions.append(f"rank {self.rank}: discarded an uncommitted exchange into epoch {prepared}")
-        removed = self.store.remove_unreferenced()
+        removed = self.store.release_dead_space()["removed_files"]
         if removed:
             actions.append(f"rank {self.rank}: removed {removed} file(s) left by an interrupted exchange")
         epochs = torch.tensor([self.store.epoch, -self.store.epoch], dtype=torch.int64, device=self.device)
@@ -341,6 +344,9 @@ class Exchanger:
             self._error = error
 
     def _run(self, epoch: int, writer: PackWriter, stats: ExchangeStats) -> None:
+        # Free what the previous commit left dead, beside the transfers (it is kernel metadata
+        # work, slow on some file systems, and touches only ranges nothing reads).
+        punching = _Background(self.store.punch_dead_ranges)
         world = self.planner.world_size
         plan = self.planner.plan(epoch)
         sends, receives = plan.sends(self.rank), plan.receives(self.rank)
@@ -365,32 +371,16 @@ class Exchanger:
         rounds = torch.tensor([-(-largest // self.peer_chunk)], dtype=torch.int64, device=self.device)
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=self.group)
         stats.rounds = int(rounds.item())
-        for round_index in range(stats.rounds):
-            low = round_index * self.peer_chunk
-            in_splits = [int(min(self.peer_chunk, max(0, int(s) - low))) for s in send_sizes]
-            out_splits = [int(min(self.peer_chunk, max(0, int(s) - low))) for s in recv_sizes]
-            buffer = bytearray(sum(in_splits))
-            view, cursor = memoryview(buffer), 0
-            for dst, size in enumerate(in_splits):
-                if size:
-                    outgoing[dst].take(size, view[cursor : cursor + size])
-                    cursor += size
-            send = (
-                torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
-            )
-            received = torch.empty(sum(out_splits), dtype=torch.uint8, device=self.device)
-            dist.all_to_all_single(received, send.to(self.device), out_splits, in_splits, group=self.group)
-            data, cursor = memoryview(received.cpu().numpy()), 0
-            for src, size in enumerate(out_splits):
-                if size:
-                    incoming[src].feed(data[cursor : cursor + size])
-                    cursor += size
-            self.on_phase("payload")
+        self._payload(stats.rounds, send_sizes.tolist(), recv_sizes.tolist(), outgoing, incoming, writer)
         for stream in incoming.values():
             stream.finish()
-        added = writer.close()
+        punching.join()
         removed = np.concatenate(list(sends.values())) if sends else np.empty(0, dtype=np.int64)
-        self.store.prepare(epoch + 1, removed, added)
+        added = writer.close()
+        # Rewrite packs that this exchange leaves mostly dead, in the background as well.
+        self.store.prepare(
+            epoch + 1, removed, added, compact_into=self.store.pack_writer(self.max_pack_bytes)
+        )
         self.on_phase("prepared")
         stats.samples_sent = int(removed.size)
         stats.samples_received = int(added.size)
@@ -399,6 +389,145 @@ class Exchanger:
         stats.wire_bytes_sent = int(send_sizes.sum())
         stats.wire_bytes_received = int(recv_sizes.sum())
         stats.seconds = time.perf_counter() - self._started
+
+    def _buffers(self, kind: str, size: int) -> list[torch.Tensor]:
+        """Two round buffers of at least ``size`` bytes, kept across exchanges: fresh memory would
+        page-fault during every transfer. At most 2 x 2 x ``chunk_bytes`` per rank."""
+        buffers = self._round_buffers.get(kind)
+        if buffers is None or buffers[0].numel() < size:
+            buffers = [torch.zeros(size, dtype=torch.uint8) for _ in range(2)]  # zeros: touched now
+            self._round_buffers[kind] = buffers
+        return buffers
+
+    def _payload(
+        self,
+        rounds: int,
+        send_sizes: list[int],
+        recv_sizes: list[int],
+        outgoing: dict[int, _Outgoing],
+        incoming: dict[int, _Incoming],
+        writer: PackWriter,
+    ) -> None:
+        """The payload rounds, pipelined: while round i+1 is on the wire, a sink thread checks
+        and writes round i (crc32, pack writes and fdatasync release the GIL)."""
+
+        def splits(sizes: list[int], index: int) -> list[int]:
+            low = index * self.peer_chunk
+            return [min(self.peer_chunk, max(0, size - low)) for size in sizes]
+
+        if rounds == 0:
+            return
+        send_buffers = self._buffers("send", sum(splits(send_sizes, 0)))
+        receive_buffers = self._buffers("receive", sum(splits(recv_sizes, 0)))
+
+        def fill(index: int) -> int:
+            view, cursor = memoryview(send_buffers[index % 2].numpy()), 0
+            for dst, size in enumerate(splits(send_sizes, index)):
+                if size:
+                    outgoing[dst].take(size, view[cursor : cursor + size])
+                    cursor += size
+            return cursor
+
+        sink = _Sink(incoming, writer)
+        try:
+            filled = fill(0)
+            for index in range(rounds):
+                in_splits, out_splits = splits(send_sizes, index), splits(recv_sizes, index)
+                send = send_buffers[index % 2][:filled]
+                received = sink.acquire(index % 2, receive_buffers)[: sum(out_splits)]
+                if self.device.type == "cpu":
+                    work = dist.all_to_all_single(
+                        received, send, out_splits, in_splits, group=self.group, async_op=True
+                    )
+                else:
+                    device_received = torch.empty(received.numel(), dtype=torch.uint8, device=self.device)
+                    work = dist.all_to_all_single(
+                        device_received,
+                        send.to(self.device),
+                        out_splits,
+                        in_splits,
+                        group=self.group,
+                        async_op=True,
+                    )
+                # While this round is on the wire, copy the next one out of the store.
+                filled = fill(index + 1) if index + 1 < rounds else 0
+                work.wait()
+                if self.device.type != "cpu":
+                    received.copy_(device_received)
+                sink.submit(index % 2, received, out_splits)
+                self.on_phase("payload")
+        finally:
+            sink.close()
+
+
+class _Background:
+    """Run a function in a thread; ``join`` returns its result or raises its error."""
+
+    def __init__(self, function: Callable[[], object]) -> None:
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, args=(function,), daemon=True)
+        self.thread.start()
+
+    def _work(self, function: Callable[[], object]) -> None:
+        try:
+            self.result = function()
+        except BaseException as error:  # handed to join()
+            self.error = error
+
+    def join(self) -> object:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _Sink:
+    """A thread that feeds received rounds to their streams, one buffer at a time."""
+
+    def __init__(self, incoming: dict[int, _Incoming], writer: PackWriter) -> None:
+        self.incoming = incoming
+        self.writer = writer
+        self.free = [threading.Event(), threading.Event()]
+        for event in self.free:
+            event.set()
+        self.items: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="exchange-sink", daemon=True)
+        self.thread.start()
+
+    def acquire(self, slot: int, buffers: list[torch.Tensor]) -> torch.Tensor:
+        """Buffer ``slot``, once the sink is done with what it held; re-raises a sink error."""
+        self.free[slot].wait()
+        if self.error is not None:
+            raise self.error
+        self.free[slot].clear()
+        return buffers[slot]
+
+    def submit(self, slot: int, received: torch.Tensor, splits: list[int]) -> None:
+        self.items.put((slot, received, splits))
+
+    def _work(self) -> None:
+        while (item := self.items.get()) is not None:
+            slot, received, splits = item
+            try:
+                if self.error is None:
+                    data, cursor = memoryview(received.numpy()), 0
+                    for src, size in enumerate(splits):
+                        if size:
+                            self.incoming[src].feed(data[cursor : cursor + size])
+                            cursor += size
+                    self.writer.sync()
+            except BaseException as error:  # handed to the exchange thread
+                self.error = error
+            finally:
+                self.free[slot].set()
+
+    def close(self) -> None:
+        self.items.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def check_holdings(store: RankStore, planner: ShufflePlanner) -> None:
@@ -409,6 +538,6 @@ def check_holdings(store: RankStore, planner: ShufflePlanner) -> None:
         missing = np.setdiff1d(expected, store.ids).size
         raise fmt.StoreError(
             f"rank {store.rank}'s store at epoch {store.epoch} holds {extra} sample(s) "
-            "the plan does not give it "
-            f"and lacks {missing} it should hold; the store belongs to another plan or is damaged: restage it"
+            f"the plan does not give it and lacks {missing} it should hold; "
+            "the store belongs to another plan or is damaged: restage it"
         )

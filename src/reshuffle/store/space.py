@@ -61,6 +61,20 @@ def punch_holes(path: Path, ranges: list[tuple[int, int]]) -> bool:
     return True
 
 
+def can_punch_holes(directory: Path) -> bool:
+    """Whether the file system under ``directory`` frees punched ranges (probed with a temp file)."""
+    if _FALLOCATE is None:
+        return False
+    probe = directory / f".punch-probe-{os.getpid()}.tmp"
+    try:
+        probe.write_bytes(bytes(2 * BLOCK))
+        return punch_holes(probe, [(0, BLOCK)])
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def allocated_bytes(root: Path) -> int:
     """Bytes the file system allocates for every file under ``root`` (holes excluded)."""
     return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file())
