@@ -17,7 +17,7 @@ from reshuffle.data.fashion_mnist import DEBIAN_PATH, load_fashion_mnist
 from reshuffle.data.idx import read_idx
 from reshuffle.data.imagefolder import load_imagefolder
 from reshuffle.data.synthetic import load_synthetic
-from reshuffle.data.transforms import build_transform
+from reshuffle.data.transforms import build_transform, sample_generator
 
 REAL_FASHION_MNIST = Path(DEBIAN_PATH, "train-images-idx3-ubyte.gz").is_file()
 # CI installs the Debian package and sets this, so the real-data tests cannot silently skip there.
@@ -197,5 +197,9 @@ def test_transforms_normalize_crop_and_flip():
     flip = build_transform(["horizontal-flip"], [0], [1])
     corners = {round(flip(image)[0, 0, 0].item() * 255) for _ in range(20)}
     assert corners == {0, int(image[0, 0, 3])}  # both orientations occur
+    augment = build_transform(["random-crop:2", "horizontal-flip"], [0], [1])
+    keyed = [augment(image, sample_generator(1, 2, 3)) for _ in range(2)]
+    assert torch.equal(keyed[0], keyed[1])  # the same key augments the same way
+    assert any(not torch.equal(keyed[0], augment(image, sample_generator(1, e, 3))) for e in range(3, 10))
     with pytest.raises(ValueError, match="unknown transform 'rotate'"):
         build_transform(["rotate"], [0], [1])

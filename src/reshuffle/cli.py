@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from reshuffle import __version__
-from reshuffle.commands import plan, verify
+from reshuffle.commands import plan, run, verify
 from reshuffle.errors import ReshuffleError
 
-COMMANDS = (plan, verify)
+COMMANDS = (plan, run, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``reshuffle`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come before or after options (argparse stops collecting
+    # positionals at the first option); anything else unknown is an error.
+    unknown = [token for token in extra if "=" not in token or token.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.run(args) or 0)
     except (ReshuffleError, ValueError, FileNotFoundError, ImportError) as error:

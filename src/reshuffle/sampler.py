@@ -87,6 +87,21 @@ class ShuffleSampler(Sampler[int]):
         )
         self.num_replicas = num_replicas
         self.rank = rank
+        self._reset()
+
+    @classmethod
+    def from_planner(cls, planner: ShufflePlanner, rank: int) -> ShuffleSampler:
+        """A sampler for ``rank`` that follows an existing planner (shared with other parts of a
+        trainer, e.g. the store exchanger, so observations reach one planner)."""
+        planner.layout.check_rank(rank)
+        sampler = cls.__new__(cls)
+        sampler.planner = planner
+        sampler.num_replicas = planner.world_size
+        sampler.rank = rank
+        sampler._reset()
+        return sampler
+
+    def _reset(self) -> None:
         self.epoch = 0
         self._resume_at = 0  # where the next iteration starts (set by load_state_dict)
         self._position = 0  # ids of the current epoch yielded so far

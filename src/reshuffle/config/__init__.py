@@ -91,6 +91,7 @@ def check_run_config(config: RunConfig) -> None:
         "train.checkpoint_every": train.checkpoint_every,
         "train.checkpoint_steps": train.checkpoint_steps,
         "train.max_steps": train.max_steps,
+        "log.every_steps": config.log.every_steps,
         "model.dropout": config.model.dropout,
     }
     for key, value in non_negative.items():
@@ -100,6 +101,10 @@ def check_run_config(config: RunConfig) -> None:
         raise ConfigError(f"train.keep_checkpoints must be at least 1, got {train.keep_checkpoints}")
     if not 0.0 <= train.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
+    if config.shuffle.exchange_chunk_mb <= 0:
+        raise ConfigError(
+            f"shuffle.exchange_chunk_mb must be positive, got {config.shuffle.exchange_chunk_mb}"
+        )
     if config.dist.timeout_s <= 0:
         raise ConfigError(f"dist.timeout_s must be positive, got {config.dist.timeout_s}")
     if not config.name or "/" in config.name or config.name in (".", ".."):

@@ -94,6 +94,7 @@ class ShuffleConfig:
     mode: Literal["index", "store"] = "index"  # index: read the shared dataset; store: node-local stores
     store_dir: str | None = None  # store mode: directory of the rank stores (null: <run dir>/store)
     drop_last: bool = False  # truncate ranks to floor(N/M) instead of padding to ceil(N/M)
+    exchange_chunk_mb: float = 64.0  # store mode: at most this much leaves a rank per payload round
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,7 +114,11 @@ class TrainConfig:
     mixup_alpha: float = 0.0  # > 0: mixup with Beta(alpha, alpha) weights
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype (fp16 needs CUDA; bf16 works on CPU)
     compile: bool = False  # torch.compile the model
+    compile_backend: str = "inductor"  # torch.compile backend (inductor, aot_eager, ...)
     channels_last: bool = False  # channels-last memory format for conv models
+    # Gradient sync: overlapped (DDP's bucketed all-reduce inside backward; fw_bw_s then holds its
+    # exposed part) or explicit (backward without sync, then one flat all-reduce timed as ge_wu_s).
+    grad_sync: Literal["overlapped", "explicit"] = "overlapped"
     bn_recalibrate: bool = False  # re-estimate BatchNorm running stats each epoch, averaged over ranks
     bn_recalibrate_batches: int = 8  # batches of each rank's own data used for recalibration
     workers: int = 0  # DataLoader worker processes per rank
@@ -138,6 +143,7 @@ class LogConfig:
     wandb: Literal["off", "online", "offline"] = "off"  # Weights & Biases (offline: sync later)
     wandb_project: str = "reshuffle"
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal, lines otherwise
+    every_steps: int = 50  # with progress lines: a line every this many steps (0: per epoch only)
 
 
 @dataclass(frozen=True, kw_only=True)

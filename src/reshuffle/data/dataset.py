@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from reshuffle.config import ConfigError, DataConfig, SystemConfig, dataset_entry
 from reshuffle.data.source import SampleSource
-from reshuffle.data.transforms import Transform, build_transform
+from reshuffle.data.transforms import Transform, build_transform, sample_generator
 
 
 class SubsetSource(SampleSource):
@@ -67,7 +67,24 @@ def transform_for(data: DataConfig, split: str, system: SystemConfig) -> Transfo
         raise ConfigError(f"datasets.{data.name}.{split}_transforms: {error}") from None
 
 
-class SourceDataset(Dataset):
+class KeyedAugmentation:
+    """Mixin: random transforms draw from a generator keyed by (seed, epoch, sample id)."""
+
+    seed = 0
+    epoch = 0
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        """Key the next epoch's augmentation (call before creating the epoch's DataLoader)."""
+        self.epoch = epoch
+        if seed is not None:
+            self.seed = seed
+
+    def augment(self, transform: Transform, image: torch.Tensor, sample_id: int) -> torch.Tensor:
+        generator = sample_generator(self.seed, self.epoch, sample_id) if transform.random else None
+        return transform(image, generator)
+
+
+class SourceDataset(KeyedAugmentation, Dataset):
     """Map-style dataset over a source: item ``i`` is ``(transform(image), label, i)``.
 
     The sample id travels with the batch so the trainer can record per-sample losses.
@@ -82,4 +99,5 @@ class SourceDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        return self.transform(self.source.image(index)), int(self.targets[index]), int(index)
+        image = self.augment(self.transform, self.source.image(index), int(index))
+        return image, int(self.targets[index]), int(index)

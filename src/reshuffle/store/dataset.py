@@ -12,10 +12,11 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import Dataset
 
+from reshuffle.data.dataset import KeyedAugmentation
 from reshuffle.store.rank_store import RankStore
 
 
-class StoreDataset(Dataset):
+class StoreDataset(KeyedAugmentation, Dataset):
     """Serves the samples a rank's store holds at its committed epoch.
 
     Args:
@@ -39,4 +40,4 @@ class StoreDataset(Dataset):
 
     def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int, int]:
         raw, label = self.store.sample(int(sample_id))
-        return self.transform(self.decode(raw)), label, int(sample_id)
+        return self.augment(self.transform, self.decode(raw), int(sample_id)), label, int(sample_id)

@@ -47,6 +47,7 @@ class Strategy(abc.ABC):
 
     name: ClassVar[str]
     uses_fraction: ClassVar[bool] = False
+    uses_losses: ClassVar[bool] = False  # the trainer reduces per-sample losses and calls observe()
     option_defaults: ClassVar[Mapping[str, Any]] = {}
 
     MEMO_SIZE = 4  # (epoch, rank) pairs of slots kept: this epoch's and the next, for a rank or two

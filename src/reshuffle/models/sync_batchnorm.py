@@ -1,0 +1,87 @@
+"""Cross-rank BatchNorm that also runs on CPU (``nn.SyncBatchNorm`` requires GPU tensors).
+
+In training mode, batch statistics are the mean and (biased) variance over the samples of *all*
+ranks: one all-reduce of per-channel [count, sum, sum of squares] (float64) per layer and step.
+The all-reduce is :func:`torch.distributed.nn.functional.all_reduce`, which is differentiable,
+so gradients are exactly those of normalising the union of the ranks' batches. Running
+statistics are updated as BatchNorm does (unbiased variance), identically on every rank.
+
+On CUDA, :func:`convert_sync_batchnorm` uses PyTorch's own ``nn.SyncBatchNorm`` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+
+class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over (N, C, ...) inputs whose training statistics span every rank."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        synced = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not synced:
+            return super().forward(input)
+        dims = [d for d in range(input.dim()) if d != 1]
+        x = input.to(torch.float64)
+        count = torch.full(
+            (input.shape[1],), input.numel() / input.shape[1], dtype=torch.float64, device=input.device
+        )
+        stats = torch.stack([count, x.sum(dims), (x * x).sum(dims)])
+        stats = dist_fn.all_reduce(stats)
+        total = stats[0]
+        mean = stats[1] / total
+        var = (stats[2] / total - mean * mean).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = (
+                    self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                )
+                unbiased = var * total / (total - 1).clamp_min(1)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(self.running_var.dtype))
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        normalised = (input - mean.to(input.dtype).view(shape)) * torch.rsqrt(
+            var.to(input.dtype).view(shape) + self.eps
+        )
+        if self.affine:
+            normalised = normalised * self.weight.view(shape) + self.bias.view(shape)
+        return normalised
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm in ``module`` -> cross-rank BatchNorm (PyTorch's on CUDA, ours on CPU)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert(module)
+
+
+def _convert(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossRankBatchNorm):
+        converted = CrossRankBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        if module.affine:
+            with torch.no_grad():
+                converted.weight.copy_(module.weight)
+                converted.bias.copy_(module.bias)
+        if module.track_running_stats:
+            converted.running_mean.copy_(module.running_mean)
+            converted.running_var.copy_(module.running_var)
+            converted.num_batches_tracked.copy_(module.num_batches_tracked)
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        setattr(module, name, _convert(child))
+    return module
+
+
+__all__ = ["CrossRankBatchNorm", "convert_sync_batchnorm"]

@@ -1,0 +1,1 @@
+"""Training: the DDP loop, checkpoints, metrics files, and launching ranks."""

@@ -1,0 +1,80 @@
+"""Joining the process group. Only this module reads the launcher's environment.
+
+Under ``torchrun``, ``srun ... torchrun`` or ``reshuffle run --nproc N`` (PyTorch's elastic
+agent) the environment holds ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; without them the job is one process and needs no network.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from reshuffle.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str  # gloo or nccl
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def choose_backend(requested: str) -> str:
+    """``auto``: NCCL when CUDA is available, gloo otherwise."""
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("backend: nccl needs CUDA GPUs, and none is available; use backend: gloo (or auto)")
+    return requested
+
+
+def setup(backend: str, timeout_s: float) -> DistContext:
+    """Initialise the default process group (a collective that times out after ``timeout_s``)."""
+    backend = choose_backend(backend)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if launched_by_torchrun():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
+    else:
+        rank, world, local_rank = 0, 1, 0
+        device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistContext(rank, world, local_rank, backend, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for a local rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])

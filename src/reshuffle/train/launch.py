@@ -1,0 +1,100 @@
+"""Starting a run: in this process, under an outer launcher, or as N local ranks.
+
+* Under ``torchrun`` (or ``srun`` + ``torchrun``) the environment names the rank: train directly.
+* ``--nproc 1``: one process, no network.
+* ``--nproc N``: PyTorch's elastic agent (``torch.distributed.launcher.api.elastic_launch``)
+  starts N ranks with a c10d rendezvous on this machine. If one rank dies, the agent stops the
+  others; a rank that hangs makes the others' collectives time out after ``dist.timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from reshuffle.config import RunConfig, SystemConfig, load_system_config
+from reshuffle.config.loading import from_mapping, to_mapping
+from reshuffle.train import distributed
+
+log = logging.getLogger("reshuffle")
+
+
+def run_dir_of(config: RunConfig) -> Path:
+    return Path(config.log.dir) / config.name
+
+
+def launch(
+    config: RunConfig, system_path: str | None, *, nproc: int | None = None, resume: bool = False
+) -> int:
+    """Run ``config``; returns the process exit status (0: success)."""
+    system = load_system_config(system_path)
+    nproc = nproc or config.dist.nproc
+    run_dir = run_dir_of(config)
+    if distributed.launched_by_torchrun() or nproc == 1:
+        return _report(_train(config, system, run_dir, resume), run_dir)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    port = system.master_port or distributed.free_port(system.master_addr)
+    launch_config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"reshuffle-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"{system.master_addr}:{port}",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        results = elastic_launch(launch_config, _worker)(to_mapping(config), to_mapping(system), resume)
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+        why = (
+            reason.strip().splitlines()[-1] if reason and reason.strip() else f"exit code {failure.exitcode}"
+        )
+        if failure.signal_name() not in ("", "<N/A>") and failure.exitcode < 0:
+            why = f"killed by {failure.signal_name()}"
+        print(
+            f"reshuffle: error: rank {rank} failed ({why}); the other ranks were stopped. "
+            f"Logs: {run_dir / 'logs'}",
+            file=sys.stderr,
+        )
+        return 1
+    return _report(results[0], run_dir)
+
+
+def _worker(config: dict[str, Any], system: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """One rank under the elastic agent (which set RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    run_config = from_mapping(RunConfig, config)
+    return record(_train)(run_config, from_mapping(SystemConfig, system), run_dir_of(run_config), resume)
+
+
+def _train(config: RunConfig, system: SystemConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
+    from reshuffle.train.loop import train
+
+    return train(config, system, run_dir, resume=resume)
+
+
+def _report(summary: dict[str, Any], run_dir: Path) -> int:
+    if summary.get("status") == "stopped":
+        print(f"stopped at train.max_steps; resume with --resume. Run directory: {run_dir}")
+    elif summary:
+        final = summary.get("final", {})
+        accuracy = final.get("test_acc")
+        print(
+            f"done: {summary.get('epochs')} epochs, final test accuracy {accuracy:.4f}"
+            if accuracy is not None
+            else "done"
+        )
+        print(f"results: {run_dir} (metrics/epochs.csv, metrics/rank-*.csv, config.yaml, env.json, logs/)")
+    return 0

@@ -1,0 +1,53 @@
+"""``train.bn_recalibrate``: re-estimate BatchNorm running statistics from every rank's own data.
+
+After an epoch, each rank resets its BatchNorm running statistics, runs a few batches of its own
+holdings through the model (no gradients; nothing moves between ranks), and the ranks combine
+their estimates with one all-reduce: the global mean, and the global variance from each rank's
+mean and variance (E[x^2] - E[x]^2, so differences between the ranks' means count). With
+non-IID partitions this replaces rank 0's skewed running statistics (what DDP broadcasts) by
+statistics of the whole dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from reshuffle.models.norm import batchnorms
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> int:
+    """Re-estimate and all-reduce the running statistics of ``model`` (not a DDP wrapper: its
+    forward would broadcast rank 0's buffers); returns the number of layers updated."""
+    layers = batchnorms(model)
+    if not layers:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    was_training = model.training
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over the batches below
+    model.train()
+    for images in batches:
+        model(images.to(device, non_blocking=True))
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.train(was_training)
+    means = torch.cat([layer.running_mean for layer in layers])
+    squares = torch.cat([layer.running_var + layer.running_mean**2 for layer in layers])
+    both = torch.stack([means, squares])
+    dist.all_reduce(both)
+    both /= dist.get_world_size()
+    offset = 0
+    for layer in layers:
+        width = layer.running_mean.numel()
+        layer.running_mean.copy_(both[0, offset : offset + width])
+        layer.running_var.copy_(
+            (both[1, offset : offset + width] - both[0, offset : offset + width] ** 2).clamp_min(0)
+        )
+        offset += width
+    return len(layers)

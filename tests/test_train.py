@@ -1,0 +1,259 @@
+"""The experiment runner: options in one process, and real multi-rank runs through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reshuffle.config import ConfigError, dataset_entry, load_run_config, load_system_config
+from reshuffle.data.source import DataNotFoundError
+from reshuffle.train.checkpoint import Checkpoints
+from reshuffle.train.loop import train
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = [
+    "data.synthetic.num_samples=256",
+    "data.synthetic.test_samples=64",
+    "train.batch_size=32",
+    "train.epochs=1",
+    "model.width=8",
+    "log.every_steps=0",
+]
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_in_process(tmp_path: Path, *overrides: str, name: str = "run", resume: bool = False) -> Path:
+    config = load_run_config(
+        CONFIGS / "smoke.yaml", [*TINY, f"log.dir={tmp_path}", f"name={name}", *overrides]
+    )
+    train(config, load_system_config(None), tmp_path / name, resume=resume)
+    return tmp_path / name
+
+
+def run_cli(tmp_path: Path, *arguments: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reshuffle",
+            "run",
+            str(CONFIGS / "smoke.yaml"),
+            f"log.dir={tmp_path}",
+            *arguments,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+def test_a_run_writes_config_env_metrics_logs_and_checkpoints(tmp_path):
+    run = run_in_process(tmp_path, "train.epochs=2")
+    assert load_run_config(run / "config.yaml").train.epochs == 2  # the resolved config, loadable
+    environment = json.loads((run / "env.json").read_text())
+    assert environment["world_size"] == 1 and environment["backend"] == "gloo" and environment["hosts"]
+    epochs = rows(run / "metrics" / "epochs.csv")
+    assert [r["epoch"] for r in epochs] == ["0", "1"]
+    contract = ["epoch", "train_loss", "test_acc", "epoch_s", "io_s", "exchange_s", "exchange_exposed_s",
+                "fw_bw_s", "ge_wu_s", "bytes_exchanged"]  # fmt: skip
+    assert list(epochs[0])[: len(contract)] == contract
+    assert epochs[0]["exchange_s"] == "" and epochs[0]["exchange_exposed_s"] == ""  # index mode: not measured
+    assert float(epochs[1]["train_loss"]) < float(epochs[0]["train_loss"])
+    assert rows(run / "metrics" / "rank-0.csv")[0]["rank"] == "0"
+    assert "rank 0: pid" in (run / "logs" / "rank-0.log").read_text()
+    assert [p.name for p in Checkpoints(run / "checkpoints", 2).paths()] == [
+        "epoch-0001-step-0000000.pt",
+        "epoch-0002-step-0000000.pt",
+    ]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["train.mixup_alpha=0.4"],
+        ["train.amp=bf16"],
+        ["train.channels_last=true"],
+        ["train.compile=true", "train.compile_backend=aot_eager"],
+        ["train.workers=2"],
+        ["model.norm=group"],
+        ["model.norm=none", "model.dropout=0.2"],
+        ["model.name=mlp"],
+        ["model.name=resnet18", "train.max_steps=3"],
+        ["model.name=tv:resnet18", "model.width=8", "train.max_steps=2"],
+        ["train.grad_sync=explicit", "train.bn_recalibrate=true"],
+        ["train.optimizer=adamw", "train.optimizer_kwargs={weight_decay: 0.01}", "train.warmup_epochs=0.5"],
+        ["train.schedule=step", "train.step_epochs=[0]"],
+        ["shuffle.strategy=local", "shuffle.fraction=0", "shuffle.partition=label-sorted"],
+        ["data.name=digits"],
+    ],
+    ids=lambda options: " ".join(options),
+)
+def test_every_training_option_trains(tmp_path, options):
+    run = run_in_process(tmp_path, *options)
+    metrics = rows(run / "metrics" / "epochs.csv") if (run / "metrics" / "epochs.csv").exists() else []
+    stopped = any(o.startswith("train.max_steps") for o in options)
+    if stopped:
+        assert Checkpoints(run / "checkpoints", 2).latest() is not None
+    else:
+        assert len(metrics) == 1 and float(metrics[0]["train_loss"]) > 0
+
+
+def test_real_fashion_mnist_trains(tmp_path):
+    from reshuffle.data.fashion_mnist import DEBIAN_PATH
+
+    if (
+        not Path(DEBIAN_PATH, "train-images-idx3-ubyte.gz").is_file()
+        and os.environ.get("RESHUFFLE_REQUIRE_REAL_DATA") != "1"
+    ):
+        pytest.skip(
+            "real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); CI requires it"
+        )
+    run = run_in_process(
+        tmp_path, "data.name=fashion-mnist", "data.train_limit=2048", "data.test_limit=512", "model.width=16"
+    )
+    assert float(rows(run / "metrics" / "epochs.csv")[0]["test_acc"]) > 0.5  # 10 classes: chance is 0.1
+
+
+def test_tensorboard_and_wandb_offline_write_their_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = run_in_process(tmp_path, "log.tensorboard=true", "log.wandb=offline")
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_bad_settings_fail_before_training_with_the_key_named(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape("train.amp=fp16 needs a CUDA device")):
+        run_in_process(tmp_path, "train.amp=fp16")
+    with pytest.raises(ConfigError, match=re.escape("model.name: unknown model 'vgg'")):
+        run_in_process(tmp_path, "model.name=vgg")
+    with pytest.raises(ConfigError, match=re.escape("torchvision has no model 'nope'")):
+        run_in_process(tmp_path, "model.name=tv:nope")
+    with pytest.raises(ConfigError, match=re.escape("train.optimizer_kwargs")):
+        run_in_process(tmp_path, "train.optimizer_kwargs={betas: 3}", "train.optimizer=sgd")
+    with pytest.raises(ConfigError, match=re.escape("data.name: unknown dataset 'imagenet'")):
+        run_in_process(tmp_path, "data.name=imagenet")
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    run_in_process(tmp_path, "train.max_steps=3", name="r")
+    with pytest.raises(ConfigError, match=re.escape("different settings for train.lr")):
+        run_in_process(tmp_path, "train.max_steps=3", "train.lr=0.5", name="r", resume=True)
+
+
+# ----------------------------------------------------------------------------- real ranks
+
+
+@pytest.mark.slow
+def test_two_ranks_index_and_store_mode_train_on_identical_per_rank_orders(tmp_path):
+    common = ["--nproc", "2", "train.deterministic=true", "shuffle.strategy=partial", "shuffle.fraction=0.2"]
+    for mode in ("index", "store"):
+        result = run_cli(tmp_path, *common, f"name={mode}", f"shuffle.mode={mode}")
+        assert result.returncode == 0, result.stderr
+    for rank in (0, 1):
+        index = rows(tmp_path / "index" / "metrics" / f"rank-{rank}.csv")
+        store = rows(tmp_path / "store" / "metrics" / f"rank-{rank}.csv")
+        assert [r["order_sha"] for r in index] == [r["order_sha"] for r in store]
+        assert [r["train_loss"] for r in index] == [r["train_loss"] for r in store]
+    store_epochs = rows(tmp_path / "store" / "metrics" / "epochs.csv")
+    k = round(0.2 * 1024)
+    assert int(store_epochs[0]["bytes_exchanged"]) == 2 * k * 784  # both ranks, k samples of 784 bytes
+    assert float(store_epochs[0]["exchange_s"]) > 0
+    verify = subprocess.run(
+        [sys.executable, "-m", "reshuffle", "verify", str(tmp_path / "store" / "store")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verify.returncode == 0, verify.stdout
+
+
+RESUME = [
+    "--nproc", "2", "train.deterministic=true", "train.epochs=3", "data.synthetic.num_samples=1024",
+    "shuffle.strategy=partial", "shuffle.fraction=0.3", "model.dropout=0.1", "train.mixup_alpha=0.2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict[str, str]]:
+    """Reference: three epochs in one go (index mode; store mode trains identically, see above)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli(root, *RESUME, "name=whole")
+    assert result.returncode == 0, result.stderr
+    return rows(root / "whole" / "metrics" / "epochs.csv")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["index", "store"])
+def test_an_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, mode, uninterrupted):
+    # 16 steps per epoch: stop at step 21, in the middle of epoch 1, then resume.
+    first = run_cli(tmp_path, *RESUME, f"shuffle.mode={mode}", "name=parts", "train.max_steps=21")
+    assert first.returncode == 0, first.stderr
+    assert Checkpoints(tmp_path / "parts" / "checkpoints", 2).latest().name == "epoch-0001-step-0000005.pt"
+    second = run_cli(tmp_path, *RESUME, f"shuffle.mode={mode}", "name=parts", "--resume")
+    assert second.returncode == 0, second.stderr
+    resumed = rows(tmp_path / "parts" / "metrics" / "epochs.csv")
+    assert [r["epoch"] for r in resumed] == ["0", "1", "2"]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert [r[key] for r in resumed] == [r[key] for r in uninterrupted], key
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_with_an_error(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reshuffle", "run", str(CONFIGS / "smoke.yaml"), f"log.dir={tmp_path}",
+         "name=dead", "--nproc", "2", "train.epochs=50", "dist.timeout_s=30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        log = tmp_path / "dead" / "logs" / "rank-1.log"
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "epoch 0" in (tmp_path / "dead" / "logs" / "rank-0.log").read_text()):
+            assert time.monotonic() < deadline and process.poll() is None, "training did not start"
+            time.sleep(0.5)
+        pid = int(log.read_text().split("pid ")[1].split()[0])
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        assert time.monotonic() - killed < 40
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert "rank 1 failed (killed by SIGKILL); the other ranks were stopped" in stderr
+
+
+SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "system.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_config_builds_and_trains_a_few_steps(tmp_path, path):
+    """Each example's dataset, model and options work together (cut to a few steps, one rank)."""
+    quick = ["train.max_steps=2", "train.epochs=1", "dist.nproc=1", "train.workers=0", "data.train_limit=512",
+             "data.test_limit=128", "log.tensorboard=false", f"log.dir={tmp_path}"]  # fmt: skip
+    config = load_run_config(path, quick)
+    system = load_system_config(CONFIGS / "system.yaml")
+    entry = dataset_entry(system, config.data.name)
+    if entry.path and not Path(entry.path).expanduser().exists():  # not on this machine: a clear error
+        assert config.data.name == "cifar10" or not os.environ.get("RESHUFFLE_REQUIRE_REAL_DATA")
+        with pytest.raises(DataNotFoundError, match=r"not found in|looked"):
+            train(config, system, tmp_path / config.name)
+        return
+    train(config, system, tmp_path / config.name)
+    assert Checkpoints(tmp_path / config.name / "checkpoints", 2).paths()  # stopped at max_steps, resumable
