@@ -192,14 +192,16 @@ def test_transforms_normalize_crop_and_flip():
     image = torch.arange(16, dtype=torch.uint8).view(1, 4, 4) * 16
     normalized = build_transform(["normalize"], [0.5], [0.25])(image)
     assert torch.allclose(normalized, (image / 255.0 - 0.5) / 0.25)
-    cropped = build_transform(["random-crop:2"], [0], [1])(image)
+    cropped = build_transform(["random-crop:2"], [0], [1])(image, sample_generator(0, 0, 0))
     assert cropped.shape == (1, 4, 4)
     flip = build_transform(["horizontal-flip"], [0], [1])
-    corners = {round(flip(image)[0, 0, 0].item() * 255) for _ in range(20)}
+    corners = {round(flip(image, sample_generator(0, 0, i))[0, 0, 0].item() * 255) for i in range(20)}
     assert corners == {0, int(image[0, 0, 3])}  # both orientations occur
     augment = build_transform(["random-crop:2", "horizontal-flip"], [0], [1])
     keyed = [augment(image, sample_generator(1, 2, 3)) for _ in range(2)]
     assert torch.equal(keyed[0], keyed[1])  # the same key augments the same way
     assert any(not torch.equal(keyed[0], augment(image, sample_generator(1, e, 3))) for e in range(3, 10))
+    with pytest.raises(ValueError, match="horizontal-flip needs a per-sample random stream"):
+        flip(image)
     with pytest.raises(ValueError, match="unknown transform 'rotate'"):
         build_transform(["rotate"], [0], [1])

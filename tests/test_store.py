@@ -9,11 +9,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from reshuffle import ShufflePlanner
 from reshuffle.cli import main
 from reshuffle.data import SourceDataset
+from reshuffle.data.dataset import collate
 from reshuffle.data.synthetic import load_synthetic
 from reshuffle.data.transforms import build_transform
 from reshuffle.store import RankStore, StoreDataset, StoreError, stage, store_meta, verify_store
@@ -68,18 +69,32 @@ def test_a_store_of_another_job_is_refused_with_the_reason(tmp_path):
         RankStore.open(tmp_path, 0, store_meta(source, other_plan))
 
 
-def test_store_dataset_serves_what_index_mode_serves(tmp_path):
-    source, planner, stores = staged(tmp_path)
-    transform = build_transform(["normalize"], [0.5], [0.25])
+@pytest.mark.parametrize("names", [["normalize"], ["random-crop:2", "horizontal-flip", "normalize"]])
+def test_store_dataset_serves_what_index_mode_serves(tmp_path, names):
+    """Per sample or batched (``__getitems__`` + ``collate``), plain collate or ours, in workers or
+    not: every path yields the same tensors."""
+    source, planner, stores = staged(tmp_path, sample_bytes=784)
+    transform = build_transform(names, [0.5], [0.25])
     order = planner.plan(0).indices(2).tolist()
-    index_mode = list(DataLoader(SourceDataset(source, transform), batch_size=8, sampler=order))
-    store_mode = list(
-        DataLoader(
-            StoreDataset(stores[2], source.decoder, transform), batch_size=8, sampler=order, num_workers=2
-        )
+    index_set, store_set = (
+        SourceDataset(source, transform),
+        StoreDataset(stores[2], source.decoder, transform),
     )
-    for a, b in zip(index_mode, store_mode, strict=True):
-        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for dataset in (index_set, store_set):
+        dataset.set_epoch(3, seed=7)
+    one_by_one = [
+        tuple(default_collate([index_set[i] for i in order[start : start + 8]]))
+        for start in range(0, len(order), 8)
+    ]
+    loaders = [
+        DataLoader(index_set, batch_size=8, sampler=order),  # PyTorch's default collate
+        DataLoader(index_set, batch_size=8, sampler=order, collate_fn=collate),
+        DataLoader(store_set, batch_size=8, sampler=order, num_workers=2, collate_fn=collate),
+        DataLoader(store_set, batch_size=8, sampler=order),
+    ]
+    for loader in loaders:
+        for a, b in zip(one_by_one, loader, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_two_phase_commit_changes_nothing_until_every_rank_commits(tmp_path):

@@ -156,6 +156,8 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     run_in_process(tmp_path, "train.max_steps=3", name="r")
     with pytest.raises(ConfigError, match=re.escape("different settings for train.lr")):
         run_in_process(tmp_path, "train.max_steps=3", "train.lr=0.5", name="r", resume=True)
+    with pytest.raises(ConfigError, match="already holds a run with checkpoints; continue it with --resume"):
+        run_in_process(tmp_path, "train.max_steps=3", name="r")  # a fresh run never overwrites a saved one
 
 
 # ----------------------------------------------------------------------------- real ranks

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from collections.abc import Sequence as SequenceABC
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from reshuffle.config import ConfigError, DataConfig, SystemConfig, dataset_entry
 from reshuffle.data.source import SampleSource
@@ -32,6 +35,9 @@ class SubsetSource(SampleSource):
 
     def image(self, index: int) -> torch.Tensor:
         return self.source.image(index)
+
+    def images_at(self, indices: Sequence[int]) -> np.ndarray:
+        return self.source.images_at(indices)
 
 
 def open_source(data: DataConfig, split: str, system: SystemConfig) -> SampleSource:
@@ -83,6 +89,38 @@ class KeyedAugmentation:
         generator = sample_generator(self.seed, self.epoch, sample_id) if transform.random else None
         return transform(image, generator)
 
+    def augment_batch(self, transform: Transform, images: np.ndarray, ids: Sequence[int]) -> torch.Tensor:
+        """:meth:`augment` on a uint8 batch, vectorised where the pipeline allows."""
+        rngs = [sample_generator(self.seed, self.epoch, int(i)) for i in ids] if transform.random else None
+        return transform.batch(images, rngs)
+
+
+class CollatedBatch(SequenceABC):
+    """A batch a dataset's ``__getitems__`` fetched in one call, already stacked.
+
+    :func:`collate` hands its ``(images, labels, ids)`` tensors straight through; any other
+    ``collate_fn`` (PyTorch's default included) sees an ordinary sequence of ``(image, label, id)``
+    samples, so a plain ``DataLoader`` still works, just without the speed-up.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        self.tensors = (images, labels, ids)
+
+    def __len__(self) -> int:
+        return len(self.tensors[2])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:  # type: ignore[override]
+        images, labels, ids = self.tensors
+        return images[index], int(labels[index]), int(ids[index])
+
+
+def collate(data: object) -> object:
+    """The DataLoader ``collate_fn`` for reshuffle's datasets: batched fetches pass through,
+    anything else goes to PyTorch's ``default_collate``."""
+    if isinstance(data, CollatedBatch):
+        return data.tensors
+    return default_collate(data)
+
 
 class SourceDataset(KeyedAugmentation, Dataset):
     """Map-style dataset over a source: item ``i`` is ``(transform(image), label, i)``.
@@ -101,3 +139,8 @@ class SourceDataset(KeyedAugmentation, Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         image = self.augment(self.transform, self.source.image(index), int(index))
         return image, int(self.targets[index]), int(index)
+
+    def __getitems__(self, indices: Sequence[int]) -> CollatedBatch:
+        ids = np.asarray(indices, dtype=np.int64)
+        images = self.augment_batch(self.transform, self.source.images_at(ids), ids)
+        return CollatedBatch(images, torch.from_numpy(self.targets[ids]), torch.from_numpy(ids))

@@ -8,7 +8,7 @@ dataset is a :class:`SampleSource`: ``raw(i)`` gives the bytes, ``decode(raw)`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +54,10 @@ class SampleSource:
         """Decoded sample ``index`` (subclasses with the pixels in memory skip the bytes)."""
         return self.decode(self.raw(index))
 
+    def images_at(self, indices: Sequence[int]) -> np.ndarray:
+        """Decoded samples ``indices`` as one uint8 array (B, *shape)."""
+        return np.stack([self.image(int(i)).numpy() for i in indices])
+
 
 @dataclass
 class ArraySource(SampleSource):
@@ -97,6 +101,9 @@ class ArraySource(SampleSource):
 
     def image(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self.images[index])
+
+    def images_at(self, indices: Sequence[int]) -> np.ndarray:
+        return self.images[np.asarray(indices, dtype=np.int64)]
 
 
 @dataclass(frozen=True)

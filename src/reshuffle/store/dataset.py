@@ -7,12 +7,14 @@ decoded and transformed at read time, and returned as ``(image, label, id)`` lik
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from reshuffle.data.dataset import KeyedAugmentation
+from reshuffle.data.dataset import CollatedBatch, KeyedAugmentation
+from reshuffle.data.transforms import Transform
 from reshuffle.store.rank_store import RankStore
 
 
@@ -22,14 +24,14 @@ class StoreDataset(KeyedAugmentation, Dataset):
     Args:
         store: the rank's store.
         decode: raw bytes -> uint8 image tensor (the source's ``decode``).
-        transform: image tensor -> model input.
+        transform: the pipeline from a uint8 image to the model input.
     """
 
     def __init__(
         self,
         store: RankStore,
         decode: Callable[[bytes], torch.Tensor],
-        transform: Callable[[torch.Tensor], torch.Tensor],
+        transform: Transform,
     ) -> None:
         self.store = store
         self.decode = decode
@@ -41,3 +43,13 @@ class StoreDataset(KeyedAugmentation, Dataset):
     def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int, int]:
         raw, label = self.store.sample(int(sample_id))
         return self.augment(self.transform, self.decode(raw), int(sample_id)), label, int(sample_id)
+
+    def __getitems__(self, sample_ids: Sequence[int]) -> CollatedBatch:
+        """A whole batch in one call (see :class:`~reshuffle.data.dataset.CollatedBatch`)."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        images, labels = [], np.empty(len(ids), dtype=np.int64)
+        for position, sample_id in enumerate(ids.tolist()):
+            raw, labels[position] = self.store.sample(sample_id)
+            images.append(self.decode(raw).numpy())
+        batch = self.augment_batch(self.transform, np.stack(images), ids)
+        return CollatedBatch(batch, torch.from_numpy(labels), torch.from_numpy(ids))

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 import reshuffle
 from reshuffle.config import ConfigError, RunConfig, SystemConfig, dump_yaml, system_config_path
 from reshuffle.data import SourceDataset, open_source, transform_for
+from reshuffle.data.dataset import collate
 from reshuffle.models import build_model
 from reshuffle.models.sync_batchnorm import convert_sync_batchnorm
 from reshuffle.plan import ShufflePlanner
@@ -150,6 +151,11 @@ def _train(
 
     # ---- where training resumes
     checkpoints = Checkpoints(run_dir / "checkpoints", train_cfg.keep_checkpoints)
+    if not resume and checkpoints.latest() is not None:
+        raise ConfigError(
+            f"{run_dir} already holds a run with checkpoints; continue it with --resume, or start a new "
+            f"one under another name (name=...) or log.dir, or delete that directory"
+        )
     state = _load_checkpoint(checkpoints, config) if resume else None
     start_epoch, start_step = (int(state["epoch"]), int(state["step"])) if state else (0, 0)
     if start_epoch >= train_cfg.epochs:
@@ -186,6 +192,7 @@ def _train(
         batch_size=train_cfg.batch_size * 2,
         sampler=list(range(ctx.rank, len(test_dataset), ctx.world_size)),
         num_workers=train_cfg.workers,
+        collate_fn=collate,  # batches fetched whole by the datasets' __getitems__
         pin_memory=train_cfg.pin_memory,
     )
 
@@ -255,6 +262,7 @@ def _train(
             batch_size=train_cfg.batch_size,
             sampler=sampler,
             num_workers=train_cfg.workers,
+            collate_fn=collate,
             pin_memory=train_cfg.pin_memory,
             generator=torch.Generator().manual_seed(_rank_seed(config.seed, ctx.rank) + epoch),
         )
@@ -367,7 +375,10 @@ def _train(
                 (
                     batch[0]
                     for batch in DataLoader(
-                        train_dataset, batch_size=train_cfg.batch_size, sampler=own.tolist()
+                        train_dataset,
+                        batch_size=train_cfg.batch_size,
+                        sampler=own.tolist(),
+                        collate_fn=collate,
                     )
                 ),
                 ctx.device,
