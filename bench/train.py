@@ -31,10 +31,10 @@ from common import ROOT, machine, write_results
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 VARIANTS = {  # name -> overrides; the first is the baseline
-    "global/index": ["shuffle.strategy=global", "shuffle.mode=index"],
-    "local/index": ["shuffle.strategy=local", "shuffle.mode=index"],
+    "global/index": ["shuffle.strategy=global", "shuffle.fraction=0", "shuffle.mode=index"],
+    "local/index": ["shuffle.strategy=local", "shuffle.fraction=0", "shuffle.mode=index"],
     "partial-0.1/index": ["shuffle.strategy=partial", "shuffle.fraction=0.1", "shuffle.mode=index"],
-    "local/store": ["shuffle.strategy=local", "shuffle.mode=store"],
+    "local/store": ["shuffle.strategy=local", "shuffle.fraction=0", "shuffle.mode=store"],
     "partial-0.1/store": ["shuffle.strategy=partial", "shuffle.fraction=0.1", "shuffle.mode=store"],
 }
 

@@ -120,6 +120,14 @@ class PixelDecoder:
         pixels = np.frombuffer(raw, dtype=np.uint8, count=int(np.prod(self.shape)))
         return torch.from_numpy(pixels.reshape(self.shape).copy())
 
+    def batch(self, raw: np.ndarray) -> np.ndarray:
+        """Many samples' bytes, one per row (B, sample_bytes) -> uint8 images (B, *shape)."""
+        if raw.ndim != 2 or raw.shape[1] != self.sample_bytes:
+            raise ValueError(
+                f"a {self.name} sample is {self.sample_bytes} bytes, got rows of {raw.shape[1:]}"
+            )
+        return raw[:, : int(np.prod(self.shape))].reshape(raw.shape[0], *self.shape)
+
 
 class DataNotFoundError(FileNotFoundError):
     """A dataset's files are missing; the message says where we looked and how to get them."""

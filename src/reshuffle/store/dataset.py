@@ -47,6 +47,11 @@ class StoreDataset(KeyedAugmentation, Dataset):
     def __getitems__(self, sample_ids: Sequence[int]) -> CollatedBatch:
         """A whole batch in one call (see :class:`~reshuffle.data.dataset.CollatedBatch`)."""
         ids = np.asarray(sample_ids, dtype=np.int64)
+        gathered = self.store.samples(ids) if hasattr(self.decode, "batch") else None
+        if gathered is not None:  # equal-length samples and a decoder that takes a whole batch
+            raw, labels = gathered
+            batch = self.augment_batch(self.transform, self.decode.batch(raw), ids)
+            return CollatedBatch(batch, torch.from_numpy(labels), torch.from_numpy(ids))
         images, labels = [], np.empty(len(ids), dtype=np.int64)
         for position, sample_id in enumerate(ids.tolist()):
             raw, labels[position] = self.store.sample(sample_id)

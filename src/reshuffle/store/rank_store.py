@@ -348,6 +348,31 @@ class RankStore:
         data = self._maps.get(sequence) or self._map(sequence)
         return data[start : start + int(self._lengths[where])], int(self._labels[where])
 
+    def samples(self, sample_ids: NDArray[np.int64]) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
+        """``(bytes, labels)`` of many samples at once: a (B, L) uint8 array gathered from the
+        mapped packs in one vectorised step per pack, when all B samples are L bytes long;
+        ``None`` when their lengths differ (read them one by one with :meth:`sample`)."""
+        where = self.position(sample_ids)
+        lengths = self._lengths[where]
+        if lengths.size == 0 or np.any(lengths != lengths[0]):
+            return None
+        length = int(lengths[0])
+        out = np.empty((where.size, length), dtype=np.uint8)
+        packs, offsets = self._packs[where], self._offsets[where]
+        single = packs.min() == packs.max()
+        for sequence in [int(packs[0])] if single else np.unique(packs).tolist():
+            data = np.frombuffer(self._maps.get(sequence) or self._map(sequence), dtype=np.uint8)
+            # row o of this read-only window view is data[o : o + length]: one row copy per sample
+            rows = np.lib.stride_tricks.as_strided(
+                data, shape=(max(0, data.size - length + 1), length), strides=(1, 1), writeable=False
+            )
+            if single:
+                out[:] = rows[offsets]
+            else:
+                chosen = packs == sequence
+                out[chosen] = rows[offsets[chosen]]
+        return out, self._labels[where].astype(np.int64)
+
     def label(self, sample_id: int) -> int:
         return int(self.records["label"][int(self.position(sample_id)[0])])
 
