@@ -17,6 +17,7 @@ from reshuffle import ShufflePlanner
 from reshuffle.data import SourceDataset
 from reshuffle.data.synthetic import load_synthetic
 from reshuffle.data.transforms import build_transform
+from reshuffle.plan.checks import feed_losses
 from reshuffle.store import (
     ExchangeError,
     Exchanger,
@@ -40,7 +41,14 @@ def _source(num: int):
 
 
 def _planner(num: int, world: int, strategy: str, fraction: float) -> ShufflePlanner:
-    return ShufflePlanner(num, world, strategy=strategy, fraction=fraction, partition="random", seed=3)
+    options = {
+        "importance": {"warmup_epochs": 1, "interval_epochs": 1},  # re-partition every epoch
+        "partial-importance": {"select": "importance"},
+    }.get(strategy, {})
+    strategy = strategy.split("-")[0]
+    return ShufflePlanner(
+        num, world, strategy=strategy, fraction=fraction, partition="random", seed=3, **options
+    )
 
 
 def _conserve(rank, world, root, num, strategy, fraction, epochs):
@@ -50,6 +58,8 @@ def _conserve(rank, world, root, num, strategy, fraction, epochs):
     exchanger = Exchanger(store, planner, group=new_exchange_group(60), chunk_bytes=CHUNK)
     rows = []
     for epoch in range(epochs):
+        if planner.strategy.uses_losses:  # the trainer's reduced losses, stood in for
+            feed_losses(planner, epoch)
         stats = exchanger.exchange(epoch)
         holds_plan = np.array_equal(store.ids, planner.plan(epoch + 1).holdings(rank))
         bytes_intact = all(store.read(int(i)) == source.raw(int(i)) for i in store.ids)
@@ -62,7 +72,14 @@ def _conserve(rank, world, root, num, strategy, fraction, epochs):
 
 @pytest.mark.parametrize(
     ("world", "num", "strategy", "fraction"),
-    [(2, 501, "partial", 0.1), (3, 301, "partial", 0.5), (4, 303, "partial", 1.0), (3, 200, "global", 0.0)],
+    [
+        (2, 501, "partial", 0.1),
+        (3, 301, "partial", 0.5),
+        (4, 303, "partial", 1.0),
+        (3, 200, "global", 0.0),
+        (3, 301, "partial-importance", 0.3),
+        (3, 302, "importance", 0.0),
+    ],
 )
 def test_exchanges_conserve_the_dataset_and_move_exactly_k_samples(tmp_path, world, num, strategy, fraction):
     epochs = 3
@@ -72,7 +89,7 @@ def test_exchanges_conserve_the_dataset_and_move_exactly_k_samples(tmp_path, wor
         for epoch, row in enumerate(rows):
             sent, sent_bytes, received, received_bytes, wire, rounds, peer_chunk, holds_plan, intact = row
             assert holds_plan and intact, (rank, epoch)
-            if strategy == "partial":
+            if strategy.startswith("partial"):
                 assert sent == received == k
                 assert sent_bytes == received_bytes == k * SAMPLE_BYTES
             assert rounds >= -(-wire // peer_chunk) // max(1, world - 1)  # bounded chunks per peer

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reshuffle import PARTITIONS, STRATEGIES, ShufflePlanner
-from reshuffle.plan.checks import check_planner
+from reshuffle.plan.checks import check_planner, feed_losses
 from reshuffle.plan.strategies.partial import moves_per_epoch
 
 
@@ -21,6 +21,15 @@ def planners(draw, strategies=tuple(STRATEGIES)):
     num = draw(st.integers(world, 5000))
     strategy = draw(st.sampled_from(strategies))
     fraction = draw(st.floats(0, 1)) if strategy == "partial" else 0.0
+    options = {}
+    if strategy == "partial":
+        options["select"] = draw(st.sampled_from(["random", "importance"]))
+    if strategy == "importance":
+        options = {
+            "warmup_epochs": draw(st.integers(1, 2)),
+            "interval_epochs": draw(st.integers(0, 2)),
+            "assignment": draw(st.sampled_from(["stripes", "blocks"])),
+        }
     partition = draw(st.sampled_from(sorted(PARTITIONS)))
     num_classes = draw(st.integers(1, 20))
     labels = np.random.default_rng(num).integers(0, num_classes, size=num)
@@ -33,6 +42,7 @@ def planners(draw, strategies=tuple(STRATEGIES)):
         labels=labels,
         seed=draw(st.integers(0, 2**32)),
         drop_last=draw(st.booleans()),
+        **options,
     )
 
 
@@ -67,7 +77,9 @@ def test_partial_moves_exactly_k_in_and_out_of_every_rank(planner):
     if planner.world_size == 1:
         k = 0
     assert moves_per_epoch(planner.layout, planner.fraction) == k
-    for epoch in (0, 3):
+    for epoch in range(4):
+        if planner.strategy.uses_losses:  # select="importance": weighted by (stand-in) losses
+            feed_losses(planner, epoch)
         plan, following = planner.plan(epoch), planner.plan(epoch + 1)
         for rank in range(planner.world_size):
             out = sum(ids.size for ids in plan.sends(rank).values())
@@ -132,8 +144,11 @@ def test_same_arguments_same_plans_in_any_order_of_calls():
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_a_different_seed_gives_different_plans(strategy):
     kwargs = dict(strategy=strategy, fraction=0.2 if strategy == "partial" else 0.0)
-    a = ShufflePlanner(500, 4, seed=1, **kwargs).plan(2)
-    b = ShufflePlanner(500, 4, seed=2, **kwargs).plan(2)
+    planners = [ShufflePlanner(500, 4, seed=seed, **kwargs) for seed in (1, 2)]
+    for planner in planners:
+        for epoch in range(2 if planner.strategy.uses_losses else 0):
+            feed_losses(planner, epoch)
+    a, b = (planner.plan(2) for planner in planners)
     assert not np.array_equal(a.indices(0), b.indices(0))
 
 
@@ -218,7 +233,10 @@ def test_label_partitions_read_labels_of_any_integer_form():
         (dict(fraction=float("nan"), strategy="partial"), r"fraction must be in \[0, 1\]"),
         (dict(fraction="lots", strategy="partial"), "fraction must be a number"),
         (dict(fraction=0.5, strategy="local"), "has no effect with strategy 'local'; use strategy 'partial'"),
-        (dict(strategy="sorted"), "unknown strategy 'sorted'; choose one of: global, local, partial"),
+        (
+            dict(strategy="sorted"),
+            "unknown strategy 'sorted'; choose one of: global, importance, local, partial",
+        ),
         (dict(partition="by-color"), "unknown partition 'by-color'; choose one of: contiguous, label-sorted"),
         (dict(partition="label-sorted"), "partition 'label-sorted' needs labels: pass labels="),
         (dict(partition="stratified"), "partition 'stratified' needs labels"),

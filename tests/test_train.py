@@ -103,6 +103,8 @@ def test_a_run_writes_config_env_metrics_logs_and_checkpoints(tmp_path):
         ["train.schedule=step", "train.step_epochs=[0]"],
         ["shuffle.strategy=local", "shuffle.fraction=0", "shuffle.partition=label-sorted"],
         ["data.name=digits"],
+        ["shuffle.strategy=importance", "shuffle.fraction=0", "shuffle.warmup_epochs=1", "train.epochs=2"],
+        ["shuffle.select=importance", "train.track_losses=true"],
     ],
     ids=lambda options: " ".join(options),
 )
@@ -113,7 +115,8 @@ def test_every_training_option_trains(tmp_path, options):
     if stopped:
         assert Checkpoints(run / "checkpoints", 2).latest() is not None
     else:
-        assert len(metrics) == 1 and float(metrics[0]["train_loss"]) > 0
+        epochs = next((int(o.split("=")[1]) for o in options if o.startswith("train.epochs=")), 1)
+        assert len(metrics) == epochs and float(metrics[0]["train_loss"]) > 0
 
 
 def test_real_fashion_mnist_trains(tmp_path):
@@ -215,6 +218,40 @@ def test_an_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, m
     assert [r["epoch"] for r in resumed] == ["0", "1", "2"]
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         assert [r[key] for r in resumed] == [r[key] for r in uninterrupted], key
+
+
+IMPORTANCE = [
+    "--nproc", "2", "train.deterministic=true", "train.epochs=4", "data.synthetic.num_samples=1024",
+    "shuffle.strategy=importance", "shuffle.fraction=0", "shuffle.warmup_epochs=1",
+    "shuffle.interval_epochs=2",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_importance_repartitions_through_the_store_and_resumes_exactly(tmp_path):
+    """Index mode in one go vs store mode stopped mid-epoch 1 and resumed: same orders and losses;
+    the re-partitions (into epochs 1 and 3) move data through the exchanger and the store stays whole."""
+    whole = run_cli(tmp_path, *IMPORTANCE, "name=whole")
+    assert whole.returncode == 0, whole.stderr
+    first = run_cli(tmp_path, *IMPORTANCE, "shuffle.mode=store", "name=parts", "train.max_steps=21")
+    assert first.returncode == 0, first.stderr
+    second = run_cli(tmp_path, *IMPORTANCE, "shuffle.mode=store", "name=parts", "--resume")
+    assert second.returncode == 0, second.stderr
+    for rank in (0, 1):
+        a = rows(tmp_path / "whole" / "metrics" / f"rank-{rank}.csv")
+        b = rows(tmp_path / "parts" / "metrics" / f"rank-{rank}.csv")
+        assert [r["order_sha"] for r in a] == [r["order_sha"] for r in b]
+        assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    epochs = rows(tmp_path / "parts" / "metrics" / "epochs.csv")
+    moved = [int(r["bytes_exchanged"]) for r in epochs]
+    assert moved[0] > 0 and moved[2] > 0 and moved[1] == moved[3] == 0  # into epochs 1 and 3 only
+    verify = subprocess.run(
+        [sys.executable, "-m", "reshuffle", "verify", str(tmp_path / "parts" / "store")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verify.returncode == 0, verify.stdout
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """``reshuffle verify STORE_DIR``: is every sample in the rank stores exactly once, intact?
 
 Checks every rank's manifest, index, packs and checksums, that the ranks are at one epoch, and
-that together they hold each sample of the dataset exactly once (and as the store's plan says).
+that together they hold each sample of the dataset exactly once (and, for strategies that do
+not follow observed losses, exactly as the store's plan says).
 Prints each problem by name; exit status 0 only when all is well, 1 otherwise.
 """
 

@@ -72,6 +72,22 @@ def check_run_config(config: RunConfig) -> None:
             f"shuffle.fraction={shuffle.fraction} has no effect with shuffle.strategy={shuffle.strategy}; "
             "use shuffle.strategy=partial or set shuffle.fraction=0"
         )
+    for key, value in _misplaced_shuffle_options(shuffle):
+        raise ConfigError(
+            f"shuffle.{key}={value} has no effect with shuffle.strategy={shuffle.strategy}; "
+            + (
+                "select applies to shuffle.strategy=partial"
+                if key == "select"
+                else f"{key} applies to shuffle.strategy=importance"
+            )
+            + f", or leave shuffle.{key} at its default"
+        )
+    try:
+        from reshuffle.plan import ShufflePlanner
+
+        ShufflePlanner(2, 1, strategy=shuffle.strategy, fraction=shuffle.fraction, **planner_options(shuffle))
+    except ValueError as error:
+        raise ConfigError(f"shuffle: {error}") from None
     positive = {
         "train.epochs": train.epochs,
         "train.batch_size": train.batch_size,
@@ -164,3 +180,25 @@ __all__ = [
     "load_system_config",
     "system_config_path",
 ]
+
+
+IMPORTANCE_KEYS = ("warmup_epochs", "ignore_epochs", "interval_epochs", "measure", "assignment")
+
+
+def planner_options(shuffle: ShuffleConfig) -> dict[str, Any]:
+    """The strategy-specific ``ShufflePlanner`` keywords the ``shuffle`` section sets."""
+    if shuffle.strategy == "importance":
+        return {key: getattr(shuffle, key) for key in IMPORTANCE_KEYS}
+    if shuffle.strategy == "partial":
+        return {"select": shuffle.select}
+    return {}
+
+
+def _misplaced_shuffle_options(shuffle: ShuffleConfig) -> list[tuple[str, Any]]:
+    defaults = ShuffleConfig()
+    used = set(planner_options(shuffle))
+    return [
+        (key, getattr(shuffle, key))
+        for key in ("select", *IMPORTANCE_KEYS)
+        if key not in used and getattr(shuffle, key) != getattr(defaults, key)
+    ]

@@ -88,8 +88,14 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ShuffleConfig:
-    strategy: str = "global"  # global | local | partial (reshuffle.STRATEGIES)
+    strategy: str = "global"  # global | local | partial | importance (reshuffle.STRATEGIES)
     fraction: float = 0.0  # Q for partial: share of each partition exchanged per epoch
+    select: Literal["random", "importance"] = "random"  # partial: which k samples leave a rank
+    warmup_epochs: int = 2  # importance: epochs of global shuffling while losses are tracked
+    ignore_epochs: int = 0  # importance: first epochs whose losses the first re-partition ignores
+    interval_epochs: int = 0  # importance: re-partition every K epochs (0: once, after warm-up)
+    measure: Literal["mean", "variance"] = "mean"  # importance: of each sample's tracked losses
+    assignment: Literal["stripes", "blocks"] = "stripes"  # importance: how the sorted ids are dealt out
     partition: str = "random"  # random | contiguous | strided | label-sorted | stratified
     mode: Literal["index", "store"] = "index"  # index: read the shared dataset; store: node-local stores
     store_dir: str | None = None  # store mode: directory of the rank stores (null: <run dir>/store)
@@ -119,6 +125,7 @@ class TrainConfig:
     # Gradient sync: overlapped (DDP's bucketed all-reduce inside backward; fw_bw_s then holds its
     # exposed part) or explicit (backward without sync, then one flat all-reduce timed as ge_wu_s).
     grad_sync: Literal["overlapped", "explicit"] = "overlapped"
+    track_losses: bool = False  # track and reduce per-sample losses even if the strategy does not use them
     bn_recalibrate: bool = False  # re-estimate BatchNorm running stats each epoch, averaged over ranks
     bn_recalibrate_batches: int = 8  # batches of each rank's own data used for recalibration
     workers: int = 0  # DataLoader worker processes per rank

@@ -51,8 +51,25 @@ def check_epoch(planner: ShufflePlanner, epoch: int) -> list[str]:
 
 
 def check_planner(planner: ShufflePlanner, epochs: int) -> list[str]:
-    """:func:`check_epoch` for epochs ``0 .. epochs-1``."""
-    return [problem for epoch in range(epochs) for problem in check_epoch(planner, epoch)]
+    """:func:`check_epoch` for epochs ``0 .. epochs-1``.
+
+    A loss-driven strategy (``uses_losses``) is fed synthetic per-sample losses after each epoch,
+    seeded by the epoch, as a trainer would feed real ones.
+    """
+    problems = []
+    for epoch in range(epochs):
+        if planner.strategy.uses_losses:
+            feed_losses(planner, epoch)
+        problems += check_epoch(planner, epoch)
+    return problems
+
+
+def feed_losses(planner: ShufflePlanner, epoch: int) -> None:
+    """Observe deterministic stand-in losses for every sample of ``epoch`` (a few hard samples
+    among many easy ones, changing with the epoch)."""
+    rng = np.random.default_rng((planner.seed, epoch, 12345))
+    losses = rng.exponential(1.0, planner.num_samples) ** 2
+    planner.observe(epoch, np.arange(planner.num_samples, dtype=np.int64), losses)
 
 
 def _check_holdings(epoch: int, holdings: list[np.ndarray], num_samples: int) -> list[str]:

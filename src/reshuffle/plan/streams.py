@@ -18,7 +18,7 @@ class Stream(enum.IntEnum):
     GLOBAL = 2  # the fresh partition of each epoch under `global`
     ORDER = 3  # a rank's local training order in an epoch
     PARTIAL = 4  # which slots move, and where, between two epochs under `partial`
-    IMPORTANCE = 5  # reserved for the importance strategy
+    IMPORTANCE = 5  # importance-weighted choices (partial with select='importance')
 
 
 def key(seed: int, stream: Stream, epoch: int = 0, rank: int = 0) -> tuple[int, int, int, int]:

@@ -42,7 +42,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 import reshuffle
-from reshuffle.config import ConfigError, RunConfig, SystemConfig, dump_yaml, system_config_path
+from reshuffle.config import (
+    ConfigError,
+    RunConfig,
+    SystemConfig,
+    dump_yaml,
+    planner_options,
+    system_config_path,
+)
 from reshuffle.data import SourceDataset, open_source, transform_for
 from reshuffle.data.dataset import collate
 from reshuffle.models import build_model
@@ -144,6 +151,7 @@ def _train(
         labels=train_source.targets,
         seed=config.seed,
         drop_last=config.shuffle.drop_last,
+        **planner_options(config.shuffle),
     )
     sampler = ShuffleSampler.from_planner(planner, ctx.rank)
     steps_per_epoch = math.ceil(planner.samples_per_rank / train_cfg.batch_size)
@@ -158,6 +166,8 @@ def _train(
         )
     state = _load_checkpoint(checkpoints, config) if resume else None
     start_epoch, start_step = (int(state["epoch"]), int(state["step"])) if state else (0, 0)
+    if state:  # before staging: a loss-driven plan needs its observed state to say who holds what
+        planner.load_state_dict(state["planner"])
     if start_epoch >= train_cfg.epochs:
         log.info("run %s already finished (%d epochs); nothing to do", config.name, train_cfg.epochs)
         return (
@@ -209,11 +219,12 @@ def _train(
     scaler = torch.amp.GradScaler("cuda") if train_cfg.amp == "fp16" else None
     criterion = nn.CrossEntropyLoss(reduction="none", label_smoothing=train_cfg.label_smoothing)
     tracker = LossTracker(len(train_source))
+    tracking = planner.strategy.uses_losses or train_cfg.track_losses
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        planner.load_state_dict(state["planner"])
-        tracker.load_state_dict(state["losses"])
+        if ctx.rank == 0:  # the saved partial-epoch losses are every rank's, summed; counted once
+            tracker.load_state_dict(state["losses"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         _set_rng(state["rng"], ctx)
@@ -249,8 +260,11 @@ def _train(
         )
         if not stats.label_counts:
             stats.label_counts = [0] * train_source.num_classes
-        if exchanger is not None and epoch + 1 < train_cfg.epochs:
-            exchanger.start(epoch)  # the next epoch's samples move while this one trains
+        # the next epoch's samples move while this one trains, unless where they go depends on
+        # this epoch's losses (an importance re-partition): then it runs at the boundary
+        deferred = exchanger is not None and planner.strategy.needs_losses_of(epoch)
+        if exchanger is not None and epoch + 1 < train_cfg.epochs and not deferred:
+            exchanger.start(epoch)
         sampler.set_epoch(epoch)
         if first_step:
             position = sampler.state_dict()
@@ -313,7 +327,8 @@ def _train(
             counts = torch.bincount(labels.cpu(), minlength=train_source.num_classes)
             stats.label_counts = [a + int(b) for a, b in zip(stats.label_counts, counts, strict=True)]
             stats.add_order(ids.tolist())
-            tracker.add(ids, per_sample.detach().float())
+            if tracking:
+                tracker.add(ids, per_sample.detach())
             progress.step(step, float(loss.detach()))
             total_steps += 1
 
@@ -350,6 +365,9 @@ def _train(
         # ---- epoch boundary: wait for the exchange, recalibrate, evaluate
         exchange_s, exposed_s, sent, received = math.nan, math.nan, 0, 0
         boundary = time.perf_counter()
+        if deferred and epoch + 1 < train_cfg.epochs:
+            _observe_losses(planner, tracker, epoch, ctx)
+            exchanger.start(epoch)
         if exchanger is not None:
             exchange_s = 0.0
             if epoch + 1 < train_cfg.epochs:
@@ -361,6 +379,8 @@ def _train(
                     exchange_stats.bytes_received,
                 )
             exposed_s = time.perf_counter() - boundary + commit_s
+        if tracking and not (deferred and epoch + 1 < train_cfg.epochs):
+            _observe_losses(planner, tracker, epoch, ctx)
         moved = (
             sum(ids.size for ids in planner.plan(epoch).sends(ctx.rank).values())
             if epoch + 1 < train_cfg.epochs
@@ -383,9 +403,6 @@ def _train(
                 ),
                 ctx.device,
             )
-        if planner.strategy.uses_losses:
-            tracker.reduce(device=ctx.device)
-            planner.observe(epoch, *tracker.mean())
         tracker.reset()
         epoch_s = time.perf_counter() - epoch_started
         eval_started = time.perf_counter()
@@ -465,6 +482,27 @@ def _beta(alpha: float, generator: torch.Generator) -> float:
 
 def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _tensors(value: Any) -> Any:
+    """``value`` with every numpy array turned into a tensor (``torch.load(weights_only=True)``
+    refuses numpy arrays; strategies read tensors back with ``np.asarray``)."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value))  # a writable copy
+    if isinstance(value, dict):
+        return {key: _tensors(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors(item) for item in value)
+    return value
+
+
+def _observe_losses(
+    planner: ShufflePlanner, tracker: LossTracker, epoch: int, ctx: distributed.DistContext
+) -> None:
+    """Sum every rank's per-sample losses (one N-length collective) and hand them to the planner."""
+    tracker.reduce(device=ctx.device)
+    if planner.strategy.uses_losses:
+        planner.observe(epoch, *(t.numpy() for t in tracker.mean()))
 
 
 def _all_reduce_gradients(model: nn.Module, world_size: int) -> None:
@@ -661,6 +699,8 @@ def _save(
 ) -> None:
     """Every rank contributes its RNG state and epoch totals; rank 0 writes (collective)."""
     rng = _gather_rng(ctx)
+    # mid-epoch, each rank has tracked only its own losses so far: save their sum (collective)
+    losses = tracker.summed(ctx.device) if partial is not None else tracker.state_dict()
     partials = None
     if partial is not None:
         mine = torch.tensor(partial.to_numbers(), dtype=torch.float64, device=ctx.device)
@@ -674,8 +714,8 @@ def _save(
             "config": _plain(config),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "planner": planner.state_dict(),
-            "losses": tracker.state_dict(),
+            "planner": _tensors(planner.state_dict()),  # numpy arrays as tensors: weights_only loads
+            "losses": losses,
             "rng": rng,
             "partial": partials,  # per rank: the epoch's totals so far (mid-epoch checkpoints)
         }

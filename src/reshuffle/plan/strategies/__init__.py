@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from reshuffle.plan.strategies.base import PlanContext, Strategy
 from reshuffle.plan.strategies.global_shuffle import GlobalStrategy
+from reshuffle.plan.strategies.importance import ImportanceStrategy
 from reshuffle.plan.strategies.local import LocalStrategy
 from reshuffle.plan.strategies.partial import PartialStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (GlobalStrategy, LocalStrategy, PartialStrategy)
+    cls.name: cls for cls in (GlobalStrategy, LocalStrategy, PartialStrategy, ImportanceStrategy)
 }
 
 __all__ = ["STRATEGIES", "PlanContext", "Strategy"]

@@ -96,6 +96,14 @@ class Strategy(abc.ABC):
         """Expected fraction of the dataset a rank has trained on after ``epochs`` epochs."""
         return None
 
+    def needs_losses_of(self, epoch: int) -> bool:
+        """Whether the slots of ``epoch + 1`` depend on the losses observed in ``epoch``.
+
+        Then the move into ``epoch + 1`` can only be planned (and a store-mode exchange started)
+        after :meth:`observe` for ``epoch``, not while ``epoch`` trains.
+        """
+        return False
+
     def observe(self, epoch: int, ids: NDArray[np.int64], losses: NDArray[np.floating]) -> None:  # noqa: B027
         """Record per-sample losses seen in ``epoch``; most strategies ignore them (no-op)."""
 
