@@ -24,6 +24,9 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/plan.py
+	$(BIN)/python bench/exchange.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/importance.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info

@@ -81,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         drop_last=args.drop_last,
     )
+    if planner.strategy.uses_losses:
+        raise ValueError(
+            f"strategy {args.strategy!r} follows the per-sample losses of a training run, which "
+            "`reshuffle plan` does not have; train it with `reshuffle run CONFIG "
+            f"shuffle.strategy={args.strategy}` and read metrics/epochs.csv"
+        )
     count = max(1, min(args.ranks, args.world_size))
     ranks = sorted({int(r) for r in np.linspace(0, args.world_size - 1, count).round()})
     plan = planner.plan(0)

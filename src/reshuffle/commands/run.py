@@ -5,6 +5,7 @@ Examples::
     reshuffle run configs/smoke.yaml --nproc 2
     reshuffle run configs/fashion-mnist.yaml --nproc 4 shuffle.strategy=local shuffle.partition=label-sorted
     reshuffle run configs/fashion-mnist.yaml --nproc 4 --resume        # continue from the last checkpoint
+    reshuffle run configs/fashion-mnist.yaml --virtual-ranks 256       # 256 DDP ranks in one process
     torchrun --nproc-per-node 4 -m reshuffle run configs/fashion-mnist.yaml
 
 Results go to ``<log.dir>/<name>/``.
@@ -29,6 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--nproc", type=int, help="local ranks to start (default: dist.nproc); ignored under torchrun"
     )
+    parser.add_argument(
+        "--virtual-ranks",
+        type=int,
+        metavar="M",
+        help="train as M DDP ranks in this one process (dist.virtual_ranks; exact DDP semantics)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     parser.add_argument(
         "--system",
@@ -40,7 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from reshuffle.train.launch import launch
 
-    config = load_run_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.virtual_ranks is not None:
+        overrides.append(f"dist.virtual_ranks={args.virtual_ranks}")
+    config = load_run_config(args.config, overrides)
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     return launch(config, args.system, nproc=args.nproc, resume=args.resume)

@@ -94,6 +94,7 @@ def check_run_config(config: RunConfig) -> None:
         "train.reference_batch": train.reference_batch,
         "train.bn_recalibrate_batches": train.bn_recalibrate_batches,
         "dist.nproc": config.dist.nproc,
+        "dist.virtual_batch_limit": config.dist.virtual_batch_limit,
     }
     for key, value in positive.items():
         if value < 1:
@@ -108,6 +109,7 @@ def check_run_config(config: RunConfig) -> None:
         "train.checkpoint_steps": train.checkpoint_steps,
         "train.max_steps": train.max_steps,
         "log.every_steps": config.log.every_steps,
+        "dist.virtual_ranks": config.dist.virtual_ranks,
         "model.dropout": config.model.dropout,
     }
     for key, value in non_negative.items():

@@ -141,6 +141,8 @@ class TrainConfig:
 class DistConfig:
     nproc: int = 1  # local ranks `reshuffle run` starts (ignored under torchrun or srun)
     timeout_s: float = 300.0  # a collective that waits longer than this ends the job with an error
+    virtual_ranks: int = 0  # > 0: one process trains as this many DDP ranks (reshuffle run --virtual-ranks)
+    virtual_batch_limit: int = 8192  # virtual ranks: at most this many samples per forward (ranks chunked)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,6 +153,7 @@ class LogConfig:
     wandb_project: str = "reshuffle"
     progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a terminal, lines otherwise
     every_steps: int = 50  # with progress lines: a line every this many steps (0: per epoch only)
+    step_losses: bool = False  # also write metrics/steps.csv: every step's loss, mean over ranks
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from reshuffle.config import RunConfig, SystemConfig, load_system_config
+from reshuffle.config import ConfigError, RunConfig, SystemConfig, load_system_config
 from reshuffle.config.loading import from_mapping, to_mapping
 from reshuffle.train import distributed
 
@@ -32,8 +32,17 @@ def launch(
 ) -> int:
     """Run ``config``; returns the process exit status (0: success)."""
     system = load_system_config(system_path)
-    nproc = nproc or config.dist.nproc
     run_dir = run_dir_of(config)
+    if config.dist.virtual_ranks:  # one process; dist.nproc does not apply
+        if nproc not in (None, 1):
+            raise ConfigError(
+                f"dist.virtual_ranks={config.dist.virtual_ranks} trains every rank in one process; "
+                f"leave out --nproc {nproc}"
+            )
+        from reshuffle.train.virtual import train_virtual
+
+        return _report(train_virtual(config, system, run_dir, resume=resume), run_dir)
+    nproc = nproc or config.dist.nproc
     if distributed.launched_by_torchrun() or nproc == 1:
         return _report(_train(config, system, run_dir, resume), run_dir)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

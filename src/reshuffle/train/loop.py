@@ -283,6 +283,7 @@ def _train(
         _check_equal_batches(steps_per_epoch - first_step, len(loader), ctx)
         model.train()
         progress.start(epoch, steps_per_epoch, first_step)
+        step_rows: list[dict[str, Any]] = []
         batches = iter(loader)
         for step in range(first_step, steps_per_epoch):
             tick = _now(ctx)
@@ -329,6 +330,10 @@ def _train(
             stats.add_order(ids.tolist())
             if tracking:
                 tracker.add(ids, per_sample.detach())
+            if config.log.step_losses:
+                mean_loss = loss.detach().float().clone()
+                dist.all_reduce(mean_loss)
+                step_rows.append({"epoch": epoch, "step": step, "loss": float(mean_loss) / ctx.world_size})
             progress.step(step, float(loss.detach()))
             total_steps += 1
 
@@ -417,7 +422,7 @@ def _train(
         gathered = _gather(rank_values, ctx)
         last_row = _epoch_row(epoch, gathered, test, eval_s, optimizer, ctx, sample_bytes)
         if outputs is not None:
-            outputs.write(last_row, _rank_rows(epoch, gathered, stats))
+            outputs.write(last_row, _rank_rows(epoch, gathered, stats), step_rows)
             log.info("%s", _epoch_line(last_row))
 
         # ---- checkpoint (before the store commits: a store cannot go back, see rank_store)
@@ -461,16 +466,22 @@ def _forward_loss(forward, criterion, images, labels, config: RunConfig, epoch: 
     if alpha <= 0:
         logits = forward(images)
         return logits, criterion(logits.float(), labels)
-    generator = torch.Generator().manual_seed(
-        _rank_seed(config.seed, rank) * 1_000_003 + epoch * 100_003 + step
-    )
-    weight = _beta(alpha, generator)
-    order = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    weight, order = _mixup_draw(config, epoch, step, rank, images.shape[0])
+    order = order.to(images.device)
     logits = forward(weight * images + (1 - weight) * images[order])
     per_sample = weight * criterion(logits.float(), labels) + (1 - weight) * criterion(
         logits.float(), labels[order]
     )
     return logits, per_sample
+
+
+def _mixup_draw(config: RunConfig, epoch: int, step: int, rank: int, size: int) -> tuple[float, torch.Tensor]:
+    """Rank ``rank``'s mixup weight and partner order at (epoch, step), from their own key."""
+    generator = torch.Generator().manual_seed(
+        _rank_seed(config.seed, rank) * 1_000_003 + epoch * 100_003 + step
+    )
+    weight = _beta(config.train.mixup_alpha, generator)
+    return weight, torch.randperm(size, generator=generator)
 
 
 def _beta(alpha: float, generator: torch.Generator) -> float:

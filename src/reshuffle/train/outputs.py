@@ -41,6 +41,7 @@ EPOCH_COLUMNS = [
     "world_size",
     "virtual",
 ]
+STEP_COLUMNS = ["epoch", "step", "loss"]
 RANK_COLUMNS = [
     "epoch",
     "rank",
@@ -68,7 +69,7 @@ class MetricsFiles:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.epochs = self.directory / "epochs.csv"
         self.ranks = self.directory / "rank-{rank}.csv"
-        for path in [self.epochs, *self.directory.glob("rank-*.csv")]:
+        for path in [self.epochs, self.directory / "steps.csv", *self.directory.glob("rank-*.csv")]:
             _truncate(path, before_epoch=resume_epoch)  # rows a crash left after the checkpoint
         self.tensorboard = None
         if tensorboard:
@@ -77,8 +78,12 @@ class MetricsFiles:
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self.wandb = wandb
 
-    def write(self, row: dict[str, Any], rank_rows: list[dict[str, Any]]) -> None:
+    def write(
+        self, row: dict[str, Any], rank_rows: list[dict[str, Any]], step_rows: list[dict[str, Any]] = ()
+    ) -> None:
         _append(self.epochs, EPOCH_COLUMNS, row)
+        for step_row in step_rows:  # log.step_losses
+            _append(self.directory / "steps.csv", STEP_COLUMNS, step_row)
         for rank_row in rank_rows:
             _append(Path(str(self.ranks).format(rank=rank_row["rank"])), RANK_COLUMNS, rank_row)
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}

@@ -26,6 +26,19 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], dev
     layers = batchnorms(model)
     if not layers:
         return 0
+    both = estimate_batchnorm(model, batches, device)
+    dist.all_reduce(both)
+    assign_batchnorm(model, both / dist.get_world_size())
+    return len(layers)
+
+
+@torch.no_grad()
+def estimate_batchnorm(
+    model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """One rank's estimate, ``(2, total channels)``: per channel the mean and E[x^2] of every
+    BatchNorm layer's input over ``batches`` (the running statistics are left reset to it)."""
+    layers = batchnorms(model)
     momenta = [layer.momentum for layer in layers]
     was_training = model.training
     for layer in layers:
@@ -39,15 +52,17 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], dev
     model.train(was_training)
     means = torch.cat([layer.running_mean for layer in layers])
     squares = torch.cat([layer.running_var + layer.running_mean**2 for layer in layers])
-    both = torch.stack([means, squares])
-    dist.all_reduce(both)
-    both /= dist.get_world_size()
+    return torch.stack([means, squares])
+
+
+@torch.no_grad()
+def assign_batchnorm(model: nn.Module, both: torch.Tensor) -> None:
+    """Set the running statistics from averaged :func:`estimate_batchnorm` results."""
     offset = 0
-    for layer in layers:
+    for layer in batchnorms(model):
         width = layer.running_mean.numel()
         layer.running_mean.copy_(both[0, offset : offset + width])
         layer.running_var.copy_(
             (both[1, offset : offset + width] - both[0, offset : offset + width] ** 2).clamp_min(0)
         )
         offset += width
-    return len(layers)

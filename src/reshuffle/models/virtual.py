@@ -1,0 +1,118 @@
+"""Layers that let one process behave as M data-parallel ranks (``dist.virtual_ranks``).
+
+A virtual step forwards every rank's batch as one batch of ``groups`` equal, consecutive slices
+(rank 0's first). Two kinds of layer see across samples or draw random numbers, and so need to
+know the slices:
+
+* :class:`GhostBatchNorm` (``model.norm=batch``): each slice is normalised with its own batch
+  statistics, as each DDP rank's BatchNorm does; the running statistics are updated from slice 0
+  only, because DDP broadcasts rank 0's buffers at every forward (the others' updates are lost).
+  One ``F.batch_norm`` call does all slices: the slices are laid side by side as channels.
+* :class:`RankDropout`: each slice draws its mask from that rank's own random stream, exactly as
+  the rank's global torch generator would (the trainer seeds rank r's generator and nothing else
+  in a real rank draws from it during training).
+
+``model.norm=sync-batch`` needs nothing: statistics over all ranks' samples are ordinary
+BatchNorm over the whole virtual batch. ``group`` and ``none`` work per sample anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with per-slice statistics and rank-0 running statistics (see the module doc)."""
+
+    groups = 1  # set by :func:`set_groups` before each forward
+    first = 0  # the rank of slice 0: only a chunk starting at rank 0 updates the running statistics
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {x.dim()}-D)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.groups
+        if not self.training or groups == 1:
+            return super().forward(x)
+        if x.shape[0] % groups:
+            raise ValueError(f"a virtual batch of {x.shape[0]} does not split into {groups} equal ranks")
+        update = self.track_running_stats and self.first == 0
+        factor = 0.0 if self.momentum is None else self.momentum
+        if update and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        size, channels, rest = x.shape[0] // groups, x.shape[1], x.shape[2:]
+        side_by_side = (
+            x.reshape(groups, size, channels, *rest).transpose(0, 1).reshape(size, groups * channels, *rest)
+        )
+        mean = var = None
+        if self.track_running_stats:
+            mean, var = self.running_mean.repeat(groups), self.running_var.repeat(groups)
+        weight = self.weight.repeat(groups) if self.weight is not None else None
+        bias = self.bias.repeat(groups) if self.bias is not None else None
+        out = F.batch_norm(side_by_side, mean, var, weight, bias, True, factor, self.eps)
+        if update:
+            self.running_mean.copy_(mean[:channels])  # rank 0's update: what DDP keeps
+            self.running_var.copy_(var[:channels])
+        return out.reshape(size, groups, channels, *rest).transpose(0, 1).reshape(x.shape)
+
+
+class RankDropout(nn.Module):
+    """Dropout whose slice r draws from rank r's random stream (a CPU generator state per rank)."""
+
+    groups = 1
+
+    def __init__(self, p: float, seeds: list[int]) -> None:
+        super().__init__()
+        self.p = p
+        states = []
+        keep = torch.get_rng_state()
+        for seed in seeds:
+            torch.manual_seed(seed)
+            states.append(torch.get_rng_state())
+        torch.set_rng_state(keep)
+        self.register_buffer("rank_states", torch.stack(states))  # saved in checkpoints
+        self.first = 0  # the rank of slice 0 (ranks are forwarded in chunks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.get_rng_state()
+        try:
+            outputs = []
+            for index, part in enumerate(x.chunk(self.groups)):
+                rank = self.first + index
+                torch.set_rng_state(self.rank_states[rank].clone())  # a view with an offset crashes torch
+                outputs.append(F.dropout(part, self.p, True))
+                self.rank_states[rank] = torch.get_rng_state()
+        finally:
+            torch.set_rng_state(keep)
+        return torch.cat(outputs)
+
+
+def virtualize(model: nn.Module, *, norm: str, dropout_seeds: list[int]) -> nn.Module:
+    """Swap ``model``'s BatchNorm (for ``norm=batch``) and Dropout layers for the virtual kinds, in
+    place, keeping their parameters and buffers; returns ``model``."""
+    for name, child in list(model.named_children()):
+        if norm == "batch" and isinstance(child, nn.modules.batchnorm._BatchNorm):
+            ghost = GhostBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            ghost.load_state_dict(child.state_dict())
+            setattr(model, name, ghost)
+        elif isinstance(child, nn.Dropout):
+            setattr(model, name, RankDropout(child.p, dropout_seeds))
+        else:
+            virtualize(child, norm=norm, dropout_seeds=dropout_seeds)
+    return model
+
+
+def set_groups(model: nn.Module, groups: int, first_rank: int = 0) -> None:
+    """Tell the virtual layers that the next forward holds ``groups`` ranks from ``first_rank``."""
+    for module in model.modules():
+        if isinstance(module, (GhostBatchNorm, RankDropout)):
+            module.groups = groups
+            module.first = first_rank
