@@ -27,6 +27,7 @@ bench: install
 	$(BIN)/python bench/exchange.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/importance.py
+	$(BIN)/python bench/virtual.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info

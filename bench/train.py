@@ -61,7 +61,7 @@ def figures(rows: list[dict], nproc: int) -> dict[str, float]:
         values = [float(r[key]) for r in steady if r[key] not in ("", "nan")]
         return statistics.fmean(values) if values else 0.0
 
-    step_s = mean("io_s") + mean("fw_bw_s") + mean("ge_wu_s")
+    step_s = (mean("io_s") + mean("fw_bw_s") + mean("ge_wu_s")) or float("nan")  # empty in virtual runs
     return {
         "epoch_s": mean("epoch_s"),
         "samples_per_s": mean("samples_per_s"),

@@ -270,3 +270,45 @@ def test_state_dict_round_trips_and_refuses_another_configuration():
     other = ShufflePlanner(100, 4, strategy="partial", fraction=0.2, seed=3)
     with pytest.raises(ValueError, match=r"fraction: saved 0.1, this planner has 0.2"):
         other.load_state_dict(state)
+
+
+def test_planning_from_several_threads_gives_the_single_threaded_plans():
+    """A store-mode rank plans in its exchange thread and its training thread at once; without
+    the strategy's lock, partial's cached column shifts get mixed up (a real failure, seen)."""
+    import threading
+
+    def make():
+        return ShufflePlanner(20_000, 4, strategy="partial", fraction=0.3, seed=4)
+
+    reference = make()
+    expected = {
+        (e, r): (reference.plan(e).indices(r), str(reference.plan(e).sends(r)))
+        for e in range(16)
+        for r in range(4)
+    }
+    shared, wrong = make(), []
+
+    def work(kind):
+        rng = np.random.default_rng(kind)
+        for _ in range(300):
+            e, r = int(rng.integers(16)), int(rng.integers(4))
+            plan = shared.plan(e)
+            same = (
+                np.array_equal(plan.indices(r), expected[(e, r)][0])
+                if kind % 2
+                else str(plan.sends(r)) == expected[(e, r)][1]
+            )
+            if not same:
+                wrong.append((kind, e, r))
+
+    threads = [threading.Thread(target=work, args=(kind,)) for kind in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a busy exchange thread does
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == []

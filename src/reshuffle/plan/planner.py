@@ -55,7 +55,8 @@ class EpochPlan:
         self.num_dropped = max(0, self.num_samples - total)
 
     def _slots(self, rank: int) -> NDArray[np.int64]:
-        return self._strategy.held(self.epoch, self._layout.check_rank(rank))
+        with self._strategy.lock:
+            return self._strategy.held(self.epoch, self._layout.check_rank(rank))
 
     def indices(self, rank: int) -> NDArray[np.int64]:
         """Global sample ids ``rank`` trains on this epoch, in order; ``samples_per_rank`` long.
@@ -77,11 +78,13 @@ class EpochPlan:
 
     def sends(self, rank: int) -> dict[int, NDArray[np.int64]]:
         """``{dst: sorted ids}`` ``rank`` sends to other ranks before the next epoch."""
-        return self._strategy.sends(self.epoch, self._layout.check_rank(rank))
+        with self._strategy.lock:
+            return self._strategy.sends(self.epoch, self._layout.check_rank(rank))
 
     def receives(self, rank: int) -> dict[int, NDArray[np.int64]]:
         """``{src: sorted ids}`` ``rank`` receives before the next epoch; mirrors :meth:`sends`."""
-        return self._strategy.receives(self.epoch, self._layout.check_rank(rank))
+        with self._strategy.lock:
+            return self._strategy.receives(self.epoch, self._layout.check_rank(rank))
 
 
 class ShufflePlanner:
@@ -147,8 +150,9 @@ class ShufflePlanner:
 
     def observe(self, epoch: int, ids: ArrayLike, losses: ArrayLike) -> None:
         """Hand per-sample losses of ``epoch`` to the strategy (used by loss-driven strategies)."""
-        self.strategy.observe(epoch, np.asarray(ids, dtype=np.int64), np.asarray(losses))
-        self.strategy.forget()
+        with self.strategy.lock:
+            self.strategy.observe(epoch, np.asarray(ids, dtype=np.int64), np.asarray(losses))
+            self.strategy.forget()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -175,8 +179,9 @@ class ShufflePlanner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; it must come from an identically configured planner."""
         check_same_config(self.config, state.get("config", {}), what="planner")
-        self.strategy.load_state_dict(state.get("strategy", {}))
-        self.strategy.forget()
+        with self.strategy.lock:
+            self.strategy.load_state_dict(state.get("strategy", {}))
+            self.strategy.forget()
 
 
 def check_same_config(mine: Mapping[str, Any], saved: Mapping[str, Any], *, what: str) -> None:

@@ -23,6 +23,7 @@ On CUDA each timer synchronises the device, so the figures are real, at a small 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -250,6 +251,7 @@ def _train(
     total_steps = start_epoch * steps_per_epoch + start_step
     sample_bytes = _mean_sample_bytes(train_source)
     commit_s = 0.0  # the previous boundary's commit, counted as exposed in this epoch's row
+    footprint = Footprint(planner, start_epoch, [ctx.rank])
     stopped = False
     last_row: dict[str, Any] = {}
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -414,10 +416,11 @@ def _train(
         test = _evaluate(model, test_loader, criterion, ctx, train_cfg)
         eval_s = time.perf_counter() - eval_started
 
+        churn, coverage, storage = footprint.update(planner, epoch, ctx.rank, train_cfg.epochs)
         rank_values = [
             *stats.to_numbers()[:7],
             exchange_s, exposed_s, sent, received, js_distance(stats.label_counts, dataset_labels),
-            float(stats.order_hash), epoch_s, train_time, moved,
+            float(stats.order_hash), epoch_s, train_time, moved, churn, coverage, storage,
         ]  # fmt: skip
         gathered = _gather(rank_values, ctx)
         last_row = _epoch_row(epoch, gathered, test, eval_s, optimizer, ctx, sample_bytes)
@@ -564,7 +567,7 @@ def _evaluate(
 _FIELDS = [
     "steps", "samples", "loss_sum", "correct", "io_s", "fw_bw_s", "ge_wu_s",
     "exchange_s", "exchange_exposed_s", "bytes_sent", "bytes_received", "label_js",
-    "order_hash", "epoch_s", "train_s", "moved",
+    "order_hash", "epoch_s", "train_s", "moved", "churn", "coverage", "storage",
 ]  # fmt: skip
 
 
@@ -584,6 +587,36 @@ def _epoch_line(row: dict[str, Any]) -> str:
         f"fw+bw {row['fw_bw_s']:.2f}, ge+wu {row['ge_wu_s']:.2f}, "
         f"exposed exchange {'-' if math.isnan(exposed) else f'{exposed:.2f}'})"
     )
+
+
+class Footprint:
+    """Per rank and epoch, from the plan: churn (share of the rank's holdings new this epoch),
+    coverage (share of the dataset it has trained on so far) and peak storage in samples
+    (holdings plus the samples arriving for the next epoch: what a store-mode rank keeps)."""
+
+    def __init__(self, planner: ShufflePlanner, start_epoch: int, ranks: list[int]) -> None:
+        self.seen = {rank: np.zeros(planner.num_samples, dtype=bool) for rank in ranks}
+        self.known = True
+        try:  # a resumed run replays the plans before it (a loss-driven plan may not have them)
+            for epoch in range(start_epoch):
+                for rank in ranks:
+                    self.seen[rank][planner.plan(epoch).indices(rank)] = True
+        except ValueError:
+            self.known = False
+
+    def update(
+        self, planner: ShufflePlanner, epoch: int, rank: int, epochs: int
+    ) -> tuple[float, float, float]:
+        plan = planner.plan(epoch)
+        held = plan.holdings(rank)
+        self.seen[rank][plan.indices(rank)] = True
+        coverage = float(self.seen[rank].mean()) if self.known else math.nan
+        churn = math.nan
+        if epoch > 0:
+            with contextlib.suppress(ValueError):  # that plan may be gone (a resumed loss-driven one)
+                churn = np.setdiff1d(held, planner.plan(epoch - 1).holdings(rank)).size / held.size
+        arriving = sum(ids.size for ids in plan.receives(rank).values()) if epoch + 1 < epochs else 0
+        return churn, coverage, float(held.size + arriving)
 
 
 def _nanmean(values: list[float]) -> float:
@@ -617,6 +650,9 @@ def _epoch_row(epoch, ranks, test, eval_s, optimizer, ctx, sample_bytes: float) 
         "eval_s": eval_s,
         "label_js": _nanmean([r["label_js"] for r in ranks]),
         "label_js_max": max(r["label_js"] for r in ranks),
+        "churn": _nanmean([r["churn"] for r in ranks]),
+        "coverage": _nanmean([r["coverage"] for r in ranks]),
+        "storage_bytes": int(max(r["storage"] for r in ranks) * sample_bytes),
         "world_size": ctx.world_size,
         "virtual": 0,
     }

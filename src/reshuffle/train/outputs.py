@@ -38,6 +38,9 @@ EPOCH_COLUMNS = [
     "eval_s",
     "label_js",
     "label_js_max",
+    "churn",
+    "coverage",
+    "storage_bytes",
     "world_size",
     "virtual",
 ]

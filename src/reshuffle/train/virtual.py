@@ -158,6 +158,7 @@ def _train(
     log.info("virtual ranks: %d, %d per forward, %d steps per epoch", world, chunk, steps_per_epoch)
 
     total_steps = start_epoch * steps_per_epoch
+    footprint = real.Footprint(planner, start_epoch, list(range(world)))
     last_row: dict[str, Any] = {}
     stopped = False
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -250,6 +251,7 @@ def _train(
         eval_s = time.perf_counter() - eval_started
 
         distances = [js_distance(label_counts[r].tolist(), dataset_labels) for r in range(world)]
+        figures = [footprint.update(planner, epoch, r, train_cfg.epochs) for r in range(world)]
         total = samples.sum()
         last_row = {
             "epoch": epoch,
@@ -279,6 +281,9 @@ def _train(
             "eval_s": eval_s,
             "label_js": float(np.mean(distances)),
             "label_js_max": float(np.max(distances)),
+            "churn": real._nanmean([f[0] for f in figures]),
+            "coverage": real._nanmean([f[1] for f in figures]),
+            "storage_bytes": int(max(f[2] for f in figures) * real._mean_sample_bytes(train_source)),
             "world_size": world,
             "virtual": world,
         }  # the NaN columns are not measurable in one process: written empty
@@ -317,9 +322,6 @@ def _train(
     }
     if not stopped:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
-        log.info(
-            "done: %d epochs, final test accuracy %.4f", train_cfg.epochs, last_row.get("test_acc", math.nan)
-        )
     return summary
 
 

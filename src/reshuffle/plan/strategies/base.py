@@ -14,6 +14,7 @@ plans of epochs after ``e``, and everything observed goes into :meth:`Strategy.s
 from __future__ import annotations
 
 import abc
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class Strategy(abc.ABC):
         self.context = context
         self.layout = context.layout
         self._memo: OrderedDict[tuple[int, int], NDArray[np.int64]] = OrderedDict()
+        # Strategies cache (memo, partial's column shifts); a store-mode rank plans from its
+        # exchange thread and its training thread at once, so every planning call holds this.
+        self.lock = threading.RLock()
 
     @abc.abstractmethod
     def slots(self, epoch: int, rank: int) -> NDArray[np.int64]:

@@ -1,0 +1,119 @@
+"""``reshuffle compare CONFIG --strategies ...``: one run per (strategy, seed), then a report.
+
+Examples::
+
+    reshuffle compare configs/fashion-mnist.yaml --strategies global local partial:0.1 partial:0.01 \\
+        importance --seeds 3 shuffle.partition=label-sorted
+    reshuffle compare configs/fashion-mnist.yaml --strategies global local local+model.norm=sync-batch \\
+        --virtual-ranks 64
+
+A strategy is ``NAME`` or ``NAME:FRACTION`` (``partial:0.1``), optionally followed by
+``+key=value`` overrides for that strategy alone (``local+model.norm=group``). Runs go to
+``<log.dir>/<name>/runs/<strategy>-seed<k>/`` one after another (the task-parallel pattern of
+HPC sweeps: ``reshuffle slurm --array-from-compare`` runs them as an array); a run that already
+finished is skipped, one that stopped is resumed. The report goes to ``<log.dir>/<name>/report/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from reshuffle.config import ConfigError, RunConfig, load_run_config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="run several strategies and seeds, then write a report", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("config", help="run config (YAML) shared by every run")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run")
+    parser.add_argument(
+        "--strategies", nargs="+", required=True, metavar="STRATEGY",
+        help="e.g. global local partial:0.1 importance local+model.norm=group",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per strategy (0 .. N-1 added to seed)")
+    parser.add_argument("--nproc", type=int, help="local ranks per run (default: dist.nproc)")
+    parser.add_argument("--virtual-ranks", type=int, metavar="M", help="train every run as M virtual ranks")
+    parser.add_argument("--system", help="system config (default: $RESHUFFLE_SYSTEM or configs/system.yaml)")
+    parser.set_defaults(run=run)
+
+
+def parse_strategy(spec: str) -> tuple[str, list[str]]:
+    """``partial:0.1+model.norm=group`` -> (``partial-0.1-model.norm-group``, overrides)."""
+    head, *extra = spec.split("+")
+    name, _, fraction = head.partition(":")
+    if not name:
+        raise ConfigError(f"--strategies: empty strategy in {spec!r}; write e.g. partial:0.1")
+    overrides = [f"shuffle.strategy={name}", f"shuffle.fraction={fraction or 0}"]
+    for item in extra:
+        if "=" not in item:
+            raise ConfigError(
+                f"--strategies: {item!r} in {spec!r} is not key=value (e.g. local+model.norm=group)"
+            )
+        overrides.append(item)
+    slug = spec.replace(":", "-").replace("+", "_").replace("=", "-").replace("/", "-")
+    return slug, overrides
+
+
+def plan_runs(config_path: str, overrides: list[str], strategies: list[str], seeds: int) -> list[RunConfig]:
+    """Every run of the comparison, as resolved configs (errors before anything trains)."""
+    base = load_run_config(config_path, overrides)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    root = Path(base.log.dir) / base.name
+    configs = []
+    for spec in strategies:
+        slug, extra = parse_strategy(spec)
+        for k in range(seeds):
+            configs.append(
+                load_run_config(
+                    config_path,
+                    [
+                        *overrides,
+                        *extra,
+                        f"seed={base.seed + k}",
+                        f"name={slug}-seed{k}",
+                        f"log.dir={root / 'runs'}",
+                    ],
+                )
+            )
+    return configs
+
+
+def run(args: argparse.Namespace) -> int:
+    from reshuffle.report import write_report
+    from reshuffle.train.launch import launch, run_dir_of
+
+    overrides = list(args.overrides)
+    if args.virtual_ranks is not None:
+        overrides.append(f"dist.virtual_ranks={args.virtual_ranks}")
+    configs = plan_runs(args.config, overrides, args.strategies, args.seeds)
+    base = load_run_config(args.config, overrides)
+    failed = []
+    for index, config in enumerate(configs, start=1):
+        run_dir = run_dir_of(config)
+        summary = run_dir / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+            print(f"[{index}/{len(configs)}] {config.name}: finished earlier, skipped")
+            continue
+        print(f"[{index}/{len(configs)}] {config.name}", flush=True)
+        resume = (run_dir / "checkpoints").is_dir()
+        status = launch(
+            config, args.system, nproc=None if config.dist.virtual_ranks else args.nproc, resume=resume
+        )
+        if status != 0:
+            failed.append(config.name)
+    if failed:
+        print(
+            f"reshuffle: error: run(s) {', '.join(failed)} failed; fix and re-run compare "
+            "(finished runs are kept)"
+        )
+        return 1
+    out = Path(base.log.dir) / base.name / "report"
+    table = write_report([run_dir_of(c) for c in configs], out, title=f"Compare: {base.name}")
+    print(table)
+    print(f"report: {out / 'report.md'}")
+    return 0

@@ -1,0 +1,69 @@
+"""compare and report: runs per strategy and seed, plots, the summary table, named errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reshuffle.cli import main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = [
+    "data.synthetic.num_samples=256", "data.synthetic.test_samples=64", "train.batch_size=16",
+    "train.epochs=2", "model.width=8", "log.every_steps=0",
+]  # fmt: skip
+PLOTS = ["test_acc.png", "train_loss.png", "label_js.png", "churn.png", "coverage.png", "bytes.png",
+         "time_breakdown.png"]  # fmt: skip
+
+
+def test_compare_runs_every_strategy_and_seed_then_reports(tmp_path, capsys):
+    arguments = [
+        "compare", str(CONFIGS / "smoke.yaml"), "--strategies", "global", "partial:0.25",
+        "local+model.norm=group", "--seeds", "2", "--virtual-ranks", "2", f"log.dir={tmp_path}",
+        "name=cmp", "shuffle.partition=label-sorted", *TINY,
+    ]  # fmt: skip
+    assert main(arguments) == 0
+    out = capsys.readouterr().out
+    runs = sorted(p.name for p in (tmp_path / "cmp" / "runs").iterdir())
+    assert runs == [
+        f"{s}-seed{k}" for s in ("global", "local_model.norm-group", "partial-0.25") for k in (0, 1)
+    ]
+    report = tmp_path / "cmp" / "report"
+    for plot in PLOTS:
+        assert (report / plot).stat().st_size > 10_000, plot
+    text = (report / "report.md").read_text()
+    assert all(f"]({plot})" in text for plot in PLOTS)
+    for label in ("global", "partial 0.25", "local, norm=group"):
+        assert f"| {label}" in text and label in out
+    assert "vs global (pp)" in text and "+0.00" in text  # global against itself
+    assert "report: " in out
+    # a second compare skips the finished runs and writes the same report
+    assert main(arguments) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 6
+
+
+def test_report_names_a_missing_or_malformed_metrics_file(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "config.yaml is missing" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    (bad / "metrics").mkdir(parents=True)
+    (bad / "config.yaml").write_text("name: bad\nseed: 0\n")
+    (bad / "metrics" / "epochs.csv").write_text("epoch,loss\n0,1.0\n")
+    assert main(["report", str(bad)]) == 2
+    assert "lacks the column(s) train_loss, test_acc, epoch_s" in capsys.readouterr().err
+    (bad / "metrics" / "epochs.csv").write_text("epoch,train_loss,test_acc,epoch_s\n0,1.0,zero,2\n")
+    assert main(["report", str(bad)]) == 2
+    assert "epochs.csv line 2" in capsys.readouterr().err
+
+
+def test_compare_rejects_a_bad_strategy_spec_before_training(tmp_path, capsys):
+    assert (
+        main(["compare", str(CONFIGS / "smoke.yaml"), "--strategies", "local+norm", f"log.dir={tmp_path}"])
+        == 2
+    )
+    assert "'norm' in 'local+norm' is not key=value" in capsys.readouterr().err
+    assert (
+        main(["compare", str(CONFIGS / "smoke.yaml"), "--strategies", "sorted", f"log.dir={tmp_path}"]) == 2
+    )
+    assert "unknown strategy 'sorted'" in capsys.readouterr().err
+    assert not (tmp_path / "smoke").exists()
