@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from reshuffle.config import ConfigError, RunConfig, load_run_config
@@ -58,29 +59,40 @@ def parse_strategy(spec: str) -> tuple[str, list[str]]:
     return slug, overrides
 
 
-def plan_runs(config_path: str, overrides: list[str], strategies: list[str], seeds: int) -> list[RunConfig]:
-    """Every run of the comparison, as resolved configs (errors before anything trains)."""
+@dataclass(frozen=True)
+class CompareRun:
+    """One run of a comparison: its full override list and its resolved config."""
+
+    overrides: list[str]
+    config: RunConfig
+
+
+def compare_runs(
+    config_path: str, overrides: list[str], strategies: list[str], seeds: int
+) -> list[CompareRun]:
+    """Every run of the comparison, resolved (errors before anything trains)."""
     base = load_run_config(config_path, overrides)
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     root = Path(base.log.dir) / base.name
-    configs = []
+    runs = []
     for spec in strategies:
         slug, extra = parse_strategy(spec)
         for k in range(seeds):
-            configs.append(
-                load_run_config(
-                    config_path,
-                    [
-                        *overrides,
-                        *extra,
-                        f"seed={base.seed + k}",
-                        f"name={slug}-seed{k}",
-                        f"log.dir={root / 'runs'}",
-                    ],
-                )
-            )
-    return configs
+            run_overrides = [
+                *overrides,
+                *extra,
+                f"seed={base.seed + k}",
+                f"name={slug}-seed{k}",
+                f"log.dir={root / 'runs'}",
+            ]
+            runs.append(CompareRun(run_overrides, load_run_config(config_path, run_overrides)))
+    return runs
+
+
+def plan_runs(config_path: str, overrides: list[str], strategies: list[str], seeds: int) -> list[RunConfig]:
+    """Every run of the comparison, as resolved configs (errors before anything trains)."""
+    return [r.config for r in compare_runs(config_path, overrides, strategies, seeds)]
 
 
 def run(args: argparse.Namespace) -> int:
