@@ -46,10 +46,12 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/plan.py
+	$(BIN)/python bench/sampler.py
 	$(BIN)/python bench/exchange.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/importance.py
 	$(BIN)/python bench/virtual.py
+	$(BIN)/python bench/reference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info

@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from reshuffle import __version__
-from reshuffle.commands import compare, plan, report, run, slurm, verify
+from reshuffle.commands import compare, plan, report, run, simulate, slurm, verify
 from reshuffle.errors import ReshuffleError
 
-COMMANDS = (run, compare, report, slurm, plan, verify)
+COMMANDS = (run, compare, report, slurm, plan, simulate, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
