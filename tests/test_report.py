@@ -39,6 +39,12 @@ def test_compare_runs_every_strategy_and_seed_then_reports(tmp_path, capsys):
     # a second compare skips the finished runs and writes the same report
     assert main(arguments) == 0
     assert capsys.readouterr().out.count("finished earlier, skipped") == 6
+    # `reshuffle report` on the compare folder stands for all its runs and writes to its report/
+    table = (report / "summary.md").read_text()
+    (report / "summary.md").unlink()
+    assert main(["report", str(tmp_path / "cmp")]) == 0
+    assert f"report: {report / 'report.md'}" in capsys.readouterr().out
+    assert sorted((report / "summary.md").read_text().splitlines()) == sorted(table.splitlines())
 
 
 def test_report_names_a_missing_or_malformed_metrics_file(tmp_path, capsys):

@@ -113,6 +113,7 @@ def test_generated_array_script_trains_every_run_on_two_nodes(tmp_path, capsys, 
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "STAND_IN_JOB_ID": str(_free_job_id()),
         "RESHUFFLE_SYSTEM": str(ROOT / "configs" / "system.yaml"),
+        "CUDA_VISIBLE_DEVICES": "",  # both stand-in "nodes" share this machine: on one GPU, NCCL would refuse
     }
     result = subprocess.run(
         ["sbatch", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420

@@ -296,3 +296,35 @@ def test_every_shipped_config_builds_and_trains_a_few_steps(tmp_path, path):
         return
     train(config, system, tmp_path / config.name)
     assert Checkpoints(tmp_path / config.name / "checkpoints", 2).paths()  # stopped at max_steps, resumable
+
+
+@pytest.mark.parametrize(
+    ("gpus", "local_world", "requested", "expected"),
+    [(0, 1, "auto", "gloo"), (1, 1, "auto", "nccl"), (1, 4, "auto", "gloo"), (4, 4, "auto", "nccl"),
+     (8, 4, "nccl", "nccl"), (0, 4, "gloo", "gloo")],
+)  # fmt: skip
+def test_backend_auto_takes_nccl_only_with_a_gpu_per_local_rank(
+    monkeypatch, gpus, local_world, requested, expected
+):
+    import torch
+
+    from reshuffle.train.distributed import choose_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert choose_backend(requested, local_world) == expected
+
+
+def test_backend_nccl_without_enough_gpus_names_the_fix(monkeypatch):
+    import torch
+
+    from reshuffle.train.distributed import choose_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"runs 4 ranks and has 1 GPU.*at most 1 processes per node.*gloo"):
+        choose_backend("nccl", 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="none is available"):
+        choose_backend("nccl", 1)

@@ -233,9 +233,19 @@ def _plots(groups: Sequence[Group], out_dir: Path) -> list[tuple[str, str]]:
 
     made = []
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    crowded = len(groups) > 5  # a legend inside the axes would hide curves: put it on the right
+
+    def new_figure() -> tuple[Any, Any]:
+        return plt.subplots(figsize=(10.5 if crowded else 7.5, 4.5))
+
+    def legend(axes: Any) -> None:
+        if crowded:
+            axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        else:
+            axes.legend(fontsize=8, loc="best")
 
     def lines(column: str, ylabel: str, title: str, name: str, *, extra: str | None = None) -> None:
-        figure, axes = plt.subplots(figsize=(7.5, 4.5))
+        figure, axes = new_figure()
         for index, group in enumerate(groups):
             color = colors[index % len(colors)]
             epochs, mean, low, high = group.series(column)
@@ -250,7 +260,7 @@ def _plots(groups: Sequence[Group], out_dir: Path) -> list[tuple[str, str]]:
         axes.set_ylabel(ylabel)
         axes.set_title(title)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=8, loc="best")
+        legend(axes)
         figure.tight_layout()
         figure.savefig(out_dir / name, dpi=110)
         plt.close(figure)
@@ -265,7 +275,7 @@ def _plots(groups: Sequence[Group], out_dir: Path) -> list[tuple[str, str]]:
     lines("churn", "share of a rank's samples new this epoch", "Churn", "churn.png")
     lines("coverage", "share of the dataset a rank has trained on", "Coverage", "coverage.png")
 
-    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    figure, axes = new_figure()
     for index, group in enumerate(groups):
         world = group.runs[0].epochs[0].get("world_size", 1) or 1
         epochs, mean, _, _ = group.series("bytes_planned")
@@ -276,7 +286,7 @@ def _plots(groups: Sequence[Group], out_dir: Path) -> list[tuple[str, str]]:
     axes.set_ylabel("MB sent per rank")
     axes.set_title("Data moved per rank per epoch (store mode)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="best")
+    legend(axes)
     figure.tight_layout()
     figure.savefig(out_dir / "bytes.png", dpi=110)
     plt.close(figure)

@@ -47,7 +47,7 @@ class SystemConfig:
     # Dataset registry: name -> entry. Built-in names (fashion-mnist, cifar10, digits, synthetic)
     # work without an entry; an entry here overrides or adds to them.
     datasets: dict[str, DatasetEntry] = field(default_factory=dict)
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available, else gloo
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with a GPU per local rank, else gloo
     master_addr: str = "127.0.0.1"  # rendezvous address for local multi-process launches
     master_port: int = 29500  # default rendezvous port (0: pick a free one)
 

@@ -9,8 +9,9 @@ know the slices:
   only, because DDP broadcasts rank 0's buffers at every forward (the others' updates are lost).
   One ``F.batch_norm`` call does all slices: the slices are laid side by side as channels.
 * :class:`RankDropout`: each slice draws its mask from that rank's own random stream, exactly as
-  the rank's global torch generator would (the trainer seeds rank r's generator and nothing else
-  in a real rank draws from it during training).
+  the rank's global torch generator would on CPU (the trainer seeds rank r's generator and nothing
+  else in a real rank draws from it during training). On a GPU the mask is drawn from the same
+  CPU stream and moved: the same distribution as a GPU rank's dropout, not its exact numbers.
 
 ``model.norm=sync-batch`` needs nothing: statistics over all ranks' samples are ordinary
 BatchNorm over the whole virtual batch. ``group`` and ``none`` work per sample anyway.
@@ -85,9 +86,15 @@ class RankDropout(nn.Module):
             outputs = []
             for index, part in enumerate(x.chunk(self.groups)):
                 rank = self.first + index
-                torch.set_rng_state(self.rank_states[rank].clone())  # a view with an offset crashes torch
-                outputs.append(F.dropout(part, self.p, True))
-                self.rank_states[rank] = torch.get_rng_state()
+                torch.set_rng_state(
+                    self.rank_states[rank].cpu().clone()
+                )  # a view with an offset crashes torch
+                if part.device.type == "cpu":
+                    outputs.append(F.dropout(part, self.p, True))
+                else:  # the mask comes from the rank's CPU stream too: the same on every device
+                    keep_mask = torch.empty(part.shape).bernoulli_(1.0 - self.p).to(part.device, part.dtype)
+                    outputs.append(part * keep_mask / (1.0 - self.p) if self.p < 1 else part * 0)
+                self.rank_states[rank].copy_(torch.get_rng_state())
         finally:
             torch.set_rng_state(keep)
         return torch.cat(outputs)
@@ -102,9 +109,11 @@ def virtualize(model: nn.Module, *, norm: str, dropout_seeds: list[int]) -> nn.M
                 child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )
             ghost.load_state_dict(child.state_dict())
-            setattr(model, name, ghost)
+            device = next(iter(child.state_dict().values()), torch.empty(0)).device
+            setattr(model, name, ghost.to(device))
         elif isinstance(child, nn.Dropout):
-            setattr(model, name, RankDropout(child.p, dropout_seeds))
+            device = next(iter(model.state_dict().values()), torch.empty(0)).device
+            setattr(model, name, RankDropout(child.p, dropout_seeds).to(device))
         else:
             virtualize(child, norm=norm, dropout_seeds=dropout_seeds)
     return model

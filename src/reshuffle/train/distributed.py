@@ -35,18 +35,31 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def choose_backend(requested: str) -> str:
-    """``auto``: NCCL when CUDA is available, gloo otherwise."""
+def choose_backend(requested: str, local_world: int = 1) -> str:
+    """The process-group backend for ``local_world`` ranks on this node.
+
+    ``auto``: NCCL when this node has a CUDA GPU for every local rank, gloo (training on CPU)
+    otherwise. NCCL refuses two ranks on one GPU, so ``nccl`` with fewer GPUs than local ranks is
+    an error that says so, not a hang or a CUDA error at the first collective.
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if requested == "nccl" and not torch.cuda.is_available():
+        return "nccl" if gpus >= max(local_world, 1) else "gloo"
+    if requested == "nccl" and gpus == 0:
         raise ConfigError("backend: nccl needs CUDA GPUs, and none is available; use backend: gloo (or auto)")
+    if requested == "nccl" and gpus < local_world:
+        raise ConfigError(
+            f"backend: nccl needs one GPU per rank, but this node runs {local_world} ranks and has {gpus} "
+            f"GPU(s); start at most {gpus} processes per node (dist.nproc / --nproc-per-node), or use "
+            "backend: gloo (or auto, which falls back to gloo on CPU)"
+        )
     return requested
 
 
 def setup(backend: str, timeout_s: float) -> DistContext:
     """Initialise the default process group (a collective that times out after ``timeout_s``)."""
-    backend = choose_backend(backend)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+    backend = choose_backend(backend, local_world)
     timeout = datetime.timedelta(seconds=timeout_s)
     if launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -64,7 +77,16 @@ def setup(backend: str, timeout_s: float) -> DistContext:
     else:
         rank, world, local_rank = 0, 1, 0
         device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend,
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
     return DistContext(rank, world, local_rank, backend, device)
 
 
