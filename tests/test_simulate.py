@@ -163,6 +163,22 @@ def test_imagenet_per_sample_overlap_fails_once_few_iterations_remain():
         assert small.exposed_s == 0 and small.exchange_s > 0
 
 
+def test_imagenet_per_sample_overlap_fails_at_2048_with_a_mixed_precision_step():
+    """With this machine's measured per-sample costs and a V100 step in mixed precision (0.035 s
+    at batch 32, 2.3x the fp32 preset's rate: NVIDIA quotes over 2x from Tensor Cores) the
+    reference-style exchange still hides at 1,024 workers and is exposed from 2,048 on: the
+    paper's range. The threshold moves with the step time, which is why the docs give both."""
+    import dataclasses
+
+    workload = dataclasses.replace(WORKLOADS["imagenet"], iteration_s=0.035)
+    cluster = CLUSTERS["abci"].with_(implementation="per-sample")
+    hidden = predict(workload, cluster, 1024, Strategy("partial", 0.1))
+    exposed = predict(workload, cluster, 2048, Strategy("partial", 0.1))
+    assert not hidden.overlap_fails and hidden.exposed_s == 0
+    assert exposed.overlap_fails and exposed.exposed_s > 0
+    assert exposed.exchange_s > exposed.compute_s
+
+
 def test_syncbn_is_latency_bound_and_dearer_than_moving_data_at_scale():
     workload, cluster = WORKLOADS["imagenet"], CLUSTERS["abci"]
     per_step = [syncbn_step_s(workload, cluster, m) for m in (16, 256, 4096)]
