@@ -79,6 +79,19 @@ def main() -> None:
         for strategy in strategies:
             cells = [cell(results.get((partition, strategy, m), [])) for m in ranks]
             print(f"| {LABELS.get(strategy, strategy)} | " + " | ".join(cells) + " |")
+        print(f"\n{partition} partitions: difference from global, percentage points (means)\n")
+        print("| strategy | " + " | ".join(f"{m} ranks" for m in ranks) + " |")
+        print("| --- |" + " ---: |" * len(ranks))
+        for strategy in strategies:
+            if strategy == "global":
+                continue
+            cells = []
+            for m in ranks:
+                own, base = results.get((partition, strategy, m)), results.get((partition, "global", m))
+                cells.append(
+                    f"{100 * (statistics.mean(own) - statistics.mean(base)):+.1f}" if own and base else "-"
+                )
+            print(f"| {LABELS.get(strategy, strategy)} | " + " | ".join(cells) + " |")
     if args.plot:
         plot(results, partitions, strategies, args.plot)
         print(f"\nplot: {args.plot}")
@@ -89,6 +102,7 @@ def plot(results, partitions, strategies, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(
         1, len(partitions), figsize=(6 * len(partitions), 4.2), sharey=True, squeeze=False
@@ -105,6 +119,8 @@ def plot(results, partitions, strategies, path: Path) -> None:
             highs = [max(v) for _, v in points]
             ax.fill_between(xs, lows, highs, alpha=0.15)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({m for (p, _, m) in results if p == partition}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("ranks (virtual), batch 8 per rank")
         ax.set_title(f"{partition} initial partitions")
         ax.grid(True, alpha=0.3)

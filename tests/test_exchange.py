@@ -219,3 +219,44 @@ def test_a_hung_rank_ends_the_others_with_a_clear_error_within_the_timeout(tmp_p
             assert outcome.ok, outcome.error
             assert "died or hung" in outcome.value["error"]
             assert outcome.value["seconds"] < HANG_TIMEOUT_S + 10
+
+
+def test_arrivals_are_checked_and_written_whatever_the_chunking(tmp_path):
+    """The receiving side of a stream, without processes: fed in chunks that cut headers and
+    payloads anywhere, it lands exactly the samples sent; a flipped byte, a stream cut short or
+    headers naming other ids are named errors."""
+    from reshuffle.store import exchange as ex
+
+    num = 64
+    source = _source(num)
+    store, _ = stage(tmp_path / "store", 0, source, ShufflePlanner(num, 1, strategy="local"))
+    ids = np.sort(np.random.default_rng(1).choice(store.ids, 40, replace=False))
+    wire = bytearray(ex._Outgoing(store, ids).size)
+    ex._Outgoing(store, ids).take(len(wire), memoryview(wire))
+
+    def receive(data: bytes, expected=ids, chunk=7919, size=None) -> np.ndarray:
+        writer = store.pack_writer()
+        size = len(data) if size is None else size
+        sink = ex._Incoming(0, expected, size, source.num_classes, writer)
+        try:
+            for start in range(0, len(data), chunk):
+                sink.feed(memoryview(data)[start : start + chunk])
+            sink.finish()
+            return writer.close()
+        finally:
+            writer.abort()
+
+    records = receive(bytes(wire))
+    assert np.array_equal(np.sort(records["id"]), ids)
+    for chunk in (1000, 3001, len(wire)):
+        assert np.array_equal(receive(bytes(wire), chunk=chunk)["id"], records["id"])
+    corrupt = bytearray(wire)
+    corrupt[-5] ^= 0xFF  # inside the last payload
+    with pytest.raises(ExchangeError, match="arrived corrupt"):
+        receive(bytes(corrupt))
+    with pytest.raises(ExchangeError, match=r"ended early \(\d+ of \d+ bytes\)"):
+        receive(bytes(wire[:-100]), size=len(wire))  # the peer announced more than came
+    with pytest.raises(ExchangeError, match="do not add up to the announced"):
+        receive(bytes(wire[:-100]))  # headers and announced size disagree
+    with pytest.raises(ExchangeError, match="ids the plan does not send"):
+        receive(bytes(wire), expected=ids + 1)
