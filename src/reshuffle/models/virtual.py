@@ -86,9 +86,8 @@ class RankDropout(nn.Module):
             outputs = []
             for index, part in enumerate(x.chunk(self.groups)):
                 rank = self.first + index
-                torch.set_rng_state(
-                    self.rank_states[rank].cpu().clone()
-                )  # a view with an offset crashes torch
+                # .clone(): a view with an offset crashes torch; .cpu(): the buffer follows the model
+                torch.set_rng_state(self.rank_states[rank].cpu().clone())
                 if part.device.type == "cpu":
                     outputs.append(F.dropout(part, self.p, True))
                 else:  # the mask comes from the rank's CPU stream too: the same on every device
@@ -102,18 +101,17 @@ class RankDropout(nn.Module):
 
 def virtualize(model: nn.Module, *, norm: str, dropout_seeds: list[int]) -> nn.Module:
     """Swap ``model``'s BatchNorm (for ``norm=batch``) and Dropout layers for the virtual kinds, in
-    place, keeping their parameters and buffers; returns ``model``."""
+    place, keeping their parameters and buffers; returns ``model``. The new layers are built on the
+    CPU: virtualize before moving the model to its device."""
     for name, child in list(model.named_children()):
         if norm == "batch" and isinstance(child, nn.modules.batchnorm._BatchNorm):
             ghost = GhostBatchNorm(
                 child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )
             ghost.load_state_dict(child.state_dict())
-            device = next(iter(child.state_dict().values()), torch.empty(0)).device
-            setattr(model, name, ghost.to(device))
+            setattr(model, name, ghost)
         elif isinstance(child, nn.Dropout):
-            device = next(iter(model.state_dict().values()), torch.empty(0)).device
-            setattr(model, name, RankDropout(child.p, dropout_seeds).to(device))
+            setattr(model, name, RankDropout(child.p, dropout_seeds))
         else:
             virtualize(child, norm=norm, dropout_seeds=dropout_seeds)
     return model

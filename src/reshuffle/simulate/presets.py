@@ -52,6 +52,12 @@ WORKLOADS: dict[str, Workload] = {
     ),
 }
 
+# Reference style (per-sample): measured by bench/reference.py on this project's 2-vCPU machine
+# while a model trains (110 KB samples): 4.17 ms per moved sample, 0.37 us of Python planning per
+# sample of N. See docs/simulate.md for how the result depends on them.
+MEASURED_PER_SAMPLE_S = 4.17e-3
+MEASURED_REFERENCE_PLAN_S_PER_SAMPLE = 0.37e-6
+
 CLUSTERS: dict[str, Cluster] = {
     "abci": Cluster(
         name="abci",
@@ -62,11 +68,8 @@ CLUSTERS: dict[str, Cluster] = {
         store_write_Bps=1.5e9,
         message_s=2e-6,
         plan_s=0.005,
-        # Reference style (per-sample): measured by bench/reference.py on this project's 2-vCPU
-        # machine while a model trains (110 KB samples): 4.17 ms per moved sample, 0.37 us of
-        # Python planning per sample of N. See docs/simulate.md for how the result depends on them.
-        per_sample_s=4.17e-3,
-        reference_plan_s_per_sample=0.37e-6,
+        per_sample_s=MEASURED_PER_SAMPLE_S,
+        reference_plan_s_per_sample=MEASURED_REFERENCE_PLAN_S_PER_SAMPLE,
     ),
     "laptop": Cluster(
         name="laptop",
@@ -77,8 +80,8 @@ CLUSTERS: dict[str, Cluster] = {
         store_write_Bps=0.13e9,
         message_s=20e-6,
         plan_s=0.005,
-        per_sample_s=4.17e-3,
-        reference_plan_s_per_sample=0.37e-6,
+        per_sample_s=MEASURED_PER_SAMPLE_S,
+        reference_plan_s_per_sample=MEASURED_REFERENCE_PLAN_S_PER_SAMPLE,
     ),
 }
 

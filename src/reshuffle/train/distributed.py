@@ -58,35 +58,29 @@ def choose_backend(requested: str, local_world: int = 1) -> str:
 
 def setup(backend: str, timeout_s: float) -> DistContext:
     """Initialise the default process group (a collective that times out after ``timeout_s``)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
-    backend = choose_backend(backend, local_world)
     timeout = datetime.timedelta(seconds=timeout_s)
     if launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(
-            backend,
-            rank=rank,
-            world_size=world,
-            timeout=timeout,
-            device_id=device if device.type == "cuda" else None,
+        local_rank, local_world = (
+            int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         )
+        rendezvous: dict[str, object] = {}  # the environment's MASTER_ADDR / MASTER_PORT
     else:
-        rank, world, local_rank = 0, 1, 0
-        device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(
-            backend,
-            store=dist.HashStore(),
-            rank=0,
-            world_size=1,
-            timeout=timeout,
-            device_id=device if device.type == "cuda" else None,
-        )
+        rank, world, local_rank, local_world = 0, 1, 0, 1
+        rendezvous = {"store": dist.HashStore()}
+    backend = choose_backend(backend, local_world)
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        rank=rank,
+        world_size=world,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+        **rendezvous,
+    )
     return DistContext(rank, world, local_rank, backend, device)
 
 

@@ -130,10 +130,11 @@ def _train(
     )
 
     torch.manual_seed(config.seed)  # the initial weights every real rank starts from
-    model = build_model(config.model, train_source.shape, classes).to(ctx.device)
-    virtualize(
-        model, norm=config.model.norm, dropout_seeds=[real._rank_seed(config.seed, r) for r in range(world)]
-    )
+    model = virtualize(
+        build_model(config.model, train_source.shape, classes),
+        norm=config.model.norm,
+        dropout_seeds=[real._rank_seed(config.seed, r) for r in range(world)],
+    ).to(ctx.device)
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model, backend=train_cfg.compile_backend) if train_cfg.compile else model
