@@ -28,6 +28,7 @@ from reshuffle.store import (
     store_meta,
     verify_store,
 )
+from reshuffle.store.space import reserve
 from spawn import launch, run_ranks
 
 pytestmark = pytest.mark.slow
@@ -63,9 +64,13 @@ def _conserve(rank, world, root, num, strategy, fraction, epochs):
         stats = exchanger.exchange(epoch)
         holds_plan = np.array_equal(store.ids, planner.plan(epoch + 1).holdings(rank))
         bytes_intact = all(store.read(int(i)) == source.raw(int(i)) for i in store.ids)
+        exchanger.settle()  # the upkeep after the commit: dead space freed, the next landing reserved
+        reserve = store.pack_dir / "reserve.bin"
+        reserved = reserve.stat().st_size if reserve.exists() else 0
         rows.append(
             (stats.samples_sent, stats.bytes_sent, stats.samples_received, stats.bytes_received,
-             stats.wire_bytes_sent, stats.rounds, exchanger.peer_chunk, holds_plan, bytes_intact)
+             stats.wire_bytes_sent, stats.rounds, exchanger.peer_chunk, holds_plan, bytes_intact,
+             reserved)
         )  # fmt: skip
     return rows
 
@@ -85,10 +90,14 @@ def test_exchanges_conserve_the_dataset_and_move_exactly_k_samples(tmp_path, wor
     epochs = 3
     results = run_ranks(_conserve, world, str(tmp_path), num, strategy, fraction, epochs, timeout=180)
     k = round(fraction * (num // world))
+    can_reserve = reserve(tmp_path / "probe", 4096)  # fallocate works here
+    (tmp_path / "probe").unlink(missing_ok=True)
     for rank, rows in enumerate(results):
         for epoch, row in enumerate(rows):
-            sent, sent_bytes, received, received_bytes, wire, rounds, peer_chunk, holds_plan, intact = row
+            sent, sent_bytes, received, received_bytes, wire, rounds, peer_chunk, holds_plan, intact = row[:9]
+            reserved = row[9]
             assert holds_plan and intact, (rank, epoch)
+            assert reserved == (received_bytes if can_reserve else 0)  # the next exchange's landing
             if strategy.startswith("partial"):
                 assert sent == received == k
                 assert sent_bytes == received_bytes == k * SAMPLE_BYTES

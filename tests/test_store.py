@@ -175,6 +175,32 @@ def test_without_holes_mostly_dead_packs_are_rewritten(tmp_path, monkeypatch):
         assert all(store.read(int(i)) == source.raw(int(i)) for i in store.ids)
 
 
+def test_reserved_space_becomes_the_next_pack_and_is_never_a_problem(tmp_path):
+    source, _, stores = staged(tmp_path, sample_bytes=4096)
+    store = stores[0]
+    reserved = store.reserve(10 * 4096)
+    reserve = store.pack_dir / "reserve.bin"
+    if reserved == 0:  # a file system without fallocate: writes allocate as they go
+        assert not reserve.exists()
+    else:
+        assert reserved == 10 * 4096 and allocated_bytes(store.pack_dir) >= sum(
+            p.stat().st_size for p in store.pack_dir.iterdir()
+        )
+    assert verify_store(tmp_path) == []  # between exchanges a reserve is expected, not stray
+    writer = store.pack_writer(reserved=True)
+    moved = [int(i) for i in stores[1].ids[:3]]
+    for i in moved:
+        writer.append(i, stores[1].label(i), stores[1].read(i))
+    added = writer.close()
+    assert not reserve.exists()  # it became the pack: cut to what was written
+    assert (store.pack_dir / f"pack-{int(added['pack'][0]):08d}.bin").stat().st_size == 3 * 4096
+    store.prepare(1, np.empty(0, dtype=np.int64), added)
+    store.commit()
+    assert [store.read(i) for i in moved] == [source.raw(i) for i in moved]
+    store.reserve(4096)
+    assert store.remove_unreferenced() == 0 and not reserve.exists()  # removed, not a leftover
+
+
 def first_pack(store):
     return sorted(store.pack_dir.glob("pack-*.bin"))[0]
 

@@ -7,6 +7,7 @@ A store is a directory::
     rank-00003/prepared.json       phase 1 of a two-phase commit (only between an exchange and its commit)
     rank-00003/index-00000007.bin  the records of a generation: a sorted array of RECORD
     rank-00003/packs/pack-00000012.bin  immutable sample bytes, appended once, never rewritten
+    rank-00003/packs/reserve.bin   space allocated ahead for the next exchange's arrivals (optional)
 
 Nothing is pickled: records are little-endian numpy structured arrays, metadata is JSON. Every
 file name read from a manifest must match its pattern and resolve inside the rank directory.
@@ -31,6 +32,9 @@ STORE_FILE = "store.json"
 MANIFEST = "manifest.json"
 PREPARED = "prepared.json"
 PACK_DIR = "packs"
+# Blocks allocated after a commit for the next exchange's arrivals; its writer renames it into a
+# pack. Not part of any state: deleted with other leftovers, never reported as a problem.
+RESERVE = "reserve.bin"
 
 # One record per sample in an index file (40 bytes), sorted by id.
 RECORD = np.dtype(

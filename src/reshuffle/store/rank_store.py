@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from reshuffle.store import format as fmt
-from reshuffle.store.space import can_punch_holes, dead_ranges, punch_holes
+from reshuffle.store.space import can_punch_holes, dead_ranges, punch_holes, reserve
 
 MAX_PACK_BYTES = 256 << 20  # a pack rolls over beyond this, so compaction rewrites bounded files
 # Rewrite a pack once less than this share of its bytes is live. Where holes can be punched,
@@ -99,12 +99,20 @@ def read_meta(root: Path) -> StoreMeta:
 class PackWriter:
     """Appends samples to new pack files (rolling over at ``max_bytes``) and records where."""
 
-    def __init__(self, directory: Path, first_sequence: int, max_bytes: int = MAX_PACK_BYTES) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        first_sequence: int,
+        max_bytes: int = MAX_PACK_BYTES,
+        reserve: Path | None = None,
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self._sequence = first_sequence
         self._handle: Any = None
         self._written = 0
+        self._reserve = reserve  # preallocated file that becomes the first pack, if it exists
+        self._reserved = False  # the open pack came from it (its tail is cut at the end)
         self._records: list[tuple[int, int, int, int, int, int]] = []
         self.sequences: list[int] = []
 
@@ -126,13 +134,20 @@ class PackWriter:
         self._finish_file()
         if self._handle is not None or self.sequences:
             self._sequence += 1
-        self._handle = open(self.directory / fmt.pack_name(self._sequence), "wb")  # noqa: SIM115
+        path = self.directory / fmt.pack_name(self._sequence)
+        reserve, self._reserve = self._reserve, None
+        self._reserved = reserve is not None and reserve.is_file()
+        if self._reserved:
+            os.replace(reserve, path)  # its blocks are allocated: writes only copy bytes
+        self._handle = open(path, "r+b" if self._reserved else "wb")  # noqa: SIM115
         self.sequences.append(self._sequence)
         self._written = 0
 
     def _finish_file(self) -> None:
         if self._handle is not None:
             self._handle.flush()
+            if self._reserved:
+                self._handle.truncate(self._written)  # the reserved blocks not used
             os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
@@ -285,7 +300,7 @@ class RankStore:
             relative = path.relative_to(self.directory).as_posix()
             if path.is_dir() and relative == fmt.PACK_DIR:
                 continue
-            if relative in wanted:
+            if relative in wanted or relative == f"{fmt.PACK_DIR}/{fmt.RESERVE}":
                 continue
             if (
                 fmt.pack_sequence(path.name) is not None
@@ -422,8 +437,21 @@ class RankStore:
         existing = [fmt.pack_sequence(p.name) for p in self.pack_dir.glob("pack-*.bin")]
         return max([s for s in existing if s is not None] + [0]) + 1
 
-    def pack_writer(self, max_bytes: int = MAX_PACK_BYTES) -> PackWriter:
-        return PackWriter(self.pack_dir, self.next_pack_sequence(), max_bytes)
+    def pack_writer(self, max_bytes: int = MAX_PACK_BYTES, *, reserved: bool = False) -> PackWriter:
+        """A writer of new packs; with ``reserved``, its first pack is the space :meth:`reserve`
+        allocated (when there is one)."""
+        reserve = self.pack_dir / fmt.RESERVE if reserved else None
+        return PackWriter(self.pack_dir, self.next_pack_sequence(), max_bytes, reserve)
+
+    def reserve(self, size: int) -> int:
+        """Allocate ``size`` bytes of blocks for the next exchange's arrivals (``packs/reserve.bin``),
+        so that landing them copies bytes instead of allocating pages; returns the bytes reserved
+        (0 where the file system cannot, or on any error: writes then allocate as they go)."""
+        try:
+            return size if reserve(self.pack_dir / fmt.RESERVE, size) else 0
+        except OSError:
+            (self.pack_dir / fmt.RESERVE).unlink(missing_ok=True)
+            return 0
 
     def _state(self, epoch: int, generation: int, records: np.ndarray) -> dict[str, Any]:
         """Write the index of ``records`` and return the manifest that commits it."""
@@ -555,10 +583,14 @@ class RankStore:
             relative = path.relative_to(self.directory).as_posix()
             if relative in wanted or (path.is_dir() and relative == fmt.PACK_DIR):
                 continue
-            ours = fmt.pack_sequence(path.name) is not None or fmt.index_generation(path.name) is not None
+            ours = (
+                fmt.pack_sequence(path.name) is not None
+                or fmt.index_generation(path.name) is not None
+                or relative == f"{fmt.PACK_DIR}/{fmt.RESERVE}"
+            )
             if path.is_file() and (ours or path.name.endswith(".tmp")):
                 path.unlink()
-                removed += 1
+                removed += path.name != fmt.RESERVE  # a reserve is no leftover: not counted
             else:
                 foreign.append(relative)
         if foreign:

@@ -61,6 +61,22 @@ def punch_holes(path: Path, ranges: list[tuple[int, int]]) -> bool:
     return True
 
 
+def reserve(path: Path, size: int) -> bool:
+    """Create ``path`` with ``size`` bytes of blocks allocated up front (``fallocate``), so that
+    writing them later copies bytes instead of allocating pages; False (and no file) where the
+    file system cannot (there writes allocate as they go)."""
+    if _FALLOCATE is None or size <= 0:
+        return False
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = _FALLOCATE(fd, 0, 0, size) == 0
+    finally:
+        os.close(fd)
+    if not done:
+        path.unlink(missing_ok=True)
+    return done
+
+
 def can_punch_holes(directory: Path) -> bool:
     """Whether the file system under ``directory`` frees punched ranges (probed with a temp file)."""
     if _FALLOCATE is None:

@@ -442,6 +442,8 @@ def _train(
             exchanger.commit()
             commit_s = time.perf_counter() - committing
         state = None
+    if exchanger is not None:
+        exchanger.settle()  # the last commit's upkeep (freeing dead space) ends with the job
 
     summary = {
         "name": config.name,
