@@ -271,7 +271,7 @@ class Exchanger:
         trains (:meth:`settle` waits for it): the space the sent samples occupied is freed (hole
         punching is slow on some file systems, and nothing reads dead ranges) and the next
         exchange's landing space is allocated, so that its arrivals copy bytes instead of
-        allocating pages. Storage peaks near (1 + Q) N / M all the same: freed, then reserved."""
+        allocating pages. Freed first, then reserved (for a partial exchange about what was freed)."""
         self._collective("the commit barrier", lambda: dist.barrier(group=self.group))
         self.on_phase("commit")
         self.store.commit()

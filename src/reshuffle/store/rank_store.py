@@ -35,10 +35,13 @@ from reshuffle.store import format as fmt
 from reshuffle.store.space import can_punch_holes, dead_ranges, punch_holes, reserve
 
 MAX_PACK_BYTES = 256 << 20  # a pack rolls over beyond this, so compaction rewrites bounded files
-# Rewrite a pack once less than this share of its bytes is live. Where holes can be punched,
-# dead bytes are freed in place and compaction only gathers nearly empty packs.
+# Rewrite a pack once less than this share of the space it holds (its allocated blocks: punched
+# holes do not count) is live. Where holes free the dead ranges (samples of a block or more) this
+# seldom happens; where they cannot (smaller samples, or no hole punching) it bounds the waste.
 COMPACT_BELOW = 0.5
-COMPACT_BELOW_WITH_HOLES = 0.1
+# ... or once its live bytes are under this share of its length: gathers nearly empty sparse packs,
+# so their number stays bounded.
+COMPACT_NEARLY_EMPTY = 0.1
 
 
 @dataclass(frozen=True)
@@ -485,10 +488,12 @@ class RankStore:
         packs are already fsynced) durable in ``prepared.json``; the committed state is untouched.
 
         With ``compact_into``, packs that the new state leaves mostly dead (less than
-        ``COMPACT_BELOW`` live) have their live records copied there first, so the old packs can
-        go after the commit: compaction happens here, off the epoch boundary. (Where the file
-        system punches holes, dead bytes are freed anyway and only nearly empty packs, under
-        ``COMPACT_BELOW_WITH_HOLES`` live, are gathered.)
+        ``COMPACT_BELOW`` of the space they hold is live, or less than ``COMPACT_NEARLY_EMPTY`` of
+        their length) have their live records copied there first, so the old packs can go after
+        the commit: compaction happens here, off the epoch boundary. Where the file system
+        punches holes, the dead ranges of samples of a block or more are freed in place and
+        such packs are seldom rewritten; smaller samples leave dead ranges that holes cannot
+        free, and compaction keeps them under the live bytes.
         """
         keep = np.ones(self.records.size, dtype=bool)
         if removed.size:
@@ -511,9 +516,11 @@ class RankStore:
         """``kept`` with the records of mostly-dead packs rewritten through ``writer``."""
         sequences, inverse = np.unique(kept["pack"], return_inverse=True)
         live = np.bincount(inverse, weights=kept["length"].astype(np.float64), minlength=sequences.size)
-        sizes = np.array([(self.pack_dir / fmt.pack_name(int(s))).stat().st_size for s in sequences])
-        threshold = COMPACT_BELOW_WITH_HOLES if self.can_punch_holes() else COMPACT_BELOW
-        mostly_dead = sequences[(sizes > 0) & (live < threshold * sizes)]
+        stats = [(self.pack_dir / fmt.pack_name(int(s))).stat() for s in sequences]
+        sizes = np.array([st.st_size for st in stats], dtype=np.float64)
+        held = np.array([st.st_blocks * 512 for st in stats], dtype=np.float64)  # holes excluded
+        wasteful = (live < COMPACT_BELOW * held) | (live < COMPACT_NEARLY_EMPTY * sizes)
+        mostly_dead = sequences[(sizes > 0) & wasteful]
         if mostly_dead.size == 0:
             return kept
         move = np.isin(kept["pack"], mostly_dead)
