@@ -204,6 +204,7 @@ def storage_over_epochs(base: str, sample_bytes: int, epochs: int, fraction: flo
     from reshuffle import ShufflePlanner
     from reshuffle.data.synthetic import load_synthetic
     from reshuffle.store import stage
+    from reshuffle.store.format import pack_name
     from reshuffle.store.space import allocated_bytes
 
     num, pack = max(2000, (32 << 20) // sample_bytes), 4 << 20
@@ -224,9 +225,7 @@ def storage_over_epochs(base: str, sample_bytes: int, epochs: int, fraction: flo
                 removed = np.concatenate(list(sends.values())) if sends else np.empty(0, dtype=np.int64)
                 compactor = store.pack_writer(pack)
                 store.prepare(epoch + 1, removed, writer.close(), compact_into=compactor)
-                rewritten += sum(
-                    (store.pack_dir / f"pack-{q:08d}.bin").stat().st_size for q in compactor.sequences
-                )
+                rewritten += sum((store.pack_dir / pack_name(q)).stat().st_size for q in compactor.sequences)
             for store in stores:
                 store.commit()
                 store.punch_dead_ranges()

@@ -18,6 +18,7 @@ from reshuffle.data.dataset import collate
 from reshuffle.data.synthetic import load_synthetic
 from reshuffle.data.transforms import build_transform
 from reshuffle.store import RankStore, StoreDataset, StoreError, stage, store_meta, verify_store
+from reshuffle.store.format import pack_name
 from reshuffle.store.space import allocated_bytes
 
 WORLD = 3
@@ -210,7 +211,7 @@ def test_reserved_space_becomes_the_next_pack_and_is_never_a_problem(tmp_path):
         writer.append(i, stores[1].label(i), stores[1].read(i))
     added = writer.close()
     assert not reserve.exists()  # it became the pack: cut to what was written
-    assert (store.pack_dir / f"pack-{int(added['pack'][0]):08d}.bin").stat().st_size == 3 * 4096
+    assert (store.pack_dir / pack_name(int(added["pack"][0]))).stat().st_size == 3 * 4096
     store.prepare(1, np.empty(0, dtype=np.int64), added)
     store.commit()
     assert [store.read(i) for i in moved] == [source.raw(i) for i in moved]

@@ -35,6 +35,7 @@ PACK_DIR = "packs"
 # Blocks allocated after a commit for the next exchange's arrivals; its writer renames it into a
 # pack. Not part of any state: deleted with other leftovers, never reported as a problem.
 RESERVE = "reserve.bin"
+RESERVE_PATH = f"{PACK_DIR}/{RESERVE}"  # relative to the rank directory
 
 # One record per sample in an index file (40 bytes), sorted by id.
 RECORD = np.dtype(

@@ -303,7 +303,7 @@ class RankStore:
             relative = path.relative_to(self.directory).as_posix()
             if path.is_dir() and relative == fmt.PACK_DIR:
                 continue
-            if relative in wanted or relative == f"{fmt.PACK_DIR}/{fmt.RESERVE}":
+            if relative in wanted or relative == fmt.RESERVE_PATH:
                 continue
             if (
                 fmt.pack_sequence(path.name) is not None
@@ -593,11 +593,11 @@ class RankStore:
             ours = (
                 fmt.pack_sequence(path.name) is not None
                 or fmt.index_generation(path.name) is not None
-                or relative == f"{fmt.PACK_DIR}/{fmt.RESERVE}"
+                or relative == fmt.RESERVE_PATH
             )
             if path.is_file() and (ours or path.name.endswith(".tmp")):
                 path.unlink()
-                removed += path.name != fmt.RESERVE  # a reserve is no leftover: not counted
+                removed += relative != fmt.RESERVE_PATH  # a reserve is no leftover: not counted
             else:
                 foreign.append(relative)
         if foreign:
