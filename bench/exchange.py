@@ -103,7 +103,7 @@ def pack_unpack(base: str, repeats: int) -> dict:
     from reshuffle import ShufflePlanner
     from reshuffle.data.synthetic import load_synthetic
     from reshuffle.store import stage
-    from reshuffle.store.exchange import _Incoming, _Outgoing
+    from reshuffle.store.wire import IncomingStream, OutgoingStream
 
     num = 2048
     source = load_synthetic("train", num_samples=num, shape=(1, 8, 8), sample_bytes=SAMPLE_BYTES)
@@ -114,14 +114,14 @@ def pack_unpack(base: str, repeats: int) -> dict:
     packs, unpacks, copies = [], [], []
     try:
         for _ in range(repeats):
-            stream = _Outgoing(store, ids)
+            stream = OutgoingStream(store, ids)
             buffer = bytearray(stream.size)
             started = time.perf_counter()
             stream.take(stream.size, memoryview(buffer))
             packs.append(time.perf_counter() - started)
             store.reserve(stream.size)  # as the upkeep after a commit does, off the clock
             writer = store.pack_writer(reserved=True)
-            sink = _Incoming(0, ids, stream.size, source.num_classes, writer)
+            sink = IncomingStream(0, ids, stream.size, source.num_classes, writer)
             started = time.perf_counter()
             sink.feed(memoryview(buffer))
             sink.finish()

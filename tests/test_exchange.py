@@ -234,19 +234,19 @@ def test_arrivals_are_checked_and_written_whatever_the_chunking(tmp_path):
     """The receiving side of a stream, without processes: fed in chunks that cut headers and
     payloads anywhere, it lands exactly the samples sent; a flipped byte, a stream cut short or
     headers naming other ids are named errors."""
-    from reshuffle.store import exchange as ex
+    from reshuffle.store.wire import IncomingStream, OutgoingStream
 
     num = 64
     source = _source(num)
     store, _ = stage(tmp_path / "store", 0, source, ShufflePlanner(num, 1, strategy="local"))
     ids = np.sort(np.random.default_rng(1).choice(store.ids, 40, replace=False))
-    wire = bytearray(ex._Outgoing(store, ids).size)
-    ex._Outgoing(store, ids).take(len(wire), memoryview(wire))
+    wire = bytearray(OutgoingStream(store, ids).size)
+    OutgoingStream(store, ids).take(len(wire), memoryview(wire))
 
     def receive(data: bytes, expected=ids, chunk=7919, size=None) -> np.ndarray:
         writer = store.pack_writer()
         size = len(data) if size is None else size
-        sink = ex._Incoming(0, expected, size, source.num_classes, writer)
+        sink = IncomingStream(0, expected, size, source.num_classes, writer)
         try:
             for start in range(0, len(data), chunk):
                 sink.feed(memoryview(data)[start : start + chunk])

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from reshuffle.store.dataset import StoreDataset
-from reshuffle.store.exchange import (
-    ExchangeError,
-    Exchanger,
-    ExchangeStats,
-    check_holdings,
-    new_exchange_group,
-)
+from reshuffle.store.exchange import Exchanger, ExchangeStats, check_holdings, new_exchange_group
 from reshuffle.store.format import StoreError
-from reshuffle.store.rank_store import RankStore, StoreMeta
+from reshuffle.store.meta import StoreMeta
+from reshuffle.store.rank_store import RankStore
 from reshuffle.store.stage import stage, store_meta
 from reshuffle.store.verify import verify_store
+from reshuffle.store.wire import ExchangeError
 
 __all__ = [
     "ExchangeError",

@@ -130,14 +130,6 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return value
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_index(path: Path, records: np.ndarray) -> str:
     """Write an index atomically; returns its sha256."""
     data = np.ascontiguousarray(records, dtype=RECORD).tobytes()

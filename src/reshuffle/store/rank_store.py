@@ -10,8 +10,8 @@ loses and duplicates nothing across ranks:
 2. :meth:`commit`: ``rename(prepared.json, manifest.json)``, atomic.
 
 The caller (the exchanger) puts a barrier between the phases on all ranks, and recovery after a
-crash (:meth:`recover`) rolls a prepared state forward or discards it, as the job's checkpoint
-says. Packs that an exchange leaves mostly dead are rewritten during :meth:`prepare` (in the
+crash (``Exchanger.synchronize``) rolls a prepared state forward or discards it, as the ranks
+agree. Packs that an exchange leaves mostly dead are rewritten during :meth:`prepare` (in the
 background); after a commit, :meth:`release_dead_space` deletes unreferenced files and punches
 holes where samples left (cheap, at the epoch boundary).
 """
@@ -22,9 +22,6 @@ import contextlib
 import mmap
 import os
 import threading
-import zlib
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,143 +29,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from reshuffle.store import format as fmt
-from reshuffle.store.space import can_punch_holes, dead_ranges, punch_holes, reserve
-
-MAX_PACK_BYTES = 256 << 20  # a pack rolls over beyond this, so compaction rewrites bounded files
-# Rewrite a pack once less than this share of the space it holds (its allocated blocks: punched
-# holes do not count) is live. Where holes free the dead ranges (samples of a block or more) this
-# seldom happens; where they cannot (smaller samples, or no hole punching) it bounds the waste.
-COMPACT_BELOW = 0.5
-# ... or once its live bytes are under this share of its length: gathers nearly empty sparse packs,
-# so their number stays bounded.
-COMPACT_NEARLY_EMPTY = 0.1
-
-
-@dataclass(frozen=True)
-class StoreMeta:
-    """What a store holds; identical in ``store.json`` on every node of a job."""
-
-    world_size: int
-    num_samples: int
-    num_classes: int
-    dataset: dict[str, Any]  # name, split and anything else that identifies the source
-    plan: dict[str, Any]  # the planner configuration the store follows
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": "reshuffle-store",
-            "version": fmt.FORMAT_VERSION,
-            "world_size": self.world_size,
-            "num_samples": self.num_samples,
-            "num_classes": self.num_classes,
-            "dataset": self.dataset,
-            "plan": self.plan,
-        }
-
-    @classmethod
-    def from_json(cls, value: dict[str, Any], path: Path) -> StoreMeta:
-        if value.get("format") != "reshuffle-store" or value.get("version") != fmt.FORMAT_VERSION:
-            raise fmt.StoreError(f"{path} is not a reshuffle store (format version {fmt.FORMAT_VERSION})")
-        return cls(
-            world_size=fmt.manifest_value(value, "world_size", int, path),
-            num_samples=fmt.manifest_value(value, "num_samples", int, path),
-            num_classes=fmt.manifest_value(value, "num_classes", int, path),
-            dataset=fmt.manifest_value(value, "dataset", dict, path),
-            plan=fmt.manifest_value(value, "plan", dict, path),
-        )
-
-    def mismatch(self, other: StoreMeta) -> str | None:
-        """Why a store written with ``other`` cannot serve this job, or None."""
-        if other.world_size != self.world_size:
-            return (
-                f"the store was written for world size {other.world_size}, this job has {self.world_size}; "
-                f"run with {other.world_size} ranks or restage into an empty store_dir"
-            )
-        for name in ("num_samples", "num_classes", "dataset", "plan"):
-            if getattr(other, name) != getattr(self, name):
-                return (
-                    f"the store holds {name} {getattr(other, name)!r}, "
-                    f"this job expects {getattr(self, name)!r}; "
-                    "point shuffle.store_dir at a new directory (or delete this one) to restage"
-                )
-        return None
-
-
-def read_meta(root: Path) -> StoreMeta:
-    path = root / fmt.STORE_FILE
-    return StoreMeta.from_json(fmt.read_json(path, "store description"), path)
-
-
-class PackWriter:
-    """Appends samples to new pack files (rolling over at ``max_bytes``) and records where."""
-
-    def __init__(
-        self,
-        directory: Path,
-        first_sequence: int,
-        max_bytes: int = MAX_PACK_BYTES,
-        reserve: Path | None = None,
-    ) -> None:
-        self.directory = directory
-        self.max_bytes = max_bytes
-        self._sequence = first_sequence
-        self._handle: Any = None
-        self._written = 0
-        self._reserve = reserve  # preallocated file that becomes the first pack, if it exists
-        self._reserved = False  # the open pack came from it (its tail is cut at the end)
-        self._records: list[tuple[int, int, int, int, int, int]] = []
-        self.sequences: list[int] = []
-
-    def append(self, sample_id: int, label: int, payload: bytes | memoryview, crc: int | None = None) -> None:
-        if self._handle is None or (self._written and self._written + len(payload) > self.max_bytes):
-            self._roll()
-        crc = zlib.crc32(payload) if crc is None else crc
-        self._handle.write(payload)
-        self._records.append((sample_id, label, self._written, len(payload), self._sequence, crc))
-        self._written += len(payload)
-
-    def sync(self) -> None:
-        """Push what was written so far to disk, so the final fsync has little left to do."""
-        if self._handle is not None:
-            self._handle.flush()
-            os.fdatasync(self._handle.fileno())
-
-    def _roll(self) -> None:
-        self._finish_file()
-        if self._handle is not None or self.sequences:
-            self._sequence += 1
-        path = self.directory / fmt.pack_name(self._sequence)
-        reserve, self._reserve = self._reserve, None
-        self._reserved = reserve is not None and reserve.is_file()
-        if self._reserved:
-            os.replace(reserve, path)  # its blocks are allocated: writes only copy bytes
-        self._handle = open(path, "r+b" if self._reserved else "wb")  # noqa: SIM115
-        self.sequences.append(self._sequence)
-        self._written = 0
-
-    def _finish_file(self) -> None:
-        if self._handle is not None:
-            self._handle.flush()
-            if self._reserved:
-                self._handle.truncate(self._written)  # the reserved blocks not used
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-            self._handle = None
-
-    def close(self) -> np.ndarray:
-        """Fsync everything written; the records, in the order appended."""
-        self._finish_file()
-        if self.sequences:
-            fmt.fsync_dir(self.directory)
-        return np.array(self._records, dtype=fmt.RECORD)  # tuples are in RECORD's field order
-
-    def abort(self) -> None:
-        """Close and delete what was written (an exchange that failed)."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        for sequence in self.sequences:
-            (self.directory / fmt.pack_name(sequence)).unlink(missing_ok=True)
+from reshuffle.store.meta import StoreMeta, read_meta
+from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
+from reshuffle.store.space import can_punch_holes, reserve
+from reshuffle.store.upkeep import compacted, punch_dead_ranges
 
 
 class RankStore:
@@ -186,7 +50,7 @@ class RankStore:
         self._maps: dict[int, mmap.mmap | bytes] = {}
         self._lock = threading.Lock()
         self._holes: bool | None = None  # can this file system punch holes? (probed once)
-        self._dirty: set[int] | None = None  # packs that lost samples since the last release; None: all
+        self.dirty_packs: set[int] | None = None  # packs that lost samples since the last release; None: all
 
     # ----------------------------------------------------------------- opening and checking
 
@@ -210,8 +74,13 @@ class RankStore:
             raise fmt.StoreError(f"store {root} has ranks 0..{written.world_size - 1}, not {rank}")
         store = cls(root, rank, written)
         store._load(store.directory / fmt.MANIFEST)
-        if verify and (found := store.problems(checksums=True)):
-            raise fmt.StoreError(f"store {root} is damaged; refusing to open it:\n  " + "\n  ".join(found))
+        if verify:
+            from reshuffle.store.verify import rank_problems  # verify builds on this module
+
+            if found := rank_problems(store, checksums=True):
+                raise fmt.StoreError(
+                    f"store {root} is damaged; refusing to open it:\n  " + "\n  ".join(found)
+                )
         return store
 
     def _load(self, manifest_path: Path) -> None:
@@ -260,65 +129,8 @@ class RankStore:
                 raise fmt.StoreError(f"{path}: records point into {name}, which the manifest does not list")
         return epoch, generation, records
 
-    def problems(self, *, checksums: bool = True) -> list[str]:
-        """Everything wrong with this rank's committed files (empty when all is well)."""
-        found: list[str] = []
-        manifest = fmt.read_json(self.directory / fmt.MANIFEST, "manifest")
-        sizes = manifest.get("pack_sizes", {})
-        for name, expected in sorted(sizes.items()):
-            path = fmt.inside(self.pack_dir, name)
-            if not path.is_file():
-                found.append(f"rank {self.rank}: pack {fmt.PACK_DIR}/{name} is missing")
-                continue
-            actual = path.stat().st_size
-            if actual != expected:
-                state = "truncated" if actual < expected else "longer than committed"
-                found.append(
-                    f"rank {self.rank}: pack {fmt.PACK_DIR}/{name} is {state} "
-                    f"({actual} bytes, manifest says {expected})"
-                )
-        if checksums:
-            actual = {
-                name: (self.pack_dir / name).stat().st_size
-                for name in sizes
-                if (self.pack_dir / name).is_file()
-            }
-            ends = self.records["offset"] + self.records["length"]
-            available = np.array([actual.get(fmt.pack_name(int(s)), -1) for s in self.records["pack"]])
-            readable = self.records[available >= ends.astype(np.int64)]
-            bad = [int(r["id"]) for r in readable if zlib.crc32(self._slice(r)) != int(r["crc"])]
-            if bad:
-                listed = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-                found.append(
-                    f"rank {self.rank}: {len(bad)} corrupt sample(s) (checksum mismatch): ids {listed}"
-                )
-        found += [f"rank {self.rank}: {line}" for line in self.stray_files()]
-        return found
-
-    def stray_files(self) -> list[str]:
-        """Files in the rank directory that no committed or prepared state explains."""
-        wanted = self._referenced()
-        lines = []
-        for path in sorted(self.directory.rglob("*")):
-            relative = path.relative_to(self.directory).as_posix()
-            if path.is_dir() and relative == fmt.PACK_DIR:
-                continue
-            if relative in wanted or relative == fmt.RESERVE_PATH:
-                continue
-            if (
-                fmt.pack_sequence(path.name) is not None
-                or fmt.index_generation(path.name) is not None
-                or path.name.endswith(".tmp")
-            ):
-                lines.append(
-                    f"unreferenced file {relative} (left by an interrupted exchange or compaction; "
-                    "restarting the job removes it)"
-                )
-            else:
-                lines.append(f"stray file {relative} (not part of a store); remove it")
-        return lines
-
-    def _referenced(self) -> set[str]:
+    def referenced_files(self) -> set[str]:
+        """Paths (relative to the rank directory) the committed or prepared state uses."""
         names = {fmt.MANIFEST}
         for state in (fmt.MANIFEST, fmt.PREPARED):
             path = self.directory / state
@@ -500,7 +312,7 @@ class RankStore:
             keep[self.position(removed)] = False
         kept = self.records[keep]
         if compact_into is not None:
-            kept = self._compacted(kept, compact_into)
+            kept = compacted(self, kept, compact_into)
         records = np.concatenate([kept, added.astype(fmt.RECORD)])
         if np.unique(records["id"]).size != records.size:
             raise fmt.StoreError(f"rank {self.rank}: an exchange would leave a sample twice in the store")
@@ -511,29 +323,6 @@ class RankStore:
         if self._holes is None:
             self._holes = can_punch_holes(self.pack_dir)
         return self._holes
-
-    def _compacted(self, kept: np.ndarray, writer: PackWriter) -> np.ndarray:
-        """``kept`` with the records of mostly-dead packs rewritten through ``writer``."""
-        sequences, inverse = np.unique(kept["pack"], return_inverse=True)
-        live = np.bincount(inverse, weights=kept["length"].astype(np.float64), minlength=sequences.size)
-        stats = [(self.pack_dir / fmt.pack_name(int(s))).stat() for s in sequences]
-        sizes = np.array([st.st_size for st in stats], dtype=np.float64)
-        held = np.array([st.st_blocks * 512 for st in stats], dtype=np.float64)  # holes excluded
-        wasteful = (live < COMPACT_BELOW * held) | (live < COMPACT_NEARLY_EMPTY * sizes)
-        mostly_dead = sequences[(sizes > 0) & wasteful]
-        if mostly_dead.size == 0:
-            return kept
-        move = np.isin(kept["pack"], mostly_dead)
-        try:
-            for record in kept[move]:
-                writer.append(
-                    int(record["id"]), int(record["label"]), self._slice(record), int(record["crc"])
-                )
-            rewritten = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        return np.concatenate([kept[~move], rewritten])
 
     def prepared_epoch(self) -> int | None:
         """The epoch of a pending prepared state, if any."""
@@ -552,39 +341,23 @@ class RankStore:
         fmt.fsync_dir(self.directory)
         before = self.records
         self._load(self.directory / fmt.MANIFEST)
-        if self._dirty is not None:
+        if self.dirty_packs is not None:
             gone = before[~np.isin(before["id"], self.records["id"])]
-            self._dirty.update(np.unique(gone["pack"]).tolist())
+            self.dirty_packs.update(np.unique(gone["pack"]).tolist())
         self.remove_unreferenced()  # the old index and emptied packs: cheap unlinks
+
+    def commit_first(self, epoch: int, records: np.ndarray) -> None:
+        """Commit a freshly staged store's first state (its packs are already fsynced)."""
+        fmt.write_json(self.directory / fmt.MANIFEST, self._state(epoch, 1, records))
+        self._load(self.directory / fmt.MANIFEST)
 
     def discard_prepared(self) -> None:
         (self.directory / fmt.PREPARED).unlink(missing_ok=True)
         fmt.fsync_dir(self.directory)
 
-    def recover(self, target_epoch: int, all_prepared: bool) -> str:
-        """Bring this rank to ``target_epoch`` after a crash; the caller computed ``all_prepared``
-        (every rank holds a prepared or committed state for ``target_epoch``). Returns what it did."""
-        prepared = self.prepared_epoch()
-        action = f"rank {self.rank}: at epoch {self.epoch}"
-        if self.epoch == target_epoch:
-            if prepared is not None:
-                self.discard_prepared()
-                action += f", discarded a prepared epoch {prepared}"
-        elif prepared == target_epoch and self.epoch == target_epoch - 1 and all_prepared:
-            self.commit()
-            action = f"rank {self.rank}: rolled forward to epoch {target_epoch}"
-        else:
-            raise fmt.StoreError(
-                f"rank {self.rank}: the store is at epoch {self.epoch} (prepared: {prepared}) but the job "
-                f"resumes at epoch {target_epoch}; it cannot get there. Restage into an empty "
-                "shuffle.store_dir, or resume from the checkpoint of the store's epoch"
-            )
-        removed = self.remove_unreferenced()
-        return action + (f", removed {removed} leftover file(s)" if removed else "")
-
     def remove_unreferenced(self) -> int:
         """Delete pack, index and temporary files no state refers to; refuse foreign files."""
-        wanted = self._referenced()
+        wanted = self.referenced_files()
         foreign, removed = [], 0
         for path in sorted(self.directory.rglob("*")):
             relative = path.relative_to(self.directory).as_posix()
@@ -612,39 +385,8 @@ class RankStore:
     def release_dead_space(self) -> dict[str, int]:
         """Delete files no state refers to, then punch holes where samples left."""
         removed = self.remove_unreferenced()
-        return {"removed_files": removed, "punched_bytes": self.punch_dead_ranges()}
+        return {"removed_files": removed, "punched_bytes": punch_dead_ranges(self)}
 
     def punch_dead_ranges(self) -> int:
-        """Free the blocks of dead ranges in packs that lost samples since the last call; returns
-        the bytes in those ranges. Safe while the store is read or an exchange writes new packs:
-        it touches only ranges no record uses (first punches cost ~0.2 ms each on ext4, so the
-        exchanger runs this beside its transfers)."""
-        if not self.can_punch_holes():
-            return 0
-        records = self.records  # one committed state, even if a commit happens meanwhile
-        dirty, self._dirty = self._dirty, set()
-        packs = set(np.unique(records["pack"]).tolist())
-        punched = 0
-        for sequence in sorted(packs if dirty is None else packs & dirty):
-            mine = records[records["pack"] == sequence]
-            path = self.pack_dir / fmt.pack_name(sequence)
-            ranges = dead_ranges(mine["offset"], mine["length"], path.stat().st_size)
-            punch_holes(path, ranges)
-            punched += sum(stop - start for start, stop in ranges)
-        return punched
-
-
-def stage_records(
-    store: RankStore, epoch: int, samples: Iterable[tuple[int, int, bytes]], max_pack_bytes: int
-) -> None:
-    """Write ``(id, label, bytes)`` samples as the store's first committed state."""
-    writer = store.pack_writer(max_pack_bytes)
-    try:
-        for sample_id, label, payload in samples:
-            writer.append(sample_id, label, payload)
-        records = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    fmt.write_json(store.directory / fmt.MANIFEST, store._state(epoch, 1, records))
-    store._load(store.directory / fmt.MANIFEST)
+        """See :func:`reshuffle.store.upkeep.punch_dead_ranges`."""
+        return punch_dead_ranges(self)

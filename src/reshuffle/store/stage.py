@@ -8,13 +8,16 @@ no manifest, so the next attempt starts that rank over.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
-from reshuffle.store.rank_store import MAX_PACK_BYTES, RankStore, StoreMeta, read_meta, stage_records
+from reshuffle.store.meta import StoreMeta, read_meta
+from reshuffle.store.packs import MAX_PACK_BYTES
+from reshuffle.store.rank_store import RankStore
 
 
 def store_meta(
@@ -82,3 +85,18 @@ def stage(
         f"rank {rank}: staged {len(store)} samples ({size / 2**20:.1f} MiB) for epoch {epoch} "
         f"in {time.perf_counter() - started:.1f} s"
     )
+
+
+def stage_records(
+    store: RankStore, epoch: int, samples: Iterable[tuple[int, int, bytes]], max_pack_bytes: int
+) -> None:
+    """Write ``(id, label, bytes)`` samples as the store's first committed state."""
+    writer = store.pack_writer(max_pack_bytes)
+    try:
+        for sample_id, label, payload in samples:
+            writer.append(sample_id, label, payload)
+        records = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    store.commit_first(epoch, records)

@@ -9,13 +9,15 @@ holdings that differ from the store's plan.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
-from reshuffle.store.rank_store import RankStore, read_meta
+from reshuffle.store.meta import read_meta
+from reshuffle.store.rank_store import RankStore
 
 
 def _ids(ids: np.ndarray) -> str:
@@ -57,7 +59,7 @@ def verify_store(root: str | Path, *, checksums: bool = True) -> list[str]:
         except fmt.StoreError as error:
             problems.append(f"rank {rank}: {error}")
             continue
-        problems += store.problems(checksums=checksums)
+        problems += rank_problems(store, checksums=checksums)
         if (pending := store.prepared_epoch()) is not None:
             problems.append(
                 f"rank {rank}: an exchange into epoch {pending} was interrupted before it committed; "
@@ -78,6 +80,64 @@ def verify_store(root: str | Path, *, checksums: bool = True) -> list[str]:
         if not problems:
             problems += _check_plan(stores, meta.plan)
     return problems
+
+
+def rank_problems(store: RankStore, *, checksums: bool = True) -> list[str]:
+    """Everything wrong with this rank's committed files (empty when all is well)."""
+    found: list[str] = []
+    manifest = fmt.read_json(store.directory / fmt.MANIFEST, "manifest")
+    sizes = manifest.get("pack_sizes", {})
+    for name, expected in sorted(sizes.items()):
+        path = fmt.inside(store.pack_dir, name)
+        if not path.is_file():
+            found.append(f"rank {store.rank}: pack {fmt.PACK_DIR}/{name} is missing")
+            continue
+        actual = path.stat().st_size
+        if actual != expected:
+            state = "truncated" if actual < expected else "longer than committed"
+            found.append(
+                f"rank {store.rank}: pack {fmt.PACK_DIR}/{name} is {state} "
+                f"({actual} bytes, manifest says {expected})"
+            )
+    if checksums:
+        actual = {
+            name: (store.pack_dir / name).stat().st_size
+            for name in sizes
+            if (store.pack_dir / name).is_file()
+        }
+        ends = store.records["offset"] + store.records["length"]
+        available = np.array([actual.get(fmt.pack_name(int(s)), -1) for s in store.records["pack"]])
+        readable = store.records[available >= ends.astype(np.int64)]
+        bad = [int(r["id"]) for r in readable if zlib.crc32(store.record_bytes(r)) != int(r["crc"])]
+        if bad:
+            listed = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            found.append(f"rank {store.rank}: {len(bad)} corrupt sample(s) (checksum mismatch): ids {listed}")
+    found += [f"rank {store.rank}: {line}" for line in stray_files(store)]
+    return found
+
+
+def stray_files(store: RankStore) -> list[str]:
+    """Files in the rank directory that no committed or prepared state explains."""
+    wanted = store.referenced_files()
+    lines = []
+    for path in sorted(store.directory.rglob("*")):
+        relative = path.relative_to(store.directory).as_posix()
+        if path.is_dir() and relative == fmt.PACK_DIR:
+            continue
+        if relative in wanted or relative == fmt.RESERVE_PATH:
+            continue
+        if (
+            fmt.pack_sequence(path.name) is not None
+            or fmt.index_generation(path.name) is not None
+            or path.name.endswith(".tmp")
+        ):
+            lines.append(
+                f"unreferenced file {relative} (left by an interrupted exchange or compaction; "
+                "restarting the job removes it)"
+            )
+        else:
+            lines.append(f"stray file {relative} (not part of a store); remove it")
+    return lines
 
 
 def _check_union(stores: list[RankStore], num_samples: int) -> list[str]:

@@ -1,0 +1,147 @@
+"""The payload rounds of an exchange, pipelined: the next round is packed while this one is on
+the wire, and a sink thread checks and lands the previous one.
+
+Each round is one ``all_to_all_single`` of at most ``chunk_bytes`` per rank: never one message
+per sample. The round buffers are kept across exchanges (fresh memory would page-fault during
+every transfer).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from reshuffle.store.packs import PackWriter
+from reshuffle.store.wire import IncomingStream, OutgoingStream
+
+
+class Rounds:
+    """Runs payload rounds on ``group``; collective buffers live on ``device``."""
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+        self.group = group
+        self.device = device
+        self._kept: dict[str, list[torch.Tensor]] = {}
+
+    def buffers(self, kind: str, size: int) -> list[torch.Tensor]:
+        """Two round buffers of at least ``size`` bytes, kept across exchanges: fresh memory would
+        page-fault during every transfer. At most 2 x 2 x ``chunk_bytes`` per rank."""
+        buffers = self._kept.get(kind)
+        if buffers is None or buffers[0].numel() < size:
+            buffers = [torch.zeros(size, dtype=torch.uint8) for _ in range(2)]  # zeros: touched now
+            self._kept[kind] = buffers
+        return buffers
+
+    def run(
+        self,
+        rounds: int,
+        send_sizes: list[int],
+        recv_sizes: list[int],
+        outgoing: dict[int, OutgoingStream],
+        incoming: dict[int, IncomingStream],
+        writer: PackWriter,
+        on_round: Callable[[], None],
+    ) -> None:
+        """The payload rounds, pipelined: while round i+1 is on the wire, a sink thread checks
+        and writes round i (crc32, pack writes and fdatasync release the GIL)."""
+
+        def splits(sizes: list[int], index: int) -> list[int]:
+            # Each stream spread evenly over the rounds (at most peer_chunk each): no short tail
+            # round that would wait for a receive buffer while the sink lands the one before.
+            return [size // rounds + (index < size % rounds) for size in sizes]
+
+        if rounds == 0:
+            return
+        send_buffers = self.buffers("send", sum(splits(send_sizes, 0)))
+        receive_buffers = self.buffers("receive", sum(splits(recv_sizes, 0)))
+
+        def fill(index: int) -> int:
+            view, cursor = memoryview(send_buffers[index % 2].numpy()), 0
+            for dst, size in enumerate(splits(send_sizes, index)):
+                if size:
+                    outgoing[dst].take(size, view[cursor : cursor + size])
+                    cursor += size
+            return cursor
+
+        sink = _Sink(incoming, writer)
+        try:
+            filled = fill(0)
+            for index in range(rounds):
+                in_splits, out_splits = splits(send_sizes, index), splits(recv_sizes, index)
+                send = send_buffers[index % 2][:filled]
+                received = sink.acquire(index % 2, receive_buffers)[: sum(out_splits)]
+                if self.device.type == "cpu":
+                    work = dist.all_to_all_single(
+                        received, send, out_splits, in_splits, group=self.group, async_op=True
+                    )
+                else:
+                    device_received = torch.empty(received.numel(), dtype=torch.uint8, device=self.device)
+                    work = dist.all_to_all_single(
+                        device_received,
+                        send.to(self.device),
+                        out_splits,
+                        in_splits,
+                        group=self.group,
+                        async_op=True,
+                    )
+                # While this round is on the wire, copy the next one out of the store.
+                filled = fill(index + 1) if index + 1 < rounds else 0
+                work.wait()
+                if self.device.type != "cpu":
+                    received.copy_(device_received)
+                sink.submit(index % 2, received, out_splits)
+                on_round()
+        finally:
+            sink.close()
+
+
+class _Sink:
+    """A thread that feeds received rounds to their streams, one buffer at a time."""
+
+    def __init__(self, incoming: dict[int, IncomingStream], writer: PackWriter) -> None:
+        self.incoming = incoming
+        self.writer = writer
+        self.free = [threading.Event(), threading.Event()]
+        for event in self.free:
+            event.set()
+        self.items: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="exchange-sink", daemon=True)
+        self.thread.start()
+
+    def acquire(self, slot: int, buffers: list[torch.Tensor]) -> torch.Tensor:
+        """Buffer ``slot``, once the sink is done with what it held; re-raises a sink error."""
+        self.free[slot].wait()
+        if self.error is not None:
+            raise self.error
+        self.free[slot].clear()
+        return buffers[slot]
+
+    def submit(self, slot: int, received: torch.Tensor, splits: list[int]) -> None:
+        self.items.put((slot, received, splits))
+
+    def _work(self) -> None:
+        while (item := self.items.get()) is not None:
+            slot, received, splits = item
+            try:
+                if self.error is None:
+                    data, cursor = memoryview(received.numpy()), 0
+                    for src, size in enumerate(splits):
+                        if size:
+                            self.incoming[src].feed(data[cursor : cursor + size])
+                            cursor += size
+                    self.writer.sync()
+            except BaseException as error:  # handed to the exchange thread
+                self.error = error
+            finally:
+                self.free[slot].set()
+
+    def close(self) -> None:
+        self.items.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
