@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from reshuffle import ShufflePlanner
+from reshuffle.losses import LossTracker
 from reshuffle.plan.checks import check_planner, feed_losses
 from reshuffle.plan.importance import LossWindow, assign, owners, rank_by_importance, weighted_choice
 from reshuffle.plan.layout import Layout
 from reshuffle.plan.strategies.partial import moves_per_epoch
-from reshuffle.train.losses import LossTracker
 from spawn import run_ranks
 
 # ----------------------------------------------------------------------------- pure parts

@@ -1,10 +1,13 @@
 """reshuffle: data shuffling strategies for data-parallel training, made real and comparable.
 
-The two names most users need:
+The names most users need:
 
-* :class:`ShufflePlanner`: which samples each rank holds, trains on and exchanges, per epoch.
+* :class:`ShuffledData`: the data path a training loop drives with ``set_epoch``: a dataset and
+  a sampler for any ``DataLoader``, in index mode or in store mode (node-local stores and a real
+  sample exchange between ranks, overlapped with training).
 * :class:`ShuffleSampler`: a drop-in for ``torch.utils.data.DistributedSampler`` that follows
   a planner (index mode: every rank can read the whole dataset).
+* :class:`ShufflePlanner`: which samples each rank holds, trains on and exchanges, per epoch.
 """
 
 from __future__ import annotations
@@ -25,7 +28,19 @@ def __getattr__(name: str) -> object:
         from reshuffle.sampler import ShuffleSampler
 
         return ShuffleSampler
+    if name == "ShuffledData":
+        from reshuffle.shuffled import ShuffledData
+
+        return ShuffledData
     raise AttributeError(f"module 'reshuffle' has no attribute {name!r}")
 
 
-__all__ = ["PARTITIONS", "STRATEGIES", "EpochPlan", "ShufflePlanner", "ShuffleSampler", "__version__"]
+__all__ = [
+    "PARTITIONS",
+    "STRATEGIES",
+    "EpochPlan",
+    "ShufflePlanner",
+    "ShuffleSampler",
+    "ShuffledData",
+    "__version__",
+]

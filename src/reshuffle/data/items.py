@@ -169,8 +169,8 @@ def _decode(view: memoryview, at: int) -> tuple[Any, int]:
         dtype = getattr(torch, name, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"an encoded tensor names an unknown dtype {name!r}")
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-        return raw.view(dtype).reshape(shape), at
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0)
+        return raw.to(torch.uint8).view(dtype).reshape(shape), at
     if tag == b"N":
         name, at = _read_str(view, at)
         shape, at = _read_shape(view, at)
@@ -232,12 +232,21 @@ class DatasetSource(SampleSource):
             present; otherwise each item's second element when items are ``(input, int label, ...)``
             (this reads every item once, on every rank: give ``labels`` for a large dataset);
             otherwise every sample gets class 0 (only the label partitions need real labels).
+            With ``read_labels=False`` items are never read for labels: ``targets`` stays None
+            when neither ``labels`` nor an attribute gives them (index mode, unlabelled plans).
         name: what ``store.json`` records as the dataset (a store only reopens for the same name).
     """
 
     split = "train"
 
-    def __init__(self, dataset: Any, labels: ArrayLike | None = None, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        labels: ArrayLike | None = None,
+        *,
+        name: str | None = None,
+        read_labels: bool = True,
+    ) -> None:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(
                 f"{type(dataset).__name__} is not a map-style dataset (it needs __len__ and "
@@ -245,9 +254,14 @@ class DatasetSource(SampleSource):
             )
         self.dataset = dataset
         self.name = name or type(dataset).__name__
-        self.targets = _labels_of(dataset, labels)
-        self.num_classes = int(self.targets.max()) + 1 if self.targets.size else 1
+        self.targets = _labels_of(dataset, labels, read_items=read_labels)
+        self.num_classes = (
+            int(self.targets.max()) + 1 if self.targets is not None and self.targets.size else 1
+        )
         self.shape = ()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
 
     def raw(self, index: int) -> bytes:
         try:
@@ -260,11 +274,13 @@ class DatasetSource(SampleSource):
         return ItemDecoder()
 
 
-def _labels_of(dataset: Any, labels: ArrayLike | None) -> NDArray[np.int64]:
+def _labels_of(dataset: Any, labels: ArrayLike | None, *, read_items: bool) -> NDArray[np.int64] | None:
     if labels is None:
         labels = next((getattr(dataset, n) for n in ("targets", "labels") if hasattr(dataset, n)), None)
+    if labels is None and not read_items:
+        return None
     if labels is None:
-        labels = [_item_label(dataset[i], i) for i in range(len(dataset))]
+        labels = [_item_label(dataset[i]) for i in range(len(dataset))]
     if hasattr(labels, "detach"):
         labels = labels.detach().cpu().numpy()  # type: ignore[union-attr]
     array = np.asarray(labels)
@@ -278,7 +294,7 @@ def _labels_of(dataset: Any, labels: ArrayLike | None) -> NDArray[np.int64]:
     return array.astype(np.int64)
 
 
-def _item_label(item: Any, index: int) -> int:
+def _item_label(item: Any) -> int:
     if isinstance(item, (tuple, list)) and len(item) >= 2:
         label = item[1]
         if isinstance(label, torch.Tensor) and label.numel() == 1:

@@ -1,13 +1,18 @@
-"""``StoreDataset``: a map-style dataset over one rank's store, for an ordinary ``DataLoader``.
+"""Map-style datasets over one rank's store, for an ordinary ``DataLoader``.
 
-Items are looked up by *global* sample id (what the plan's ``indices`` yield), read through mmap,
-decoded and transformed at read time, and returned as ``(image, label, id)`` like index mode's
-:class:`~reshuffle.data.SourceDataset`. Works with DataLoader workers (fork or spawn).
+Items are looked up by *global* sample id (what the plan's ``indices`` yield) and read through
+mmap. :class:`StoreDataset` serves reshuffle's own sample sources: decoded, transformed, and
+returned as ``(image, label, id)`` like index mode's :class:`~reshuffle.data.SourceDataset`.
+:class:`StoreItems` serves any other dataset's items, exactly as its ``__getitem__`` returned them
+(see :mod:`reshuffle.data.items`). Both work with DataLoader workers (fork or spawn) and with
+``persistent_workers``: a worker that finds an id its copy of the store does not hold rereads the
+committed state (another epoch was committed since the worker started).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,18 +23,44 @@ from reshuffle.data.transforms import Transform
 from reshuffle.store.rank_store import RankStore
 
 
-class StoreDataset(KeyedAugmentation, Dataset):
+class _StoreReader:
+    """The store a dataset reads, set once the rank's store is staged or reopened."""
+
+    store: RankStore | None = None
+
+    def _opened(self) -> RankStore:
+        if self.store is None:
+            raise RuntimeError(
+                "the store-mode dataset was read before its store was opened; call set_epoch(epoch) "
+                "on the ShuffledData before iterating the DataLoader"
+            )
+        return self.store
+
+    def _sample(self, sample_id: int) -> tuple[bytes | memoryview, int]:
+        store = self._opened()
+        try:
+            return store.sample(sample_id)
+        except KeyError:
+            if not store.refresh():  # a worker started before the last commit rereads it once
+                raise
+            return store.sample(sample_id)
+
+    def __len__(self) -> int:
+        return len(self.store) if self.store is not None else 0
+
+
+class StoreDataset(_StoreReader, KeyedAugmentation, Dataset):
     """Serves the samples a rank's store holds at its committed epoch.
 
     Args:
-        store: the rank's store.
+        store: the rank's store (or None until it is staged).
         decode: raw bytes -> uint8 image tensor (the source's ``decode``).
         transform: the pipeline from a uint8 image to the model input.
     """
 
     def __init__(
         self,
-        store: RankStore,
+        store: RankStore | None,
         decode: Callable[[bytes], torch.Tensor],
         transform: Transform,
     ) -> None:
@@ -37,24 +68,38 @@ class StoreDataset(KeyedAugmentation, Dataset):
         self.decode = decode
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.store)
-
     def __getitem__(self, sample_id: int) -> tuple[torch.Tensor, int, int]:
-        raw, label = self.store.sample(int(sample_id))
+        raw, label = self._sample(int(sample_id))
         return self.augment(self.transform, self.decode(raw), int(sample_id)), label, int(sample_id)
 
     def __getitems__(self, sample_ids: Sequence[int]) -> CollatedBatch:
         """A whole batch in one call (see :class:`~reshuffle.data.dataset.CollatedBatch`)."""
         ids = np.asarray(sample_ids, dtype=np.int64)
-        gathered = self.store.samples(ids) if hasattr(self.decode, "batch") else None
+        store = self._opened()
+        try:
+            gathered = store.samples(ids) if hasattr(self.decode, "batch") else None
+        except KeyError:
+            if not store.refresh():
+                raise
+            gathered = store.samples(ids)
         if gathered is not None:  # equal-length samples and a decoder that takes a whole batch
             raw, labels = gathered
             batch = self.augment_batch(self.transform, self.decode.batch(raw), ids)
             return CollatedBatch(batch, torch.from_numpy(labels), torch.from_numpy(ids))
         images, labels = [], np.empty(len(ids), dtype=np.int64)
         for position, sample_id in enumerate(ids.tolist()):
-            raw, labels[position] = self.store.sample(sample_id)
+            raw, labels[position] = self._sample(sample_id)
             images.append(self.decode(raw).numpy())
         batch = self.augment_batch(self.transform, np.stack(images), ids)
         return CollatedBatch(batch, torch.from_numpy(labels), torch.from_numpy(ids))
+
+
+class StoreItems(_StoreReader, Dataset):
+    """Item ``i`` is the item the source dataset's ``__getitem__(i)`` returned, read from the store."""
+
+    def __init__(self, store: RankStore | None, decode: Callable[[bytes], Any]) -> None:
+        self.store = store
+        self.decode = decode
+
+    def __getitem__(self, sample_id: int) -> Any:
+        return self.decode(self._sample(int(sample_id))[0])

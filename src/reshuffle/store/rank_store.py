@@ -83,6 +83,15 @@ class RankStore:
                 )
         return store
 
+    def refresh(self) -> bool:
+        """Reload the committed state if another process committed since it was read (a
+        DataLoader worker that outlives an epoch boundary); returns whether it changed."""
+        path = self.directory / fmt.MANIFEST
+        if fmt.manifest_value(fmt.read_json(path, "manifest"), "generation", int, path) == self.generation:
+            return False
+        self._load(path)
+        return True
+
     def _load(self, manifest_path: Path) -> None:
         manifest = fmt.read_json(manifest_path, "manifest")
         self.epoch, self.generation, self.records = self._parse(manifest, manifest_path)

@@ -53,6 +53,7 @@ from reshuffle.config import (
 )
 from reshuffle.data import SourceDataset, open_source, transform_for
 from reshuffle.data.dataset import collate
+from reshuffle.losses import LossTracker
 from reshuffle.models import build_model
 from reshuffle.models.sync_batchnorm import convert_sync_batchnorm
 from reshuffle.plan import ShufflePlanner
@@ -61,7 +62,6 @@ from reshuffle.sampler import ShuffleSampler
 from reshuffle.store import Exchanger, StoreDataset, new_exchange_group, stage
 from reshuffle.train import distributed
 from reshuffle.train.checkpoint import Checkpoints
-from reshuffle.train.losses import LossTracker
 from reshuffle.train.outputs import MetricsFiles, start_wandb
 from reshuffle.train.progress import Progress
 from reshuffle.train.recalibrate import recalibrate_batchnorm

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from reshuffle.config import ConfigError, RunConfig, SystemConfig, planner_options
 from reshuffle.data import SourceDataset, open_source, transform_for
 from reshuffle.data.dataset import collate
+from reshuffle.losses import LossTracker
 from reshuffle.models import build_model
 from reshuffle.models.norm import batchnorms
 from reshuffle.models.virtual import set_groups, virtualize
@@ -46,7 +47,6 @@ from reshuffle.plan.quality import js_distance
 from reshuffle.train import distributed
 from reshuffle.train import loop as real
 from reshuffle.train.checkpoint import Checkpoints
-from reshuffle.train.losses import LossTracker
 from reshuffle.train.outputs import MetricsFiles
 from reshuffle.train.progress import Progress
 from reshuffle.train.recalibrate import assign_batchnorm, estimate_batchnorm

@@ -33,10 +33,12 @@ class LossTracker:
         self.total.copy_(both[0].cpu())
         self.count.copy_(both[1].cpu())
 
-    def summed(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    def summed(
+        self, group: dist.ProcessGroup | None = None, device: torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
         """:meth:`state_dict` summed over ranks, leaving this tracker as it is (collective)."""
         both = torch.stack([self.total, self.count]).to(device or "cpu")
-        dist.all_reduce(both)
+        dist.all_reduce(both, group=group)
         return {"total": both[0].cpu(), "count": both[1].cpu()}
 
     def mean(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,403 @@
+"""``ShuffledData``: the public data path a training loop drives with ``set_epoch``.
+
+One object, two modes behind the same calls:
+
+* ``mode="index"``: every rank can read the whole dataset; nothing is staged or moved, the
+  sampler yields the plan's ids for this rank (like ``DistributedSampler``);
+* ``mode="store"``: each rank keeps its share in a node-local store (a directory of its own under
+  ``store_dir``), staged once from the dataset; before each epoch the plan's samples move between
+  ranks over ``torch.distributed`` in the background while the current epoch trains, and commit
+  atomically at the epoch boundary. A crash at any point loses and duplicates nothing.
+
+Both modes feed a rank the same samples in the same order::
+
+    data = ShuffledData(my_dataset, "/local/ssd/store", strategy="partial", fraction=0.1,
+                        partition="label-sorted", seed=0, epochs=epochs)
+    loader = DataLoader(data.dataset, batch_size=64, sampler=data.sampler, num_workers=4)
+    for epoch in range(start_epoch, epochs):
+        data.set_epoch(epoch)   # commit the exchange that ran during the last epoch, start the next
+        for batch in loader:
+            ...
+        torch.save({"data": data.state_dict(), ...}, path)  # every epoch: a store only moves forward
+    data.close()
+
+Any map-style dataset is a source; in store mode its items are serialised without pickle
+(:mod:`reshuffle.data.items`). reshuffle's own sample sources (``reshuffle.data``) are served as
+``(transform(image), label, id)`` batches, which is what ``reshuffle run`` trains on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from numpy.typing import ArrayLike
+from torch.utils.data import Dataset
+
+from reshuffle.data.dataset import SourceDataset
+from reshuffle.data.items import DatasetSource
+from reshuffle.data.source import SampleSource
+from reshuffle.data.transforms import Transform
+from reshuffle.losses import LossTracker
+from reshuffle.plan import EpochPlan, ShufflePlanner
+from reshuffle.plan.partitions import PARTITIONS
+from reshuffle.sampler import ShuffleSampler
+from reshuffle.store import Exchanger, ExchangeStats, RankStore, new_exchange_group, stage
+from reshuffle.store.dataset import StoreDataset, StoreItems
+
+log = logging.getLogger("reshuffle")
+
+MODES = ("index", "store")
+
+
+class ShuffledData:
+    """One rank's data under a shuffling strategy: ``dataset`` + ``sampler`` for a ``DataLoader``.
+
+    Args:
+        dataset: any map-style dataset (``__len__``, ``__getitem__``), or a reshuffle sample
+            source (then ``transform`` is required and items are ``(image, label, id)``).
+        store_dir: the store directory (store mode): each rank writes ``rank-NNNNN/`` below it.
+            Node-local storage; the ranks of a node may share one directory.
+        mode: ``"store"`` (the default when ``store_dir`` is given) or ``"index"``.
+        strategy, fraction, partition, seed, drop_last, **options: the plan, as for
+            :class:`~reshuffle.plan.ShufflePlanner`.
+        labels: one integer class per sample. Default: ``dataset.targets`` (or ``.labels``);
+            needed by the label partitions, and stored with each sample in store mode.
+        epochs: how many epochs the job trains, when known: no exchange runs after the last.
+        rank, world_size: this rank and the number of ranks; default: ``group``'s, or the
+            default process group's (or 0 and 1 without ``torch.distributed``).
+        group: the process group the exchange runs on. It runs collectives from a background
+            thread while training runs its own: pass a group reserved for it, never the group
+            your gradients are all-reduced on. Default: a new group of all ranks.
+        transform: for a reshuffle sample source, the pipeline from uint8 image to model input.
+        track_losses: collect per-sample losses (:meth:`record_losses`) even if the strategy
+            does not use them.
+        chunk_mb: at most this many MiB leave a rank per exchange round.
+        timeout_s: a peer that does not answer within this ends an exchange with an error.
+        dataset_name: what the store records as the dataset; a store reopens only for the same
+            name, size, world size and plan.
+        on_exchange_phase: called with each phase an exchange reaches (progress, fault tests).
+
+    Every rank must call :meth:`set_epoch`, :meth:`end_epoch`, :meth:`close` and, with a
+    loss-driven strategy, :meth:`state_dict` at the same points: they may be collectives.
+    """
+
+    STATE_MODE = "mode"
+    STATE_SAMPLER = "sampler"
+    STATE_LOSSES = "losses"
+    STATE_ENDED = "ended"  # end_epoch ran for the saved epoch (its losses are in the plan state)
+
+    def __init__(
+        self,
+        dataset: Any,
+        store_dir: str | Path | None = None,
+        *,
+        mode: str | None = None,
+        strategy: str = "global",
+        fraction: float = 0.0,
+        partition: str = "random",
+        labels: ArrayLike | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        epochs: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        group: dist.ProcessGroup | None = None,
+        transform: Transform | None = None,
+        track_losses: bool = False,
+        chunk_mb: float = 64.0,
+        timeout_s: float = 300.0,
+        dataset_name: str | None = None,
+        on_exchange_phase: Callable[[str], None] | None = None,
+        **options: Any,
+    ) -> None:
+        self.mode = _mode(mode, store_dir)
+        self.rank, self.world_size = _world(rank, world_size, group)
+        self.epochs = epochs
+        self.seed = seed
+        self.group = group
+        needs_labels = partition in PARTITIONS and PARTITIONS[partition].requires_labels
+        self.source = _source(
+            dataset, labels, dataset_name, transform, read_labels=needs_labels or self.mode == "store"
+        )
+        self.planner = ShufflePlanner(
+            len(self.source),
+            self.world_size,
+            strategy=strategy,
+            fraction=fraction,
+            partition=partition,
+            labels=getattr(self.source, "targets", None),
+            seed=seed,
+            drop_last=drop_last,
+            **options,
+        )
+        self.sampler = ShuffleSampler.from_planner(self.planner, self.rank)
+        self.tracker = (
+            LossTracker(self.planner.num_samples)
+            if self.planner.strategy.uses_losses or track_losses
+            else None
+        )
+        self.device = _device(group)
+        self.store_dir = Path(store_dir) if store_dir is not None else None
+        self.chunk_bytes = int(chunk_mb * 2**20)
+        self.timeout_s = timeout_s
+        self.on_exchange_phase = on_exchange_phase
+        self.store: RankStore | None = None
+        self.exchanger: Exchanger | None = None
+        self.dataset: Dataset = self._dataset(dataset, transform)
+        self.epoch: int | None = None  # the epoch set_epoch selected last
+        self.plan: EpochPlan | None = None  # that epoch's plan, computed once
+        self.last_exchange: ExchangeStats | None = None  # the exchange the last end_epoch finished
+        self._ended: int | None = None  # the epoch end_epoch ran for
+        self._synchronized = False  # store mode: stores agreed and at the selected epoch
+
+    def _dataset(self, dataset: Any, transform: Transform | None) -> Dataset:
+        if isinstance(self.source, SampleSource) and not isinstance(self.source, DatasetSource):
+            if self.mode == "index":
+                return SourceDataset(self.source, transform)
+            return StoreDataset(None, self.source.decoder, transform)
+        return dataset if self.mode == "index" else StoreItems(None, self.source.decoder)
+
+    # ----------------------------------------------------------------- the epoch boundary
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select ``epoch``: finish and commit the exchange into it (store mode), start the next
+        exchange in the background, and point the sampler at ``epoch``'s order. Collective in
+        store mode. The first call stages this rank's share (or reopens and recovers it)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        epoch = int(epoch)
+        if self.mode == "store":
+            self._move_store_to(epoch)
+        elif self.epoch is not None and epoch != self.epoch:
+            self.end_epoch()
+        self.epoch = epoch
+        self.plan = self.planner.plan(epoch)
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):  # keyed augmentation of reshuffle's datasets
+            self.dataset.set_epoch(epoch, seed=self.seed)
+        if (
+            self.exchanger is not None
+            and not self.exchanger.running
+            and self._ended != epoch
+            and self._exchanges_after(epoch)
+            and not self._deferred(epoch)
+        ):
+            self.exchanger.start(epoch, self.plan)
+
+    def end_epoch(self) -> ExchangeStats | None:
+        """Finish the current epoch's data work: reduce the recorded losses and hand them to the
+        strategy, then (store mode) wait until every rank has prepared the next epoch's samples.
+        :meth:`set_epoch` calls it when the loop has not; call it yourself to time the exchange's
+        exposed part, or to checkpoint after every rank prepared and before the commit."""
+        if self.epoch is None:
+            raise RuntimeError("end_epoch() before set_epoch(); call set_epoch(epoch) first")
+        if self._ended == self.epoch:
+            return self.last_exchange
+        if self.tracker is not None:
+            if self.world_size > 1:
+                self.tracker.reduce(group=self.group, device=self.device)
+            if self.planner.strategy.uses_losses:
+                self.planner.observe(self.epoch, *(t.numpy() for t in self.tracker.mean()))
+        self.last_exchange = None
+        if self.exchanger is not None and self._exchanges_after(self.epoch):
+            if not self.exchanger.running:  # deferred: where samples go depended on these losses
+                self.exchanger.start(self.epoch, self.plan)
+            self.last_exchange = self.exchanger.wait()
+            self.exchanger.agree()
+        self._ended = self.epoch
+        return self.last_exchange
+
+    def record_losses(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
+        """Per-sample losses of this rank's batch (for ``importance`` and ``select=importance``);
+        ignored unless the strategy uses losses or ``track_losses`` is set."""
+        if self.tracker is not None:
+            self.tracker.add(ids, losses.detach())
+
+    def losses(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(ids, mean loss)`` of every sample seen in the last ended epoch, over all ranks."""
+        return self.tracker.mean() if self.tracker is not None else None
+
+    def _exchanges_after(self, epoch: int) -> bool:
+        return self.epochs is None or epoch + 1 < self.epochs
+
+    def _deferred(self, epoch: int) -> bool:
+        return self.planner.strategy.needs_losses_of(epoch)
+
+    def _move_store_to(self, epoch: int) -> None:
+        if not self._synchronized:
+            self._open_store(epoch)
+            return
+        assert self.store is not None and self.exchanger is not None and self.epoch is not None
+        if epoch == self.epoch:
+            return
+        if epoch < self.store.epoch:
+            raise ValueError(
+                f"set_epoch({epoch}): the stores are at epoch {self.store.epoch} and cannot go back; "
+                "a store only moves forward (resume from a checkpoint of a later epoch, or restage)"
+            )
+        if self._exchanges_after(self.epoch) and epoch == self.epoch + 1:
+            self.end_epoch()
+            self.exchanger.commit()
+        elif self.exchanger.running:
+            self.exchanger.wait()
+        self._ended = None
+        if self.store.epoch != epoch:  # a jump: catch up (exposed: nothing overlapped it)
+            for action in self.exchanger.synchronize(epoch):
+                log.info("%s", action)
+
+    def _open_store(self, epoch: int) -> None:
+        """Stage (or reopen) this rank's store at ``epoch``, then agree with every rank on where
+        the stores are and bring them to ``epoch`` (collective)."""
+        if self.store_dir is None:
+            raise ValueError("store mode needs store_dir")
+        if self.exchanger is not None and self.exchanger.running:
+            self.exchanger.wait()  # a state was loaded mid-job; recovery decides its fate
+        if self.store is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    "store mode exchanges samples over torch.distributed: call "
+                    "torch.distributed.init_process_group first (one rank: init_process_group('gloo', "
+                    "store=torch.distributed.HashStore(), rank=0, world_size=1)), or use mode='index'"
+                )
+            identity = {"name": self.source.name, "split": self.source.split}
+            self.store, message = stage(
+                self.store_dir, self.rank, self.source, self.planner, epoch, dataset=identity
+            )
+            log.info("%s", message)
+            self.exchanger = Exchanger(
+                self.store,
+                self.planner,
+                group=self.group if self.group is not None else new_exchange_group(self.timeout_s),
+                device=self.device,
+                chunk_bytes=self.chunk_bytes,
+                timeout_s=self.timeout_s,
+                on_phase=self.on_exchange_phase,
+            )
+            self.dataset.store = self.store  # type: ignore[attr-defined]
+        for action in self.exchanger.synchronize(epoch):  # type: ignore[union-attr]
+            log.info("%s", action)
+        self._synchronized = True
+        if self._ended != epoch:
+            self._ended = None
+
+    # ----------------------------------------------------------------- state
+
+    def state_dict(self, position: int | None = None) -> dict[str, Any]:
+        """Where the data stands: epoch, position in it, plan state (and, mid-epoch with a
+        loss-driven strategy, the losses recorded so far, summed over ranks: a collective).
+
+        Args:
+            position: samples of the current epoch this rank has trained on. Default: what the
+                sampler has yielded, which runs ahead of training when the DataLoader prefetches.
+
+        Save it at least once per epoch in store mode, after the epoch's last step: a store
+        only moves forward, so a job resumes from a checkpoint of the stores' epoch or the one
+        before it.
+        """
+        sampler = self.sampler.state_dict()
+        if position is not None:
+            sampler[ShuffleSampler.STATE_POSITION] = int(position)
+        sampler[ShuffleSampler.STATE_PLANNER] = _plain(sampler[ShuffleSampler.STATE_PLANNER])
+        ended = self.epoch is not None and self._ended == self.epoch
+        state: dict[str, Any] = {
+            self.STATE_MODE: self.mode,
+            self.STATE_SAMPLER: sampler,
+            self.STATE_ENDED: ended,
+        }
+        if self.tracker is not None and not ended:
+            if self.world_size > 1:
+                state[self.STATE_LOSSES] = self.tracker.summed(group=self.group, device=self.device)
+            else:
+                state[self.STATE_LOSSES] = self.tracker.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (of any mode: the plan is the same). The next
+        :meth:`set_epoch` of the saved epoch continues at the saved position; of the next epoch,
+        starts it. In store mode that call also recovers the stores (collective)."""
+        self.sampler.load_state_dict(state[self.STATE_SAMPLER])
+        if self.tracker is not None:
+            self.tracker.reset()
+            if state.get(self.STATE_LOSSES) is not None and self.rank == 0:  # summed: counted once
+                self.tracker.load_state_dict(state[self.STATE_LOSSES])
+        self.epoch = int(state[self.STATE_SAMPLER][ShuffleSampler.STATE_EPOCH])
+        self._ended = self.epoch if state.get(self.STATE_ENDED) else None
+        self._synchronized = False
+
+    def close(self) -> None:
+        """Wait for any exchange in flight (its prepared state is kept: a restart decides its
+        fate) and for the store's background upkeep. Collective-free; safe to call twice."""
+        if self.exchanger is not None:
+            if self.exchanger.running:
+                self.exchanger.wait()
+            self.exchanger.settle()
+
+    def __enter__(self) -> ShuffledData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _mode(mode: str | None, store_dir: str | Path | None) -> str:
+    mode = mode if mode is not None else ("store" if store_dir is not None else "index")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "store" and store_dir is None:
+        raise ValueError("mode='store' needs store_dir (a node-local directory for this rank's samples)")
+    return mode
+
+
+def _world(rank: int | None, world_size: int | None, group: dist.ProcessGroup | None) -> tuple[int, int]:
+    initialised = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank(group) if initialised else 0
+    if world_size is None:
+        world_size = dist.get_world_size(group) if initialised else 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return rank, world_size
+
+
+def _device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where collective tensors live: the current GPU for NCCL, the CPU otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _source(
+    dataset: Any,
+    labels: ArrayLike | None,
+    name: str | None,
+    transform: Transform | None,
+    *,
+    read_labels: bool,
+) -> SampleSource:
+    if isinstance(dataset, SampleSource):
+        if transform is None:
+            raise ValueError(
+                f"a reshuffle sample source ({dataset.name}) needs transform= (reshuffle.data.transform_for)"
+            )
+        return dataset
+    return DatasetSource(dataset, labels, name=name, read_labels=read_labels)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy arrays and scalars as lists and numbers: loads with
+    ``torch.load(weights_only=True)`` and serialises as JSON."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
