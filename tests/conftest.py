@@ -8,7 +8,9 @@ it starts, so a run means the same everywhere. GPU paths are exercised by ``stud
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
@@ -21,3 +23,18 @@ settings.register_profile(
     derandomize=True,  # a failure in CI reproduces locally
 )
 settings.load_profile("ci")
+
+
+@pytest.fixture
+def fashion_mnist() -> Path:
+    """The real Fashion-MNIST folder (Debian's package). Skipped where it is missing, except in CI,
+    which sets RESHUFFLE_REQUIRE_REAL_DATA=1 so that a missing install fails instead."""
+    from reshuffle.data.fashion_mnist import DEBIAN_PATH
+
+    if not Path(DEBIAN_PATH, "train-images-idx3-ubyte.gz").is_file():
+        if os.environ.get("RESHUFFLE_REQUIRE_REAL_DATA") == "1":
+            pytest.fail("real Fashion-MNIST is required but missing: apt-get install dataset-fashion-mnist")
+        pytest.skip(
+            "real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); CI requires it"
+        )
+    return Path(DEBIAN_PATH)

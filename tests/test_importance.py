@@ -83,7 +83,6 @@ def test_schedule_warmup_is_global_then_fixed_partitions_with_repartitions_every
     for epoch in range(9):
         feed_losses(planner, epoch)
         moved.append(any(planner.plan(epoch).sends(r) for r in range(planner.world_size)))
-        planner.strategy.forget()
     # sends after epoch e move data into e+1: warm-up (into 1, 2), then re-partitions at 5 and 8
     assert moved == [True, True, False, False, True, False, False, True, False]
     assert [planner.strategy.is_repartition(e) for e in range(9)] == [
@@ -161,10 +160,10 @@ def test_state_dict_restores_the_scores_instead_of_replaying():
 def _roundtrip(state):
     import io
 
-    from reshuffle.train.loop import _tensors
+    from reshuffle.shuffled import plain
 
     buffer = io.BytesIO()
-    torch.save(_tensors(state), buffer)
+    torch.save(plain(state), buffer)
     buffer.seek(0)
     return buffer
 

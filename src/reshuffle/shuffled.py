@@ -79,8 +79,8 @@ class ShuffledData:
             does not use them.
         chunk_mb: at most this many MiB leave a rank per exchange round.
         timeout_s: a peer that does not answer within this ends an exchange with an error.
-        dataset_name: what the store records as the dataset; a store reopens only for the same
-            name, size, world size and plan.
+        dataset_id: what the store records as the dataset (a name, or a mapping of whatever
+            identifies it); a store reopens only for the same identity, size, world size and plan.
         on_exchange_phase: called with each phase an exchange reaches (progress, fault tests).
 
     Every rank must call :meth:`set_epoch`, :meth:`end_epoch`, :meth:`close` and, with a
@@ -112,7 +112,7 @@ class ShuffledData:
         track_losses: bool = False,
         chunk_mb: float = 64.0,
         timeout_s: float = 300.0,
-        dataset_name: str | None = None,
+        dataset_id: str | Mapping[str, Any] | None = None,
         on_exchange_phase: Callable[[str], None] | None = None,
         **options: Any,
     ) -> None:
@@ -122,8 +122,9 @@ class ShuffledData:
         self.seed = seed
         self.group = group
         needs_labels = partition in PARTITIONS and PARTITIONS[partition].requires_labels
+        name = dataset_id if isinstance(dataset_id, str) else None
         self.source = _source(
-            dataset, labels, dataset_name, transform, read_labels=needs_labels or self.mode == "store"
+            dataset, labels, name, transform, read_labels=needs_labels or self.mode == "store"
         )
         self.planner = ShufflePlanner(
             len(self.source),
@@ -147,6 +148,11 @@ class ShuffledData:
         self.chunk_bytes = int(chunk_mb * 2**20)
         self.timeout_s = timeout_s
         self.on_exchange_phase = on_exchange_phase
+        self.dataset_id = (
+            dict(dataset_id)
+            if isinstance(dataset_id, Mapping)
+            else {"name": self.source.name, "split": self.source.split}
+        )
         self.store: RankStore | None = None
         self.exchanger: Exchanger | None = None
         self.dataset: Dataset = self._dataset(dataset, transform)
@@ -265,9 +271,8 @@ class ShuffledData:
                     "torch.distributed.init_process_group first (one rank: init_process_group('gloo', "
                     "store=torch.distributed.HashStore(), rank=0, world_size=1)), or use mode='index'"
                 )
-            identity = {"name": self.source.name, "split": self.source.split}
             self.store, message = stage(
-                self.store_dir, self.rank, self.source, self.planner, epoch, dataset=identity
+                self.store_dir, self.rank, self.source, self.planner, epoch, dataset=self.dataset_id
             )
             log.info("%s", message)
             self.exchanger = Exchanger(
@@ -303,7 +308,7 @@ class ShuffledData:
         sampler = self.sampler.state_dict()
         if position is not None:
             sampler[ShuffleSampler.STATE_POSITION] = int(position)
-        sampler[ShuffleSampler.STATE_PLANNER] = _plain(sampler[ShuffleSampler.STATE_PLANNER])
+        sampler[ShuffleSampler.STATE_PLANNER] = plain(sampler[ShuffleSampler.STATE_PLANNER])
         ended = self.epoch is not None and self._ended == self.epoch
         state: dict[str, Any] = {
             self.STATE_MODE: self.mode,
@@ -389,7 +394,7 @@ def _source(
     return DatasetSource(dataset, labels, name=name, read_labels=read_labels)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """``value`` with numpy arrays and scalars as lists and numbers: loads with
     ``torch.load(weights_only=True)`` and serialises as JSON."""
     if isinstance(value, np.ndarray):
@@ -397,7 +402,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain(item) for item in value]
     return value

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -295,14 +294,3 @@ def _plot(path: Path, rows, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def workers_where_overlap_fails(predictions: list[Prediction]) -> list[int]:
-    """Worker counts at which an exchange outlasts the compute that should hide it."""
-    return sorted(
-        {
-            p.workers
-            for p in predictions
-            if p.overlap_fails and p.hideable_s > 0 and not math.isnan(p.exposed_s)
-        }
-    )

@@ -11,18 +11,6 @@ from reshuffle.data.source import ArraySource, DataNotFoundError
 
 DEBIAN_PATH = "/usr/share/datasets/fashion-mnist"
 _PREFIX = {"train": "train", "test": "t10k"}
-CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 
 
 def _find(directory: Path, stem: str) -> Path | None:

@@ -53,10 +53,13 @@ class EpochPlan:
         total = self.samples_per_rank * self.world_size
         self.num_padded = max(0, total - self.num_samples)
         self.num_dropped = max(0, self.num_samples - total)
+        self._held: dict[int, NDArray[np.int64]] = {}  # rank -> slots, computed once per plan
 
     def _slots(self, rank: int) -> NDArray[np.int64]:
-        with self._strategy.lock:
-            return self._strategy.held(self.epoch, self._layout.check_rank(rank))
+        rank = self._layout.check_rank(rank)
+        if rank not in self._held:
+            self._held[rank] = self._strategy.held(self.epoch, rank)
+        return self._held[rank]
 
     def indices(self, rank: int) -> NDArray[np.int64]:
         """Global sample ids ``rank`` trains on this epoch, in order; ``samples_per_rank`` long.
@@ -78,13 +81,11 @@ class EpochPlan:
 
     def sends(self, rank: int) -> dict[int, NDArray[np.int64]]:
         """``{dst: sorted ids}`` ``rank`` sends to other ranks before the next epoch."""
-        with self._strategy.lock:
-            return self._strategy.sends(self.epoch, self._layout.check_rank(rank))
+        return self._strategy.sends(self.epoch, self._layout.check_rank(rank))
 
     def receives(self, rank: int) -> dict[int, NDArray[np.int64]]:
         """``{src: sorted ids}`` ``rank`` receives before the next epoch; mirrors :meth:`sends`."""
-        with self._strategy.lock:
-            return self._strategy.receives(self.epoch, self._layout.check_rank(rank))
+        return self._strategy.receives(self.epoch, self._layout.check_rank(rank))
 
 
 class ShufflePlanner:
@@ -150,9 +151,7 @@ class ShufflePlanner:
 
     def observe(self, epoch: int, ids: ArrayLike, losses: ArrayLike) -> None:
         """Hand per-sample losses of ``epoch`` to the strategy (used by loss-driven strategies)."""
-        with self.strategy.lock:
-            self.strategy.observe(epoch, np.asarray(ids, dtype=np.int64), np.asarray(losses))
-            self.strategy.forget()
+        self.strategy.observe(epoch, np.asarray(ids, dtype=np.int64), np.asarray(losses))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -179,9 +178,7 @@ class ShufflePlanner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; it must come from an identically configured planner."""
         check_same_config(self.config, state.get("config", {}), what="planner")
-        with self.strategy.lock:
-            self.strategy.load_state_dict(state.get("strategy", {}))
-            self.strategy.forget()
+        self.strategy.load_state_dict(state.get("strategy", {}))
 
 
 def check_same_config(mine: Mapping[str, Any], saved: Mapping[str, Any], *, what: str) -> None:

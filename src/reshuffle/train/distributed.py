@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -94,3 +95,22 @@ def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((address, 0))
         return int(probe.getsockname()[1])
+
+
+def check_equal_batches(expected: int, actual: int, device: torch.device) -> None:
+    """Unequal batch counts silently corrupt DDP (ranks wait in different collectives)."""
+    counts = torch.tensor([actual, -actual], dtype=torch.int64, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    most, fewest = int(counts[0]), -int(counts[1])
+    if most != fewest or actual != expected:
+        raise RuntimeError(
+            f"ranks have between {fewest} and {most} batches this epoch (this rank expected {expected}); "
+            "unequal batch counts would corrupt DDP's gradient averaging"
+        )
+
+
+def now(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

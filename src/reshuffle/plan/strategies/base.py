@@ -14,8 +14,6 @@ plans of epochs after ``e``, and everything observed goes into :meth:`Strategy.s
 from __future__ import annotations
 
 import abc
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -51,35 +49,19 @@ class Strategy(abc.ABC):
     uses_losses: ClassVar[bool] = False  # the trainer reduces per-sample losses and calls observe()
     option_defaults: ClassVar[Mapping[str, Any]] = {}
 
-    MEMO_SIZE = 4  # (epoch, rank) pairs of slots kept: this epoch's and the next, for a rank or two
-
     def __init__(self, context: PlanContext) -> None:
         self.context = context
         self.layout = context.layout
-        self._memo: OrderedDict[tuple[int, int], NDArray[np.int64]] = OrderedDict()
-        # Strategies cache (memo, partial's column shifts); a store-mode rank plans from its
-        # exchange thread and its training thread at once, so every planning call holds this.
-        self.lock = threading.RLock()
 
     @abc.abstractmethod
     def slots(self, epoch: int, rank: int) -> NDArray[np.int64]:
         """Ids held by ``rank`` in ``epoch``, in slot order; shape ``(layout.size(rank),)``."""
 
     def held(self, epoch: int, rank: int) -> NDArray[np.int64]:
-        """:meth:`slots`, remembered for the last few (epoch, rank) pairs; read-only.
-
-        A rank asks for its slots of epoch e for its order, its sends and (as epoch e+1's
-        receives) again; the memo makes that one computation.
-        """
-        key = (epoch, rank)
-        if key in self._memo:
-            self._memo.move_to_end(key)
-            return self._memo[key]
+        """:meth:`slots`, read-only (an :class:`~reshuffle.plan.planner.EpochPlan` keeps what it
+        asked for, so one epoch's slots are computed once per plan)."""
         ids = self.slots(epoch, rank)
         ids.flags.writeable = False
-        self._memo[key] = ids
-        if len(self._memo) > self.MEMO_SIZE:
-            self._memo.popitem(last=False)
         return ids
 
     @abc.abstractmethod
@@ -110,10 +92,6 @@ class Strategy(abc.ABC):
 
     def observe(self, epoch: int, ids: NDArray[np.int64], losses: NDArray[np.floating]) -> None:  # noqa: B027
         """Record per-sample losses seen in ``epoch``; most strategies ignore them (no-op)."""
-
-    def forget(self) -> None:
-        """Drop remembered slots (the planner calls this after :meth:`observe`)."""
-        self._memo.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`observe` accumulated (empty for stateless strategies)."""

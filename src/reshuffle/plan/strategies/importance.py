@@ -152,10 +152,6 @@ class ImportanceStrategy(Strategy):
                 del self._orders[old]
             self._window = LossWindow(self.layout.num_samples)
 
-    def importance(self) -> NDArray[np.float64]:
-        """Importance per sample from the losses observed since the last re-partition."""
-        return self._window.importance(self.measure)
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "observed": self._observed,
