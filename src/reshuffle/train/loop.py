@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from reshuffle.config import RunConfig, SystemConfig, planner_options
-from reshuffle.data import SourceDataset, open_source, transform_for
+from reshuffle.data import open_source, transform_for
 from reshuffle.data.dataset import collate
 from reshuffle.data.source import SampleSource
 from reshuffle.models import build_model
@@ -85,16 +85,14 @@ def _train(
         partial = saved[state.PARTIAL][ctx.rank] if saved and first_step else None
         stats, finished = run.train_epoch(epoch, first_step, partial)
         if not finished:
-            log.info(
-                "stopped after train.max_steps=%d steps (a checkpoint holds the position)", run.cfg.max_steps
-            )
+            log.info("stopped at train.max_steps=%d (a checkpoint holds the position)", run.cfg.max_steps)
             break
         last_row = run.finish_epoch(epoch, stats, epoch_started, commit_s)
         if run.reached_max_steps():
             break
         saved = None
     data.close()  # an exchange in flight and the last commit's upkeep end with the job
-    return run.summary(last_row, time.time() - started)
+    return run_files.finish(run_dir, config, ctx.world_size, last_row, time.time() - started, run.outputs)
 
 
 def _data(
@@ -102,26 +100,15 @@ def _data(
 ) -> tuple[ShuffledData, SampleSource]:
     """The public data path over the training set, index or store mode as configured."""
     source = open_source(config.data, "train", system)
+    shuffle = config.shuffle
     data = ShuffledData(
-        source,
-        config.shuffle.store_dir or run_dir / "store",
-        mode=config.shuffle.mode,
-        strategy=config.shuffle.strategy,
-        fraction=config.shuffle.fraction,
-        partition=config.shuffle.partition,
-        labels=source.targets,
-        seed=config.seed,
-        drop_last=config.shuffle.drop_last,
-        epochs=config.train.epochs,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        transform=transform_for(config.data, "train", system),
-        track_losses=config.train.track_losses,
-        chunk_mb=config.shuffle.exchange_chunk_mb,
-        timeout_s=config.dist.timeout_s,
-        dataset_id=run_files.dataset_identity(config),
-        **planner_options(config.shuffle),
-    )
+        source, shuffle.store_dir or run_dir / "store", mode=shuffle.mode, strategy=shuffle.strategy,
+        fraction=shuffle.fraction, partition=shuffle.partition, labels=source.targets, seed=config.seed,
+        drop_last=shuffle.drop_last, epochs=config.train.epochs, rank=ctx.rank, world_size=ctx.world_size,
+        transform=transform_for(config.data, "train", system), track_losses=config.train.track_losses,
+        chunk_mb=shuffle.exchange_chunk_mb, timeout_s=config.dist.timeout_s,
+        dataset_id=run_files.dataset_identity(config), **planner_options(shuffle),
+    )  # fmt: skip
     return data, source
 
 
@@ -160,9 +147,8 @@ class Run:
             model = convert_sync_batchnorm(model, ctx.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        ddp = DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
-        )
+        devices = None if ctx.device.type == "cpu" else [ctx.local_rank]
+        ddp = DistributedDataParallel(model, device_ids=devices)
         optimizer = step.build_optimizer(model, config)
         scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         if saved:
@@ -170,13 +156,7 @@ class Run:
             state.set_rng(saved[state.RNG], ctx.rank, ctx.world_size, ctx.device)
         else:
             torch.manual_seed(step.rank_seed(config.seed, ctx.rank))  # per-rank randomness (dropout)
-        test = SourceDataset(
-            open_source(config.data, "test", system), transform_for(config.data, "test", system)
-        )
-        test_loader = DataLoader(
-            test, batch_size=cfg.batch_size * 2, sampler=list(range(ctx.rank, len(test), ctx.world_size)),
-            num_workers=cfg.workers, collate_fn=collate, pin_memory=cfg.pin_memory,
-        )  # fmt: skip
+        test_loader = step.test_loader(config, system, ctx.rank, ctx.world_size)
         return cls(
             config, ctx, run_dir, data, source, model, ddp,
             torch.compile(ddp, backend=cfg.compile_backend) if cfg.compile else ddp, optimizer, scaler,
@@ -318,24 +298,3 @@ class Run:
         if ctx.is_main:
             self.checkpoints.save(checkpoint, epoch, at_step)
         dist.barrier()
-
-    def summary(self, last_row: dict[str, Any], wall_s: float) -> dict[str, Any]:
-        """The run summary (``summary.json`` once every epoch ran); closes the metrics files."""
-        completed = last_row.get("epoch") == self.cfg.epochs - 1
-        summary = {
-            "name": self.config.name,
-            "status": "completed" if completed else "stopped",
-            "epochs": self.cfg.epochs,
-            "world_size": self.ctx.world_size,
-            "wall_s": wall_s,
-            "final": last_row,
-        }
-        if self.outputs is not None:
-            self.outputs.close()
-            if completed:
-                run_files.write_summary(self.run_dir, summary)
-        return summary
-
-
-def _device_ids(ctx: distributed.DistContext) -> list[int] | None:
-    return [ctx.local_rank] if ctx.device.type == "cuda" else None

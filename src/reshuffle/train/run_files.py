@@ -77,6 +77,32 @@ def gather_hosts(device: torch.device, world_size: int) -> list[str]:
     return [bytes(t.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for t in everyone]
 
 
+def summary(config: RunConfig, world_size: int, last_row: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """The run summary: ``completed`` once the last epoch's row exists, ``stopped`` before."""
+    completed = last_row.get("epoch") == config.train.epochs - 1
+    return {
+        "name": config.name,
+        "status": "completed" if completed else "stopped",
+        "epochs": config.train.epochs,
+        "world_size": world_size,
+        "wall_s": wall_s,
+        "final": last_row,
+    }
+
+
+def finish(
+    run_dir: Path, config: RunConfig, world_size: int, last_row: dict[str, Any], wall_s: float,
+    outputs: MetricsFiles | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Close the metrics files (rank 0) and write ``summary.json`` once every epoch ran."""
+    result = summary(config, world_size, last_row, wall_s)
+    if outputs is not None:
+        outputs.close()
+        if result["status"] == "completed":
+            write_summary(run_dir, result)
+    return result
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
 

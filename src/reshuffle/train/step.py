@@ -11,7 +11,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from reshuffle.config import ConfigError, RunConfig
+from reshuffle.config import ConfigError, RunConfig, SystemConfig
+from reshuffle.data import SourceDataset, open_source, transform_for
+from reshuffle.data.dataset import collate
 
 
 def check_device_options(config: RunConfig, device: torch.device) -> None:
@@ -114,6 +116,15 @@ def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
     for gradient in gradients:
         gradient.copy_(flat[offset : offset + gradient.numel()].view_as(gradient))
         offset += gradient.numel()
+
+
+def test_loader(config: RunConfig, system: SystemConfig, rank: int, world_size: int) -> DataLoader:
+    """Rank ``rank``'s shard of the test set (every ``world_size``-th sample)."""
+    test = SourceDataset(open_source(config.data, "test", system), transform_for(config.data, "test", system))
+    return DataLoader(
+        test, batch_size=config.train.batch_size * 2, sampler=list(range(rank, len(test), world_size)),
+        num_workers=config.train.workers, collate_fn=collate, pin_memory=config.train.pin_memory,
+    )  # fmt: skip
 
 
 @torch.no_grad()
