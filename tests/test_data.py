@@ -13,15 +13,11 @@ import torch
 from reshuffle.config import ConfigError, DataConfig, DatasetEntry, SyntheticConfig, SystemConfig
 from reshuffle.data import LOADERS, DataNotFoundError, SourceDataset, open_source, transform_for
 from reshuffle.data.cifar10 import load_cifar10
-from reshuffle.data.fashion_mnist import DEBIAN_PATH, load_fashion_mnist
+from reshuffle.data.fashion_mnist import load_fashion_mnist
 from reshuffle.data.idx import read_idx
 from reshuffle.data.imagefolder import load_imagefolder
 from reshuffle.data.synthetic import load_synthetic
 from reshuffle.data.transforms import build_transform, sample_generator
-
-REAL_FASHION_MNIST = Path(DEBIAN_PATH, "train-images-idx3-ubyte.gz").is_file()
-# CI installs the Debian package and sets this, so the real-data tests cannot silently skip there.
-REQUIRE_REAL_DATA = os.environ.get("RESHUFFLE_REQUIRE_REAL_DATA") == "1"
 
 
 def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> Path:
@@ -76,11 +72,7 @@ def test_missing_fashion_mnist_says_where_it_looked_and_how_to_get_it(tmp_path, 
     assert "apt-get install dataset-fashion-mnist" in message and "datasets.fashion-mnist.path" in message
 
 
-@pytest.mark.skipif(
-    not REAL_FASHION_MNIST and not REQUIRE_REAL_DATA,
-    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); CI requires it",
-)
-def test_real_fashion_mnist():
+def test_real_fashion_mnist(fashion_mnist):
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     assert (len(train), len(test)) == (60_000, 10_000)
     assert np.bincount(train.targets).tolist() == [6000] * 10

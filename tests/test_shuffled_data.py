@@ -183,3 +183,31 @@ def test_sigkill_during_an_exchange_then_restart_loses_nothing(tmp_path):
             assert intact and ids == planner.plan(epoch).indices(rank).tolist()
     assert verify_store(root) == []
     assert sorted(Path(root).glob("rank-*/prepared.json")) == []
+
+
+def test_a_users_own_set_epoch_is_left_to_the_user():
+    """Only reshuffle's own datasets get set_epoch(epoch, seed=...); a user's dataset with a
+    set_epoch of another signature is not called."""
+
+    class WithEpoch(Pictures):
+        calls = 0
+
+        def set_epoch(self, epoch):
+            WithEpoch.calls += 1
+
+    data = ShuffledData(WithEpoch(), rank=0, world_size=2)
+    data.set_epoch(0)
+    data.set_epoch(1)
+    assert WithEpoch.calls == 0 and len(list(data.sampler)) == data.planner.samples_per_rank
+
+
+def test_recorded_losses_are_per_epoch():
+    """end_epoch hands the strategy the losses of that epoch only: nothing carries over."""
+    data = ShuffledData(Pictures(), track_losses=True, rank=0, world_size=1)
+    for epoch, loss in ((0, 1.0), (1, 3.0)):
+        data.set_epoch(epoch)
+        ids = torch.tensor(list(data.sampler))
+        data.record_losses(ids, torch.full((ids.numel(),), loss))
+        data.end_epoch()
+        seen, mean = data.losses()
+        assert seen.numel() == NUM and torch.allclose(mean, torch.full((NUM,), loss)), (epoch, mean[:3])

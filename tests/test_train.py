@@ -119,16 +119,7 @@ def test_every_training_option_trains(tmp_path, options):
         assert len(metrics) == epochs and float(metrics[0]["train_loss"]) > 0
 
 
-def test_real_fashion_mnist_trains(tmp_path):
-    from reshuffle.data.fashion_mnist import DEBIAN_PATH
-
-    if (
-        not Path(DEBIAN_PATH, "train-images-idx3-ubyte.gz").is_file()
-        and os.environ.get("RESHUFFLE_REQUIRE_REAL_DATA") != "1"
-    ):
-        pytest.skip(
-            "real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); CI requires it"
-        )
+def test_real_fashion_mnist_trains(tmp_path, fashion_mnist):
     run = run_in_process(
         tmp_path, "data.name=fashion-mnist", "data.train_limit=2048", "data.test_limit=512", "model.width=16"
     )

@@ -29,6 +29,26 @@ from reshuffle.plan.partitions import PARTITIONS
 from reshuffle.plan.planner import ShufflePlanner, check_same_config
 
 
+def rank_and_world(
+    rank: int | None,
+    world_size: int | None,
+    group: dist.ProcessGroup | None = None,
+    *,
+    name: str = "world_size",
+) -> tuple[int, int]:
+    """``(rank, world_size)``: as given, else ``group``'s (or the default process group's), else
+    0 and 1 when ``torch.distributed`` is not initialised; ``name`` is the caller's word for the
+    world size in the error."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size(group) if initialised else 1
+    if rank is None:
+        rank = dist.get_rank(group) if initialised else 0
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {name}={world_size}), got {rank}")
+    return rank, world_size
+
+
 class ShuffleSampler(Sampler[int]):
     """Yields the global sample ids one rank trains on in the current epoch.
 
@@ -64,13 +84,7 @@ class ShuffleSampler(Sampler[int]):
         drop_last: bool = False,
         **options: Any,
     ) -> None:
-        initialised = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if initialised else 1
-        if rank is None:
-            rank = dist.get_rank() if initialised else 0
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        rank, num_replicas = rank_and_world(rank, num_replicas, name="num_replicas")
         partition_cls = PARTITIONS.get(partition)
         if labels is None and partition_cls is not None and partition_cls.requires_labels:
             labels = getattr(dataset, "targets", None)

@@ -39,14 +39,14 @@ import torch.distributed as dist
 from numpy.typing import ArrayLike
 from torch.utils.data import Dataset
 
-from reshuffle.data.dataset import SourceDataset
+from reshuffle.data.dataset import KeyedAugmentation, SourceDataset
 from reshuffle.data.items import DatasetSource
 from reshuffle.data.source import SampleSource
 from reshuffle.data.transforms import Transform
 from reshuffle.losses import LossTracker
 from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.plan.partitions import PARTITIONS
-from reshuffle.sampler import ShuffleSampler
+from reshuffle.sampler import ShuffleSampler, rank_and_world
 from reshuffle.store import Exchanger, ExchangeStats, RankStore, new_exchange_group, stage
 from reshuffle.store.dataset import StoreDataset, StoreItems
 
@@ -73,7 +73,8 @@ class ShuffledData:
             default process group's (or 0 and 1 without ``torch.distributed``).
         group: the process group the exchange runs on. It runs collectives from a background
             thread while training runs its own: pass a group reserved for it, never the group
-            your gradients are all-reduced on. Default: a new group of all ranks.
+            your gradients are all-reduced on. Default: a new group of all ranks. Per-sample losses
+            (loss-driven strategies) are summed over the default process group.
         transform: for a reshuffle sample source, the pipeline from uint8 image to model input.
         track_losses: collect per-sample losses (:meth:`record_losses`) even if the strategy
             does not use them.
@@ -117,7 +118,7 @@ class ShuffledData:
         **options: Any,
     ) -> None:
         self.mode = _mode(mode, store_dir)
-        self.rank, self.world_size = _world(rank, world_size, group)
+        self.rank, self.world_size = rank_and_world(rank, world_size, group)
         self.epochs = epochs
         self.seed = seed
         self.group = group
@@ -182,10 +183,12 @@ class ShuffledData:
             self._move_store_to(epoch)
         elif self.epoch is not None and epoch != self.epoch:
             self.end_epoch()
+        if self.tracker is not None and epoch != self.epoch:
+            self.tracker.reset()  # the ended epoch's losses were handed over; a new epoch starts empty
         self.epoch = epoch
         self.plan = self.planner.plan(epoch)
         self.sampler.set_epoch(epoch)
-        if hasattr(self.dataset, "set_epoch"):  # keyed augmentation of reshuffle's datasets
+        if isinstance(self.dataset, KeyedAugmentation):  # reshuffle's own: augmentation keyed by epoch
             self.dataset.set_epoch(epoch, seed=self.seed)
         if (
             self.exchanger is not None
@@ -207,7 +210,7 @@ class ShuffledData:
             return self.last_exchange
         if self.tracker is not None:
             if self.world_size > 1:
-                self.tracker.reduce(group=self.group, device=self.device)
+                self.tracker.reduce(device=self.device)
             if self.planner.strategy.uses_losses:
                 self.planner.observe(self.epoch, *(t.numpy() for t in self.tracker.mean()))
         self.last_exchange = None
@@ -317,7 +320,7 @@ class ShuffledData:
         }
         if self.tracker is not None and not ended:
             if self.world_size > 1:
-                state[self.STATE_LOSSES] = self.tracker.summed(group=self.group, device=self.device)
+                state[self.STATE_LOSSES] = self.tracker.summed(device=self.device)
             else:
                 state[self.STATE_LOSSES] = self.tracker.state_dict()
         return state
@@ -357,17 +360,6 @@ def _mode(mode: str | None, store_dir: str | Path | None) -> str:
     if mode == "store" and store_dir is None:
         raise ValueError("mode='store' needs store_dir (a node-local directory for this rank's samples)")
     return mode
-
-
-def _world(rank: int | None, world_size: int | None, group: dist.ProcessGroup | None) -> tuple[int, int]:
-    initialised = dist.is_available() and dist.is_initialized()
-    if rank is None:
-        rank = dist.get_rank(group) if initialised else 0
-    if world_size is None:
-        world_size = dist.get_world_size(group) if initialised else 1
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    return rank, world_size
 
 
 def _device(group: dist.ProcessGroup | None) -> torch.device:

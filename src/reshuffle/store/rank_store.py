@@ -84,8 +84,8 @@ class RankStore:
         return store
 
     def refresh(self) -> bool:
-        """Reload the committed state if another process committed since it was read (a
-        DataLoader worker that outlives an epoch boundary); returns whether it changed."""
+        """Reload the committed state if another process committed since (a DataLoader worker
+        that outlives an epoch boundary); returns whether it changed."""
         path = self.directory / fmt.MANIFEST
         if fmt.manifest_value(fmt.read_json(path, "manifest"), "generation", int, path) == self.generation:
             return False
@@ -355,8 +355,7 @@ class RankStore:
             self.dirty_packs.update(np.unique(gone["pack"]).tolist())
         self.remove_unreferenced()  # the old index and emptied packs: cheap unlinks
 
-    def commit_first(self, epoch: int, records: np.ndarray) -> None:
-        """Commit a freshly staged store's first state (its packs are already fsynced)."""
+    def commit_first(self, epoch: int, records: np.ndarray) -> None:  # staging's first state
         fmt.write_json(self.directory / fmt.MANIFEST, self._state(epoch, 1, records))
         self._load(self.directory / fmt.MANIFEST)
 

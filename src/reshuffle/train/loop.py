@@ -75,7 +75,6 @@ def _train(
     data.set_epoch(start_epoch)  # stages (or reopens and recovers) a store before anything is timed
     run = Run.build(config, system, run_dir, ctx, data, source, checkpoints, saved, resume, start_epoch)
     run.total_steps = start_epoch * run.steps_per_epoch + start_step
-
     last_row: dict[str, Any] = {}
     for epoch in range(start_epoch, config.train.epochs):
         epoch_started = time.perf_counter()
@@ -85,7 +84,9 @@ def _train(
         partial = saved[state.PARTIAL][ctx.rank] if saved and first_step else None
         stats, finished = run.train_epoch(epoch, first_step, partial)
         if not finished:
-            log.info("stopped at train.max_steps=%d (a checkpoint holds the position)", run.cfg.max_steps)
+            log.info(
+                "stopped at train.max_steps=%d (a checkpoint holds the position)", config.train.max_steps
+            )
             break
         last_row = run.finish_epoch(epoch, stats, epoch_started, commit_s)
         if run.reached_max_steps():
@@ -132,6 +133,8 @@ class Run:
     outputs: MetricsFiles | None
     progress: Progress
     footprint: metrics.Footprint
+    sample_bytes: float  # mean bytes per stored sample (for the bytes_planned and storage columns)
+    dataset_labels: np.ndarray  # samples per class in the whole training set
     total_steps: int = 0
 
     @classmethod
@@ -163,25 +166,22 @@ class Run:
             nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing), test_loader,
             checkpoints, run_files.open_outputs(run_dir, config, ctx, resume, start_epoch),
             Progress(config.log.progress, config.log.every_steps, enabled=ctx.is_main),
-            metrics.Footprint(data.planner, start_epoch, [ctx.rank]),
+            metrics.Footprint(data.planner, start_epoch, [ctx.rank]), metrics.mean_sample_bytes(source),
+            np.bincount(source.targets, minlength=source.num_classes),
         )  # fmt: skip
 
     @property
-    def cfg(self):
-        return self.config.train
-
-    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.data.planner.samples_per_rank / self.cfg.batch_size)
+        return math.ceil(self.data.planner.samples_per_rank / self.config.train.batch_size)
 
     def reached_max_steps(self) -> bool:
-        return bool(self.cfg.max_steps) and self.total_steps >= self.cfg.max_steps
+        return bool(self.config.train.max_steps) and self.total_steps >= self.config.train.max_steps
 
     def train_epoch(
         self, epoch: int, first_step: int, partial: list[float] | None
     ) -> tuple[metrics.EpochStats, bool]:
         """Steps ``first_step ..`` of ``epoch``; whether the epoch ran to its end."""
-        cfg, ctx = self.cfg, self.ctx
+        cfg, ctx = self.config.train, self.ctx
         stats = metrics.EpochStats.from_numbers(partial) if partial else None
         stats = stats or metrics.EpochStats(label_counts=[0] * self.source.num_classes)
         loader = DataLoader(
@@ -226,7 +226,7 @@ class Run:
     def step(self, epoch: int, at: int, images: torch.Tensor, labels: torch.Tensor):
         """Forward (mixup, AMP), backward, gradient exchange, update. Returns the mean loss, the
         per-sample losses, the logits and when backward ended (the fw+bw / ge+wu split)."""
-        cfg = self.cfg
+        cfg = self.config.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.total_steps, self.steps_per_epoch, cfg, self.ctx.world_size)
         with torch.autocast(self.ctx.device.type, dtype=step.amp_dtype(cfg.amp), enabled=cfg.amp != "off"):
@@ -251,7 +251,7 @@ class Run:
         """The epoch boundary: losses to the plan and the next exchange prepared everywhere
         (``end_epoch``), recalibration, evaluation, the metrics rows, then the checkpoint: after
         every rank prepared the next epoch's samples, before ``set_epoch`` commits them."""
-        cfg, ctx, data = self.cfg, self.ctx, self.data
+        cfg, ctx, data = self.config.train, self.ctx, self.data
         train_s = time.perf_counter() - epoch_started
         boundary = time.perf_counter()
         exchange = data.end_epoch()
@@ -269,16 +269,15 @@ class Run:
 
         last_epoch = epoch + 1 == cfg.epochs
         churn, coverage, storage = self.footprint.update(data.plan, ctx.rank, last_epoch)
-        dataset_labels = np.bincount(self.source.targets, minlength=self.source.num_classes)
         rank_values = [
             *stats.to_numbers()[:7], exchange_s, exposed_s,
             exchange.bytes_sent if exchange else 0, exchange.bytes_received if exchange else 0,
-            js_distance(stats.label_counts, dataset_labels), float(stats.order_hash), epoch_s, train_s,
+            js_distance(stats.label_counts, self.dataset_labels), float(stats.order_hash), epoch_s, train_s,
             metrics.moved(data.plan, ctx.rank, last_epoch), churn, coverage, storage,
         ]  # fmt: skip
         ranks = metrics.gather(rank_values, ctx.device, ctx.world_size)
-        lr, sample_bytes = self.optimizer.param_groups[0]["lr"], metrics.mean_sample_bytes(self.source)
-        row = metrics.epoch_row(epoch, ranks, scores, eval_s, lr, sample_bytes)
+        lr = self.optimizer.param_groups[0]["lr"]
+        row = metrics.epoch_row(epoch, ranks, scores, eval_s, lr, self.sample_bytes)
         if self.outputs is not None:
             self.outputs.write(row, metrics.rank_rows(epoch, ranks), self.step_rows)
             log.info("%s", metrics.epoch_line(row))
@@ -289,7 +288,8 @@ class Run:
     def save(self, epoch: int, at_step: int, partial: metrics.EpochStats | None) -> None:
         """Every rank contributes its RNG state and epoch totals; rank 0 writes (collective)."""
         ctx = self.ctx
-        position = None if partial is None else at_step * self.cfg.batch_size  # what training consumed
+        # mid-epoch, the position is what training consumed (the loader's workers run ahead)
+        position = None if partial is None else at_step * self.config.train.batch_size
         totals = metrics.gather_numbers(partial.to_numbers(), ctx.device, ctx.world_size) if partial else None
         checkpoint = state.build(
             epoch, at_step, self.config, self.model, self.optimizer, self.scaler,
