@@ -225,96 +225,105 @@ def write_report(
 
 
 def _plots(groups: Sequence[Group], out_dir: Path) -> list[tuple[str, str]]:
-    import matplotlib
+    """Every comparison figure, written into ``out_dir``; returns (title, file name) pairs."""
+    figures = _Figures(groups, out_dir)
+    figures.lines("test_acc", "test top-1 accuracy", "Test accuracy", "test_acc.png")
+    figures.lines("train_loss", "train loss", "Train loss", "train_loss.png")
+    figures.lines(
+        "label_js", "Jensen-Shannon distance to the dataset's label mix", "Per-rank label skew "
+        "(solid: mean over ranks, dashed: worst rank)", "label_js.png", extra="label_js_max",
+    )  # fmt: skip
+    figures.lines("churn", "share of a rank's samples new this epoch", "Churn", "churn.png")
+    figures.lines("coverage", "share of the dataset a rank has trained on", "Coverage", "coverage.png")
+    figures.bytes_moved()
+    figures.time_breakdown()
+    return figures.made
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    made = []
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    crowded = len(groups) > 5  # a legend inside the axes would hide curves: put it on the right
+class _Figures:
+    """matplotlib (Agg) figures over the same groups, one color per group throughout."""
 
-    def new_figure() -> tuple[Any, Any]:
-        return plt.subplots(figsize=(10.5 if crowded else 7.5, 4.5))
+    def __init__(self, groups: Sequence[Group], out_dir: Path) -> None:
+        import matplotlib
 
-    def legend(axes: Any) -> None:
-        if crowded:
-            axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-        else:
-            axes.legend(fontsize=8, loc="best")
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-    def lines(column: str, ylabel: str, title: str, name: str, *, extra: str | None = None) -> None:
-        figure, axes = new_figure()
-        for index, group in enumerate(groups):
-            color = colors[index % len(colors)]
-            epochs, mean, low, high = group.series(column)
-            axes.plot(epochs, mean, marker="o", markersize=3, color=color, label=group.label)
-            if len(group.runs) > 1:
-                axes.fill_between(epochs, low, high, color=color, alpha=0.15, linewidth=0)
-            if extra:
-                epochs, mean, _, _ = group.series(extra)
-                axes.plot(epochs, mean, linestyle="--", color=color, linewidth=1)
-        axes.set_xlabel("epoch")
+        self.plt, self.groups, self.out_dir = plt, groups, out_dir
+        self.colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        self.crowded = len(groups) > 5  # a legend inside the axes would hide curves: put it on the right
+        self.made: list[tuple[str, str]] = []
+
+    def color(self, index: int) -> str:
+        return self.colors[index % len(self.colors)]
+
+    def new_figure(self) -> tuple[Any, Any]:
+        return self.plt.subplots(figsize=(10.5 if self.crowded else 7.5, 4.5))
+
+    def by_epoch(self, axes: Any, xlabel: str, ylabel: str, title: str) -> None:
+        from matplotlib.ticker import MaxNLocator
+
+        axes.set_xlabel(xlabel)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(ylabel)
         axes.set_title(title)
         axes.grid(alpha=0.3)
-        legend(axes)
+        if self.crowded:
+            axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        else:
+            axes.legend(fontsize=8, loc="best")
+
+    def save(self, figure: Any, title: str, name: str) -> None:
         figure.tight_layout()
-        figure.savefig(out_dir / name, dpi=110)
-        plt.close(figure)
-        made.append((title, name))
+        figure.savefig(self.out_dir / name, dpi=110)
+        self.plt.close(figure)
+        self.made.append((title, name))
 
-    lines("test_acc", "test top-1 accuracy", "Test accuracy", "test_acc.png")
-    lines("train_loss", "train loss", "Train loss", "train_loss.png")
-    lines(
-        "label_js", "Jensen-Shannon distance to the dataset's label mix", "Per-rank label skew "
-        "(solid: mean over ranks, dashed: worst rank)", "label_js.png", extra="label_js_max",
-    )  # fmt: skip
-    lines("churn", "share of a rank's samples new this epoch", "Churn", "churn.png")
-    lines("coverage", "share of the dataset a rank has trained on", "Coverage", "coverage.png")
+    def lines(self, column: str, ylabel: str, title: str, name: str, *, extra: str | None = None) -> None:
+        """One curve per group (mean over its runs, the runs' range shaded); ``extra`` dashed."""
+        figure, axes = self.new_figure()
+        for index, group in enumerate(self.groups):
+            epochs, mean, low, high = group.series(column)
+            axes.plot(epochs, mean, marker="o", markersize=3, color=self.color(index), label=group.label)
+            if len(group.runs) > 1:
+                axes.fill_between(epochs, low, high, color=self.color(index), alpha=0.15, linewidth=0)
+            if extra:
+                epochs, mean, _, _ = group.series(extra)
+                axes.plot(epochs, mean, linestyle="--", color=self.color(index), linewidth=1)
+        self.by_epoch(axes, "epoch", ylabel, title)
+        self.save(figure, title, name)
 
-    figure, axes = new_figure()
-    for index, group in enumerate(groups):
-        world = group.runs[0].epochs[0].get("world_size", 1) or 1
-        epochs, mean, _, _ = group.series("bytes_planned")
-        axes.plot(epochs, [m / world / 1e6 for m in mean], marker="o", markersize=3,
-                  color=colors[index % len(colors)], label=group.label)  # fmt: skip
-    axes.set_xlabel("epoch (data moved after it)")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_ylabel("MB sent per rank")
-    axes.set_title("Data moved per rank per epoch (store mode)")
-    axes.grid(alpha=0.3)
-    legend(axes)
-    figure.tight_layout()
-    figure.savefig(out_dir / "bytes.png", dpi=110)
-    plt.close(figure)
-    made.append(("Data moved per rank per epoch (store mode)", "bytes.png"))
+    def bytes_moved(self) -> None:
+        title = "Data moved per rank per epoch (store mode)"
+        figure, axes = self.new_figure()
+        for index, group in enumerate(self.groups):
+            world = group.runs[0].epochs[0].get("world_size", 1) or 1
+            epochs, mean, _, _ = group.series("bytes_planned")
+            axes.plot(epochs, [m / world / 1e6 for m in mean], marker="o", markersize=3,
+                      color=self.color(index), label=group.label)  # fmt: skip
+        self.by_epoch(axes, "epoch (data moved after it)", "MB sent per rank", title)
+        self.save(figure, title, "bytes.png")
 
-    parts = [("io_s", "I/O wait"), ("exchange_exposed_s", "exposed exchange"), ("fw_bw_s", "FW+BW"),
-             ("ge_wu_s", "GE+WU")]  # fmt: skip
-    figure, axes = plt.subplots(figsize=(7.5, 4.5))
-    labels = [group.label for group in groups]
-    bottoms = [0.0] * len(groups)
-    for column, name in parts:
-        heights = []
-        for group in groups:
-            values = group.per_run(column, "mean")
-            heights.append(statistics.fmean(values) if values else 0.0)
-        axes.bar(range(len(groups)), heights, bottom=bottoms, label=name)
-        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    if not any(bottoms):
-        axes.text(0.5, 0.5, "not measured (virtual ranks run in one process)", transform=axes.transAxes,
-                  ha="center", va="center")  # fmt: skip
-    axes.set_ylim(bottom=0)
-    axes.set_xticks(range(len(groups)), labels, rotation=20, ha="right", fontsize=8)
-    axes.set_ylabel("seconds per epoch (mean over ranks)")
-    axes.set_title("Epoch time breakdown (empty for virtual ranks)")
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    figure.savefig(out_dir / "time_breakdown.png", dpi=110)
-    plt.close(figure)
-    made.append(("Epoch time breakdown", "time_breakdown.png"))
-    return made
+    def time_breakdown(self) -> None:
+        parts = [("io_s", "I/O wait"), ("exchange_exposed_s", "exposed exchange"), ("fw_bw_s", "FW+BW"),
+                 ("ge_wu_s", "GE+WU")]  # fmt: skip
+        groups = self.groups
+        figure, axes = self.plt.subplots(figsize=(7.5, 4.5))
+        bottoms = [0.0] * len(groups)
+        for column, name in parts:
+            heights = []
+            for group in groups:
+                values = group.per_run(column, "mean")
+                heights.append(statistics.fmean(values) if values else 0.0)
+            axes.bar(range(len(groups)), heights, bottom=bottoms, label=name)
+            bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+        if not any(bottoms):
+            axes.text(0.5, 0.5, "not measured (virtual ranks run in one process)", transform=axes.transAxes,
+                      ha="center", va="center")  # fmt: skip
+        axes.set_ylim(bottom=0)
+        axes.set_xticks(range(len(groups)), [g.label for g in groups], rotation=20, ha="right", fontsize=8)
+        axes.set_ylabel("seconds per epoch (mean over ranks)")
+        axes.set_title("Epoch time breakdown (empty for virtual ranks)")
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3, axis="y")
+        self.save(figure, "Epoch time breakdown", "time_breakdown.png")

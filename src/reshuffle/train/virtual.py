@@ -22,6 +22,7 @@ Checkpoints are written at epoch ends; ``--resume`` continues from the last one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -39,10 +40,11 @@ from reshuffle.losses import LossTracker
 from reshuffle.models import build_model
 from reshuffle.models.norm import batchnorms
 from reshuffle.models.virtual import set_groups, virtualize
-from reshuffle.plan import ShufflePlanner
+from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.plan.quality import js_distance
 from reshuffle.shuffled import plain
 from reshuffle.train import distributed, metrics, run_files, state, step
+from reshuffle.train.checkpoint import Checkpoints
 from reshuffle.train.outputs import MetricsFiles
 from reshuffle.train.progress import Progress
 from reshuffle.train.recalibrate import assign_batchnorm, estimate_batchnorm
@@ -74,36 +76,10 @@ def _train(
     config: RunConfig, system: SystemConfig, run_dir: Path, ctx: distributed.DistContext, resume: bool
 ) -> dict[str, Any]:
     started = time.time()
-    world = config.dist.virtual_ranks
-    train_cfg = config.train
     run_files.start_logging(run_dir, 0)
-    if config.shuffle.mode != "index":
-        raise ConfigError(
-            "dist.virtual_ranks: virtual ranks share one process and read the dataset directly; "
-            "use shuffle.mode=index (store mode needs real ranks)"
-        )
-    if config.model.norm == "sync-batch" and world * train_cfg.batch_size > config.dist.virtual_batch_limit:
-        raise ConfigError(
-            f"model.norm=sync-batch with {world} virtual ranks x batch {train_cfg.batch_size} needs all "
-            f"{world * train_cfg.batch_size} samples in one forward; raise dist.virtual_batch_limit"
-        )
-    if train_cfg.deterministic:
+    _check(config)
+    if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
-
-    train_source = open_source(config.data, "train", system)
-    test_source = open_source(config.data, "test", system)
-    planner = ShufflePlanner(
-        len(train_source), world, strategy=config.shuffle.strategy, fraction=config.shuffle.fraction,
-        partition=config.shuffle.partition, labels=train_source.targets, seed=config.seed,
-        drop_last=config.shuffle.drop_last, **planner_options(config.shuffle),
-    )  # fmt: skip
-    batch = train_cfg.batch_size
-    steps_per_epoch = math.ceil(planner.samples_per_rank / batch)
-    chunk = max(1, min(world, config.dist.virtual_batch_limit // batch))
-    dataset_labels = np.bincount(train_source.targets, minlength=train_source.num_classes)
-    classes = train_source.num_classes
-    sample_bytes = metrics.mean_sample_bytes(train_source)
-
     checkpoints = state.checkpoints_of(run_dir, config, resume)
     saved = state.load(checkpoints, config) if resume else None
     if saved and int(saved[state.STEP]) != 0:
@@ -111,162 +87,260 @@ def _train(
             f"{checkpoints.latest()} is a mid-epoch checkpoint; virtual runs resume at epoch ends"
         )
     start_epoch = int(saved[state.EPOCH]) if saved else 0
-    if saved:
-        planner.load_state_dict(saved[state.DATA][PLANNER])
-
-    train_dataset = SourceDataset(train_source, transform_for(config.data, "train", system))
-    test_loader = DataLoader(
-        SourceDataset(test_source, transform_for(config.data, "test", system)),
-        batch_size=batch * 2,
-        num_workers=train_cfg.workers,
-        collate_fn=collate,
-    )
-
-    torch.manual_seed(config.seed)  # the initial weights every real rank starts from
-    model = virtualize(
-        build_model(config.model, train_source.shape, classes),
-        norm=config.model.norm,
-        dropout_seeds=[step.rank_seed(config.seed, r) for r in range(world)],
-    ).to(ctx.device)
-    if train_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model, backend=train_cfg.compile_backend) if train_cfg.compile else model
-    optimizer = step.build_optimizer(model, config)
-    scaler = torch.amp.GradScaler("cuda") if train_cfg.amp == "fp16" else None
-    criterion = nn.CrossEntropyLoss(reduction="none", label_smoothing=train_cfg.label_smoothing)
-    tracker = LossTracker(len(train_source))
-    tracking = planner.strategy.uses_losses or train_cfg.track_losses
-    if saved:
-        state.restore(saved, model, optimizer, scaler)
-        state.set_rng(saved[state.RNG], 0, 1, ctx.device)
-
-    run_files.write_run_files(
-        run_dir, config, world_size=world, backend=ctx.backend, device=ctx.device, resume=resume,
-        hosts=run_files.gather_hosts(ctx.device, 1), virtual_ranks=world, ranks_per_forward=chunk,
-    )  # fmt: skip
-    outputs = MetricsFiles(run_dir, resume_epoch=start_epoch, tensorboard=config.log.tensorboard)
-    progress = Progress(config.log.progress, config.log.every_steps, enabled=True)
-    log.info("virtual ranks: %d, %d per forward, %d steps per epoch", world, chunk, steps_per_epoch)
-
-    total_steps = start_epoch * steps_per_epoch
-    footprint = metrics.Footprint(planner, start_epoch, list(range(world)))
+    run = VirtualRun.build(config, system, run_dir, ctx, checkpoints, saved, resume, start_epoch)
     last_row: dict[str, Any] = {}
     stopped = False
-    for epoch in range(start_epoch, train_cfg.epochs):
+    for epoch in range(start_epoch, config.train.epochs):
         epoch_started = time.perf_counter()
-        plan = planner.plan(epoch)
-        order = np.stack([plan.indices(r) for r in range(world)])  # (M, samples per rank)
-        train_dataset.set_epoch(epoch, seed=config.seed)
-        loader = DataLoader(
-            train_dataset,
-            batch_sampler=[
-                order[:, s * batch : (s + 1) * batch].reshape(-1).tolist() for s in range(steps_per_epoch)
-            ],
-            num_workers=train_cfg.workers,
-            collate_fn=collate,
-            pin_memory=train_cfg.pin_memory,
-        )
-        loss_sum = np.zeros(world)
-        correct = np.zeros(world)
-        samples = np.zeros(world)
-        label_counts = np.zeros((world, classes), dtype=np.int64)
-        step_rows: list[dict[str, Any]] = []
-        model.train()
-        progress.start(epoch, steps_per_epoch, 0)
-        for at, (images, labels, ids) in enumerate(loader):
-            images, labels = images.to(ctx.device), labels.to(ctx.device)
-            if train_cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            per_rank = images.shape[0] // world
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(total_steps, steps_per_epoch, train_cfg, world)
-            step_loss = 0.0
-            for first in range(0, world, chunk):
-                ranks = range(first, min(world, first + chunk))
-                part = slice(first * per_rank, ranks.stop * per_rank)
-                set_groups(model, len(ranks), first)
-                with torch.autocast(
-                    ctx.device.type, dtype=step.amp_dtype(train_cfg.amp), enabled=train_cfg.amp != "off"
-                ):
-                    logits, per_sample = step.forward_ranks(
-                        forward, criterion, images[part], labels[part], config, epoch, at, ranks
-                    )
-                rank_means = per_sample.view(len(ranks), per_rank).mean(1)
-                loss = rank_means.sum() / world  # the mean over all ranks, in pieces
-                step.backward(loss, scaler)
-                step_loss += float(loss.detach())
-                detached = per_sample.detach().float().view(len(ranks), per_rank)
-                loss_sum[first : ranks.stop] += detached.sum(1).cpu().numpy()
-                hits = (logits.detach().argmax(1) == labels[part]).view(len(ranks), per_rank)
-                correct[first : ranks.stop] += hits.sum(1).cpu().numpy()
-                if tracking:
-                    tracker.add(ids[part], per_sample.detach())
-            set_groups(model, 1)
-            step.optimizer_step(optimizer, scaler)
-            samples += per_rank
-            rank_of = np.repeat(np.arange(world), per_rank)
-            np.add.at(label_counts, (rank_of, labels.cpu().numpy()), 1)
-            if config.log.step_losses:
-                step_rows.append({"epoch": epoch, "step": at, "loss": step_loss})
-            progress.step(at, step_loss)
-            total_steps += 1
-            if train_cfg.max_steps and total_steps >= train_cfg.max_steps and at + 1 < steps_per_epoch:
-                stopped = True
-                break
-        progress.finish()
-        if stopped:
+        totals = run.train_epoch(epoch)
+        if totals is None:
             log.info(
-                "stopped after train.max_steps=%d steps (virtual runs checkpoint at epoch ends)", total_steps
+                "stopped after train.max_steps=%d steps (virtual runs checkpoint at epoch ends)",
+                run.total_steps,
             )
+            stopped = True
             break
-        train_s = time.perf_counter() - epoch_started
-
-        if train_cfg.bn_recalibrate and batchnorms(model):
-            _recalibrate(model, train_dataset, plan, world, train_cfg, ctx.device)
-        if tracking and planner.strategy.uses_losses:
-            planner.observe(epoch, *(t.numpy() for t in tracker.mean()))
-        tracker.reset()
-        epoch_s = time.perf_counter() - epoch_started
-        eval_started = time.perf_counter()
-        scores = step.evaluate(model, test_loader, criterion, ctx.device, config)
-        eval_s = time.perf_counter() - eval_started
-
-        last_epoch = epoch + 1 == train_cfg.epochs
-        ranks = []
-        for r in range(world):
-            churn, coverage, storage = footprint.update(plan, r, last_epoch)
-            ranks.append({
-                **dict.fromkeys(metrics.FIELDS, math.nan),
-                "steps": steps_per_epoch, "samples": samples[r], "loss_sum": loss_sum[r],
-                "correct": correct[r], "bytes_sent": 0, "bytes_received": 0,
-                "order_hash": metrics.order_hash(order[r].tolist()),
-                "label_js": js_distance(label_counts[r].tolist(), dataset_labels), "epoch_s": epoch_s,
-                "train_s": train_s, "moved": metrics.moved(plan, r, last_epoch), "churn": churn,
-                "coverage": coverage, "storage": storage,
-            })  # fmt: skip
-        lr = optimizer.param_groups[0]["lr"]
-        last_row = metrics.epoch_row(epoch, ranks, scores, eval_s, lr, sample_bytes, virtual=world)
-        outputs.write(last_row, metrics.rank_rows(epoch, ranks), step_rows)
-        log.info("%s", metrics.epoch_line(last_row))
-        if last_epoch or (train_cfg.checkpoint_every and (epoch + 1) % train_cfg.checkpoint_every == 0):
-            checkpoint = state.build(
-                epoch + 1, 0, config, model, optimizer, scaler, {PLANNER: plain(planner.state_dict())},
-                state.gather_rng(ctx.device, 1), None,
-            )  # fmt: skip
-            checkpoints.save(checkpoint, epoch + 1, 0)
-
-    outputs.close()
+        last_row = run.finish_epoch(epoch, totals, epoch_started)
+    run.outputs.close()
     summary = {
         "status": "stopped" if stopped else "completed",
-        "epochs": train_cfg.epochs,
-        "world_size": world,
-        "virtual_ranks": world,
+        "epochs": config.train.epochs,
+        "world_size": run.world,
+        "virtual_ranks": run.world,
         "wall_s": time.time() - started,
         "final": last_row,
     }
     if not stopped:
         run_files.write_summary(run_dir, summary)
     return summary
+
+
+def _check(config: RunConfig) -> None:
+    world, batch = config.dist.virtual_ranks, config.train.batch_size
+    if config.shuffle.mode != "index":
+        raise ConfigError(
+            "dist.virtual_ranks: virtual ranks share one process and read the dataset directly; "
+            "use shuffle.mode=index (store mode needs real ranks)"
+        )
+    if config.model.norm == "sync-batch" and world * batch > config.dist.virtual_batch_limit:
+        raise ConfigError(
+            f"model.norm=sync-batch with {world} virtual ranks x batch {batch} needs all "
+            f"{world * batch} samples in one forward; raise dist.virtual_batch_limit"
+        )
+
+
+@dataclasses.dataclass
+class EpochTotals:
+    """What one epoch of every virtual rank added up to, rank by rank."""
+
+    plan: EpochPlan
+    order: np.ndarray  # (M, samples per rank): the ids each rank trains, in order
+    loss_sum: np.ndarray
+    correct: np.ndarray
+    samples: np.ndarray
+    label_counts: np.ndarray  # (M, classes)
+    train_s: float = 0.0
+    step_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def zeros(cls, plan: EpochPlan, classes: int) -> EpochTotals:
+        order = np.stack([plan.indices(r) for r in range(plan.world_size)])
+        world = order.shape[0]
+        return cls(
+            plan, order, np.zeros(world), np.zeros(world), np.zeros(world),
+            np.zeros((world, classes), dtype=np.int64),
+        )  # fmt: skip
+
+
+@dataclasses.dataclass
+class VirtualRun:
+    """What every epoch of a virtual run uses, built once."""
+
+    config: RunConfig
+    ctx: distributed.DistContext
+    world: int
+    chunk: int  # ranks per forward
+    planner: ShufflePlanner
+    train_dataset: SourceDataset
+    test_loader: DataLoader
+    model: nn.Module
+    forward: Any  # model, or model compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    tracker: LossTracker
+    checkpoints: Checkpoints
+    outputs: MetricsFiles
+    progress: Progress
+    footprint: metrics.Footprint
+    sample_bytes: float
+    dataset_labels: np.ndarray
+    total_steps: int = 0
+
+    @classmethod
+    def build(
+        cls, config: RunConfig, system: SystemConfig, run_dir: Path, ctx: distributed.DistContext,
+        checkpoints: Checkpoints, saved: dict[str, Any] | None, resume: bool, start_epoch: int,
+    ) -> VirtualRun:  # fmt: skip
+        world, cfg = config.dist.virtual_ranks, config.train
+        train_source = open_source(config.data, "train", system)
+        test_source = open_source(config.data, "test", system)
+        planner = ShufflePlanner(
+            len(train_source), world, strategy=config.shuffle.strategy, fraction=config.shuffle.fraction,
+            partition=config.shuffle.partition, labels=train_source.targets, seed=config.seed,
+            drop_last=config.shuffle.drop_last, **planner_options(config.shuffle),
+        )  # fmt: skip
+        if saved:
+            planner.load_state_dict(saved[state.DATA][PLANNER])
+        test_loader = DataLoader(
+            SourceDataset(test_source, transform_for(config.data, "test", system)),
+            batch_size=cfg.batch_size * 2, num_workers=cfg.workers, collate_fn=collate,
+        )  # fmt: skip
+        torch.manual_seed(config.seed)  # the initial weights every real rank starts from
+        model = virtualize(
+            build_model(config.model, train_source.shape, train_source.num_classes),
+            norm=config.model.norm,
+            dropout_seeds=[step.rank_seed(config.seed, r) for r in range(world)],
+        ).to(ctx.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = step.build_optimizer(model, config)
+        scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        if saved:
+            state.restore(saved, model, optimizer, scaler)
+            state.set_rng(saved[state.RNG], 0, 1, ctx.device)
+        chunk = max(1, min(world, config.dist.virtual_batch_limit // cfg.batch_size))
+        run_files.write_run_files(
+            run_dir, config, world_size=world, backend=ctx.backend, device=ctx.device, resume=resume,
+            hosts=run_files.gather_hosts(ctx.device, 1), virtual_ranks=world, ranks_per_forward=chunk,
+        )  # fmt: skip
+        run = cls(
+            config, ctx, world, chunk, planner,
+            SourceDataset(train_source, transform_for(config.data, "train", system)), test_loader, model,
+            torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model, optimizer, scaler,
+            nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing),
+            LossTracker(len(train_source)), checkpoints,
+            MetricsFiles(run_dir, resume_epoch=start_epoch, tensorboard=config.log.tensorboard),
+            Progress(config.log.progress, config.log.every_steps, enabled=True),
+            metrics.Footprint(planner, start_epoch, list(range(world))),
+            metrics.mean_sample_bytes(train_source),
+            np.bincount(train_source.targets, minlength=train_source.num_classes),
+        )  # fmt: skip
+        run.total_steps = start_epoch * run.steps_per_epoch
+        log.info("virtual ranks: %d, %d per forward, %d steps per epoch", world, chunk, run.steps_per_epoch)
+        return run
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.planner.samples_per_rank / self.config.train.batch_size)
+
+    @property
+    def tracking(self) -> bool:
+        return self.planner.strategy.uses_losses or self.config.train.track_losses
+
+    def train_epoch(self, epoch: int) -> EpochTotals | None:
+        """Every rank's steps of ``epoch``; None when ``train.max_steps`` stopped it part-way."""
+        cfg, batch, steps = self.config.train, self.config.train.batch_size, self.steps_per_epoch
+        started = time.perf_counter()
+        totals = EpochTotals.zeros(self.planner.plan(epoch), len(self.dataset_labels))
+        order = totals.order
+        self.train_dataset.set_epoch(epoch, seed=self.config.seed)
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=[order[:, s * batch : (s + 1) * batch].reshape(-1).tolist() for s in range(steps)],
+            num_workers=cfg.workers, collate_fn=collate, pin_memory=cfg.pin_memory,
+        )  # fmt: skip
+        self.model.train()
+        self.progress.start(epoch, steps, 0)
+        for at, (images, labels, ids) in enumerate(loader):
+            images, labels = images.to(self.ctx.device), labels.to(self.ctx.device)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            step_loss = self.step(epoch, at, images, labels, ids, totals)
+            if self.config.log.step_losses:
+                totals.step_rows.append({"epoch": epoch, "step": at, "loss": step_loss})
+            self.progress.step(at, step_loss)
+            self.total_steps += 1
+            if cfg.max_steps and self.total_steps >= cfg.max_steps and at + 1 < steps:
+                self.progress.finish()
+                return None
+        self.progress.finish()
+        totals.train_s = time.perf_counter() - started
+        return totals
+
+    def step(
+        self, epoch: int, at: int, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
+        totals: EpochTotals,
+    ) -> float:  # fmt: skip
+        """One DDP step of every rank, forwarded ``chunk`` ranks at a time; returns the mean loss."""
+        cfg, world, model = self.config.train, self.world, self.model
+        per_rank = images.shape[0] // world
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.total_steps, self.steps_per_epoch, cfg, world)
+        step_loss = 0.0
+        for first in range(0, world, self.chunk):
+            ranks = range(first, min(world, first + self.chunk))
+            part = slice(first * per_rank, ranks.stop * per_rank)
+            set_groups(model, len(ranks), first)
+            with torch.autocast(
+                self.ctx.device.type, dtype=step.amp_dtype(cfg.amp), enabled=cfg.amp != "off"
+            ):
+                logits, per_sample = step.forward_ranks(
+                    self.forward, self.criterion, images[part], labels[part], self.config, epoch, at, ranks
+                )
+            loss = per_sample.view(len(ranks), per_rank).mean(1).sum() / world  # the mean over all ranks
+            step.backward(loss, self.scaler)
+            step_loss += float(loss.detach())
+            detached = per_sample.detach().float().view(len(ranks), per_rank)
+            totals.loss_sum[first : ranks.stop] += detached.sum(1).cpu().numpy()
+            hits = (logits.detach().argmax(1) == labels[part]).view(len(ranks), per_rank)
+            totals.correct[first : ranks.stop] += hits.sum(1).cpu().numpy()
+            if self.tracking:
+                self.tracker.add(ids[part], per_sample.detach())
+        set_groups(model, 1)
+        step.optimizer_step(self.optimizer, self.scaler)
+        totals.samples += per_rank
+        rank_of = np.repeat(np.arange(world), per_rank)
+        np.add.at(totals.label_counts, (rank_of, labels.cpu().numpy()), 1)
+        return step_loss
+
+    def finish_epoch(self, epoch: int, totals: EpochTotals, epoch_started: float) -> dict[str, Any]:
+        """Recalibration, losses to the plan, evaluation, the metrics rows and the checkpoint."""
+        cfg, world, plan = self.config.train, self.world, totals.plan
+        if cfg.bn_recalibrate and batchnorms(self.model):
+            _recalibrate(self.model, self.train_dataset, plan, world, cfg, self.ctx.device)
+        if self.tracking and self.planner.strategy.uses_losses:
+            self.planner.observe(epoch, *(t.numpy() for t in self.tracker.mean()))
+        self.tracker.reset()
+        epoch_s = time.perf_counter() - epoch_started
+        eval_started = time.perf_counter()
+        scores = step.evaluate(self.model, self.test_loader, self.criterion, self.ctx.device, self.config)
+        eval_s = time.perf_counter() - eval_started
+
+        last_epoch = epoch + 1 == cfg.epochs
+        ranks = []
+        for r in range(world):
+            churn, coverage, storage = self.footprint.update(plan, r, last_epoch)
+            ranks.append({
+                **dict.fromkeys(metrics.FIELDS, math.nan),
+                "steps": self.steps_per_epoch, "samples": totals.samples[r], "loss_sum": totals.loss_sum[r],
+                "correct": totals.correct[r], "bytes_sent": 0, "bytes_received": 0,
+                "order_hash": metrics.order_hash(totals.order[r].tolist()),
+                "label_js": js_distance(totals.label_counts[r].tolist(), self.dataset_labels),
+                "epoch_s": epoch_s, "train_s": totals.train_s, "moved": metrics.moved(plan, r, last_epoch),
+                "churn": churn, "coverage": coverage, "storage": storage,
+            })  # fmt: skip
+        lr = self.optimizer.param_groups[0]["lr"]
+        row = metrics.epoch_row(epoch, ranks, scores, eval_s, lr, self.sample_bytes, virtual=world)
+        self.outputs.write(row, metrics.rank_rows(epoch, ranks), totals.step_rows)
+        log.info("%s", metrics.epoch_line(row))
+        if last_epoch or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
+            checkpoint = state.build(
+                epoch + 1, 0, self.config, self.model, self.optimizer, self.scaler,
+                {PLANNER: plain(self.planner.state_dict())}, state.gather_rng(self.ctx.device, 1), None,
+            )  # fmt: skip
+            self.checkpoints.save(checkpoint, epoch + 1, 0)
+        return row
 
 
 @torch.no_grad()
