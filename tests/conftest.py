@@ -25,7 +25,7 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fashion_mnist() -> Path:
     """The real Fashion-MNIST folder (Debian's package). Skipped where it is missing, except in CI,
     which sets RESHUFFLE_REQUIRE_REAL_DATA=1 so that a missing install fails instead."""

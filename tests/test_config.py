@@ -6,11 +6,14 @@ import pytest
 
 from reshuffle.config import (
     ConfigError,
+    ConfigWarning,
     RunConfig,
+    ShuffleConfig,
     dataset_entry,
     dump_yaml,
     load_run_config,
     load_system_config,
+    planner_settings,
     system_config_path,
 )
 from reshuffle.config.loading import load_yaml_text, parse_overrides
@@ -108,11 +111,15 @@ def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path):
         (["data.synthetic.shape=[1, 28]"], r"data.synthetic.shape must be a list of 3 items"),
         (
             ["shuffle.strategy=sorted"],
-            "shuffle.strategy: unknown strategy 'sorted'; choose one of global, importance, local, partial",
+            "shuffle: unknown strategy 'sorted'; choose one of: global, importance, local, partial",
         ),
-        (["shuffle.partition=by-color"], "shuffle.partition: unknown partition 'by-color'"),
-        (["shuffle.fraction=2"], r"shuffle.fraction must be in \[0, 1\], got 2.0"),
-        (["shuffle.strategy=local", "shuffle.fraction=0.1"], "has no effect with shuffle.strategy=local"),
+        (["shuffle.partition=by-color"], "shuffle: unknown partition 'by-color'"),
+        (["shuffle.fraction=2"], r"shuffle: fraction must be in \[0, 1\] .*got 2.0"),
+        (["shuffle.strategy=partial", "shuffle.select=best"], "shuffle.select must be one of"),
+        (
+            ["shuffle.strategy=importance", "shuffle.fraction=0", "shuffle.warmup_epochs=0"],
+            "shuffle: importance: warmup_epochs must be an integer >= 1",
+        ),
         (["train.batch_size=0"], "train.batch_size must be at least 1, got 0"),
         (["train.lr=-1"], "train.lr must not be negative"),
         (["dist.timeout_s=0"], "dist.timeout_s must be positive"),
@@ -125,6 +132,35 @@ def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path):
 def test_bad_config_names_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(CONFIGS / "smoke.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "users"),
+    [
+        (["shuffle.strategy=local", "shuffle.fraction=0.1"], "fraction", "shuffle.strategy=partial"),
+        (["shuffle.strategy=global", "shuffle.select=importance"], "select", "shuffle.strategy=partial"),
+        (["shuffle.strategy=partial", "shuffle.measure=variance"], "measure", "shuffle.strategy=importance"),
+    ],
+)
+def test_a_key_the_strategy_ignores_is_a_warning_and_goes_back_to_its_default(overrides, key, users):
+    with pytest.warns(ConfigWarning) as caught:
+        config = load_run_config(CONFIGS / "smoke.yaml", overrides)
+    (warning,) = [w for w in caught if f"shuffle.{key}=" in str(w.message)]
+    assert users in str(warning.message)
+    assert getattr(config.shuffle, key) == getattr(ShuffleConfig(), key)  # config.yaml records what ran
+
+
+def test_each_strategy_option_is_a_shuffle_key_and_reaches_the_planner():
+    from reshuffle.plan import STRATEGIES
+
+    for name, strategy in STRATEGIES.items():
+        shuffle = ShuffleConfig(strategy=name, fraction=0.25)
+        settings = planner_settings(shuffle)
+        assert set(settings) == {"strategy", *strategy.option_defaults} | (
+            {"fraction"} if strategy.uses_fraction else set()
+        )
+        for key, default in strategy.option_defaults.items():
+            assert getattr(ShuffleConfig(), key) == default, f"shuffle.{key}'s default differs from {name}'s"
 
 
 def test_missing_and_malformed_files_name_the_path(tmp_path):

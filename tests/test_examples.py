@@ -29,23 +29,37 @@ def _torchrun(
     )
 
 
-def test_ddp_store_example_trains_the_ids_reshuffle_run_trains(tmp_path, fashion_mnist):
-    """examples/ddp_store.py (2 gloo ranks, store mode) trains every rank on exactly the ids, in
-    the order, that ``reshuffle run`` trains on for the same data, seed, strategy and partition;
-    run again with more epochs it resumes from its checkpoint; the stores verify."""
-    limit, plan = 1500, ["shuffle.strategy=partial", "shuffle.fraction=0.1", "shuffle.partition=label-sorted"]
+@pytest.fixture(scope="module")
+def reference_orders(tmp_path_factory, fashion_mnist) -> dict[int, dict[int, str]]:
+    """``reshuffle run``'s order hash per (rank, epoch) for the examples' data, seed, strategy and
+    partition (2 gloo ranks, store mode, 3 epochs)."""
+    log_dir = tmp_path_factory.mktemp("reference")
+    plan = ["shuffle.strategy=partial", "shuffle.fraction=0.1", "shuffle.partition=label-sorted"]
     run = subprocess.run(
         [sys.executable, "-m", "reshuffle", "run", str(ROOT / "configs/fashion-mnist.yaml"), "--nproc", "2",
-         f"log.dir={tmp_path}", "name=reference", "seed=0", "train.epochs=3", f"data.train_limit={limit}",
+         f"log.dir={log_dir}", "name=reference", "seed=0", "train.epochs=3", f"data.train_limit={LIMIT}",
          "data.test_limit=200", "shuffle.mode=store", "model.width=8", "train.workers=0", *plan],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     expected = {}
     for rank in (0, 1):
-        with open(tmp_path / "reference" / "metrics" / f"rank-{rank}.csv", newline="") as handle:
+        with open(log_dir / "reference" / "metrics" / f"rank-{rank}.csv", newline="") as handle:
             expected[rank] = {int(r["epoch"]): r["order_sha"] for r in csv.DictReader(handle)}
+    return expected
 
+
+LIMIT = 1500
+
+
+@pytest.mark.parametrize("example", ["ddp_store.py", "accelerate_store.py"])
+def test_example_trains_the_ids_reshuffle_run_trains_and_resumes(
+    example, tmp_path, fashion_mnist, reference_orders
+):
+    """Each example (2 gloo ranks, store mode) trains every rank on exactly the ids, in the order,
+    that ``reshuffle run`` trains on for the same data, seed, strategy and partition; run again
+    with more epochs it resumes from its checkpoint; the stores verify. The example prints from
+    one process only, which shows its framework saw one job of 2 ranks (not 2 jobs of 1)."""
     store, ids = tmp_path / "example" / "store", tmp_path / "example" / "ids"
     common = [
         "--data",
@@ -53,14 +67,15 @@ def test_ddp_store_example_trains_the_ids_reshuffle_run_trains(tmp_path, fashion
         "--store",
         str(store),
         "--limit",
-        str(limit),
+        str(LIMIT),
         "--ids-out",
         str(ids),
     ]
-    first = _torchrun(ROOT / "examples/ddp_store.py", *common, "--epochs", "2")
+    first = _torchrun(ROOT / "examples" / example, *common, "--epochs", "2")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert [line.split(":")[0] for line in first.stdout.splitlines()] == ["epoch 0", "epoch 1"], first.stdout
     trained = {rank: torch.load(f"{ids}.rank{rank}") for rank in (0, 1)}
-    second = _torchrun(ROOT / "examples/ddp_store.py", *common, "--epochs", "3")  # resumes at epoch 2
+    second = _torchrun(ROOT / "examples" / example, *common, "--epochs", "3")  # resumes at epoch 2
     assert second.returncode == 0, second.stderr[-3000:]
     for rank in (0, 1):
         resumed = torch.load(f"{ids}.rank{rank}")
@@ -68,5 +83,5 @@ def test_ddp_store_example_trains_the_ids_reshuffle_run_trains(tmp_path, fashion
         trained[rank].update(resumed)
         assert sorted(trained[rank]) == [0, 1, 2]
         for epoch, order in trained[rank].items():
-            assert f"{order_hash(order):013x}" == expected[rank][epoch], (rank, epoch)
+            assert f"{order_hash(order):013x}" == reference_orders[rank][epoch], (rank, epoch)
     assert verify_store(store) == []

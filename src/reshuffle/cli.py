@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from reshuffle import __version__
 from reshuffle.commands import compare, plan, report, run, simulate, slurm, verify
+from reshuffle.config import ConfigWarning
 from reshuffle.errors import ReshuffleError
 
 COMMANDS = (run, compare, report, slurm, plan, simulate, verify)
@@ -37,11 +39,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.run(args) or 0)
     except (ReshuffleError, ValueError, FileNotFoundError, ImportError) as error:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"reshuffle: error: {error}", file=sys.stderr)
         return 2
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A setting without effect is one line, as errors are; other warnings keep Python's format."""
+    if issubclass(category, ConfigWarning):
+        print(f"reshuffle: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 if __name__ == "__main__":

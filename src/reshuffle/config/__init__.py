@@ -9,7 +9,9 @@ working directory if present, else built-in defaults.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import yaml
 
 from reshuffle.config.loading import (
     ConfigError,
+    ConfigWarning,
     from_mapping,
     merge,
     parse_overrides,
@@ -45,47 +48,34 @@ DEFAULT_SYSTEM_FILE = Path("configs") / "system.yaml"
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """The run config in ``path`` (None: defaults) with ``overrides`` applied and validated."""
     data = read_yaml(path) if path is not None else {}
-    config = from_mapping(RunConfig, merge(data, parse_overrides(overrides)))
-    check_run_config(config)
-    return config
+    return check_run_config(from_mapping(RunConfig, merge(data, parse_overrides(overrides))))
 
 
-def check_run_config(config: RunConfig) -> None:
-    """Checks across fields and against the registries; ConfigError naming the key."""
-    from reshuffle.plan import PARTITIONS, STRATEGIES
+def check_run_config(config: RunConfig) -> RunConfig:
+    """Checks across fields and against the registries; ConfigError naming the key. Returns the
+    config with the ``shuffle`` keys its strategy ignores back at their defaults (one warning each).
+
+    The ``shuffle`` section is validated by the planner that owns those settings (one place, one
+    message, the same for the Python API); the strategy registry says which keys each strategy takes.
+    """
+    from reshuffle.plan import ShufflePlanner
 
     shuffle, train = config.shuffle, config.train
-    if shuffle.strategy not in STRATEGIES:
-        raise ConfigError(
-            f"shuffle.strategy: unknown strategy {shuffle.strategy!r}; "
-            f"choose one of {', '.join(sorted(STRATEGIES))}"
+    ignored = ignored_shuffle_keys(shuffle)
+    for key in ignored:
+        warnings.warn(
+            f"shuffle.{key}={getattr(shuffle, key)} is ignored by shuffle.strategy={shuffle.strategy} "
+            f"(it applies to {_users_of(key)})",
+            ConfigWarning,
+            stacklevel=3,
         )
-    if shuffle.partition not in PARTITIONS:
-        raise ConfigError(
-            f"shuffle.partition: unknown partition {shuffle.partition!r}; "
-            f"choose one of {', '.join(sorted(PARTITIONS))}"
-        )
-    if not 0.0 <= shuffle.fraction <= 1.0:
-        raise ConfigError(f"shuffle.fraction must be in [0, 1], got {shuffle.fraction}")
-    if shuffle.fraction and not STRATEGIES[shuffle.strategy].uses_fraction:
-        raise ConfigError(
-            f"shuffle.fraction={shuffle.fraction} has no effect with shuffle.strategy={shuffle.strategy}; "
-            "use shuffle.strategy=partial or set shuffle.fraction=0"
-        )
-    for key, value in _misplaced_shuffle_options(shuffle):
-        raise ConfigError(
-            f"shuffle.{key}={value} has no effect with shuffle.strategy={shuffle.strategy}; "
-            + (
-                "select applies to shuffle.strategy=partial"
-                if key == "select"
-                else f"{key} applies to shuffle.strategy=importance"
-            )
-            + f", or leave shuffle.{key} at its default"
-        )
+    if ignored:
+        defaults = ShuffleConfig()
+        shuffle = dataclasses.replace(shuffle, **{key: getattr(defaults, key) for key in ignored})
+        config = dataclasses.replace(config, shuffle=shuffle)
     try:
-        from reshuffle.plan import ShufflePlanner
-
-        ShufflePlanner(2, 1, strategy=shuffle.strategy, fraction=shuffle.fraction, **planner_options(shuffle))
+        # two samples with labels stand for the data: names and values are what is checked here
+        ShufflePlanner(2, 1, partition=shuffle.partition, labels=[0, 0], **planner_settings(shuffle))
     except ValueError as error:
         raise ConfigError(f"shuffle: {error}") from None
     positive = {
@@ -127,6 +117,7 @@ def check_run_config(config: RunConfig) -> None:
         raise ConfigError(f"dist.timeout_s must be positive, got {config.dist.timeout_s}")
     if not config.name or "/" in config.name or config.name in (".", ".."):
         raise ConfigError(f"name must be a plain directory name (no '/'), got {config.name!r}")
+    return config
 
 
 def system_config_path(explicit: str | Path | None = None) -> Path | None:
@@ -165,6 +156,7 @@ def dump_yaml(config: Any) -> str:
 
 __all__ = [
     "ConfigError",
+    "ConfigWarning",
     "DataConfig",
     "DatasetEntry",
     "DistConfig",
@@ -180,27 +172,52 @@ __all__ = [
     "dump_yaml",
     "load_run_config",
     "load_system_config",
+    "planner_settings",
     "system_config_path",
 ]
 
 
-IMPORTANCE_KEYS = ("warmup_epochs", "ignore_epochs", "interval_epochs", "measure", "assignment")
+def planner_settings(shuffle: ShuffleConfig) -> dict[str, Any]:
+    """The ``ShufflePlanner`` keywords the ``shuffle`` section sets for its strategy: ``fraction``
+    if the strategy uses it, and the options the strategy registry lists for it."""
+    from reshuffle.plan import STRATEGIES
+
+    strategy = STRATEGIES.get(shuffle.strategy)
+    if strategy is None:
+        return {"strategy": shuffle.strategy}  # the planner names the choices
+    settings: dict[str, Any] = {key: getattr(shuffle, key) for key in strategy.option_defaults}
+    if strategy.uses_fraction:
+        settings["fraction"] = shuffle.fraction
+    return {"strategy": shuffle.strategy, **settings}
 
 
-def planner_options(shuffle: ShuffleConfig) -> dict[str, Any]:
-    """The strategy-specific ``ShufflePlanner`` keywords the ``shuffle`` section sets."""
-    if shuffle.strategy == "importance":
-        return {key: getattr(shuffle, key) for key in IMPORTANCE_KEYS}
-    if shuffle.strategy == "partial":
-        return {"select": shuffle.select}
-    return {}
+def ignored_shuffle_keys(shuffle: ShuffleConfig) -> list[str]:
+    """``shuffle`` keys set away from their default that the chosen strategy does not use."""
+    from reshuffle.plan import STRATEGIES
 
-
-def _misplaced_shuffle_options(shuffle: ShuffleConfig) -> list[tuple[str, Any]]:
+    if shuffle.strategy not in STRATEGIES:
+        return []  # the planner's error names the strategies
     defaults = ShuffleConfig()
-    used = set(planner_options(shuffle))
+    used = set(planner_settings(shuffle))
     return [
-        (key, getattr(shuffle, key))
-        for key in ("select", *IMPORTANCE_KEYS)
+        key
+        for key in ("fraction", *_strategy_option_keys())
         if key not in used and getattr(shuffle, key) != getattr(defaults, key)
     ]
+
+
+def _strategy_option_keys() -> list[str]:
+    from reshuffle.plan import STRATEGIES
+
+    return sorted({key for cls in STRATEGIES.values() for key in cls.option_defaults})
+
+
+def _users_of(key: str) -> str:
+    from reshuffle.plan import STRATEGIES
+
+    users = sorted(
+        name
+        for name, cls in STRATEGIES.items()
+        if key in cls.option_defaults or (key == "fraction" and cls.uses_fraction)
+    )
+    return " or ".join(f"shuffle.strategy={name}" for name in users)

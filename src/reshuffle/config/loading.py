@@ -28,6 +28,10 @@ class ConfigError(ReshuffleError, ValueError):
     """A configuration problem; the message names the key or file and the fix."""
 
 
+class ConfigWarning(UserWarning):
+    """A setting that has no effect (the CLI prints it as one line)."""
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 scalars: ``5e-4`` is a float (1.1 makes it a string) and only
     true/false are booleans (1.1 also turns on/off/yes/no into booleans, so ``amp: off`` broke)."""

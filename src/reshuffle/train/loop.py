@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from reshuffle.config import RunConfig, SystemConfig, planner_options
+from reshuffle.config import RunConfig, SystemConfig, planner_settings
 from reshuffle.data import open_source, transform_for
 from reshuffle.data.dataset import collate
 from reshuffle.data.source import SampleSource
@@ -103,12 +103,12 @@ def _data(
     source = open_source(config.data, "train", system)
     shuffle = config.shuffle
     data = ShuffledData(
-        source, shuffle.store_dir or run_dir / "store", mode=shuffle.mode, strategy=shuffle.strategy,
-        fraction=shuffle.fraction, partition=shuffle.partition, labels=source.targets, seed=config.seed,
-        drop_last=shuffle.drop_last, epochs=config.train.epochs, rank=ctx.rank, world_size=ctx.world_size,
+        source, shuffle.store_dir or run_dir / "store", mode=shuffle.mode, partition=shuffle.partition,
+        labels=source.targets, seed=config.seed, drop_last=shuffle.drop_last, epochs=config.train.epochs,
+        rank=ctx.rank, world_size=ctx.world_size,
         transform=transform_for(config.data, "train", system), track_losses=config.train.track_losses,
         chunk_mb=shuffle.exchange_chunk_mb, timeout_s=config.dist.timeout_s,
-        dataset_id=run_files.dataset_identity(config), **planner_options(shuffle),
+        dataset_id=run_files.dataset_identity(config), **planner_settings(shuffle),
     )  # fmt: skip
     return data, source
 

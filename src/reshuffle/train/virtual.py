@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from reshuffle.config import ConfigError, RunConfig, SystemConfig, planner_options
+from reshuffle.config import ConfigError, RunConfig, SystemConfig, planner_settings
 from reshuffle.data import SourceDataset, open_source, transform_for
 from reshuffle.data.dataset import collate
 from reshuffle.losses import LossTracker
@@ -186,9 +186,8 @@ class VirtualRun:
         train_source = open_source(config.data, "train", system)
         test_source = open_source(config.data, "test", system)
         planner = ShufflePlanner(
-            len(train_source), world, strategy=config.shuffle.strategy, fraction=config.shuffle.fraction,
-            partition=config.shuffle.partition, labels=train_source.targets, seed=config.seed,
-            drop_last=config.shuffle.drop_last, **planner_options(config.shuffle),
+            len(train_source), world, partition=config.shuffle.partition, labels=train_source.targets,
+            seed=config.seed, drop_last=config.shuffle.drop_last, **planner_settings(config.shuffle),
         )  # fmt: skip
         if saved:
             planner.load_state_dict(saved[state.DATA][PLANNER])
