@@ -15,6 +15,7 @@ file name read from a manifest must match its pattern and resolve inside the ran
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -91,6 +92,22 @@ def inside(root: Path, relative: str) -> Path:
     if not path.resolve().is_relative_to(resolved_root):
         raise StoreError(f"refusing store path {relative!r}: it resolves outside {root} (a symlink?)")
     return path
+
+
+def open_for_writing(path: Path, flags: int, root: Path) -> int:
+    """``os.open`` of a store file for writing, with the containment check every read has: the
+    path must resolve inside ``root``, and its last component is never followed if it is a symlink
+    (``O_NOFOLLOW``), so no write ever lands outside the store."""
+    checked = inside(root, str(path.relative_to(root)))
+    try:
+        return os.open(checked, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise StoreError(
+                f"refusing to write {path}: it is a symlink (a store's files are its own); remove it, "
+                f"or restage the store"
+            ) from None
+        raise
 
 
 def fsync_dir(path: Path) -> None:

@@ -23,8 +23,10 @@ class PackWriter:
         first_sequence: int,
         max_bytes: int = MAX_PACK_BYTES,
         reserve: Path | None = None,
+        root: Path | None = None,
     ) -> None:
         self.directory = directory
+        self.root = root or directory  # no file is written outside it (the rank's store directory)
         self.max_bytes = max_bytes
         self._sequence = first_sequence
         self._handle: Any = None
@@ -57,7 +59,10 @@ class PackWriter:
         self._reserved = reserve is not None and reserve.is_file()
         if self._reserved:
             os.replace(reserve, path)  # its blocks are allocated: writes only copy bytes
-        self._handle = open(path, "r+b" if self._reserved else "wb")  # noqa: SIM115
+        flags = os.O_RDWR if self._reserved else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self._handle = os.fdopen(
+            fmt.open_for_writing(path, flags, self.root), "r+b" if self._reserved else "wb"
+        )
         self.sequences.append(self._sequence)
         self._written = 0
 

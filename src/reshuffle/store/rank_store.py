@@ -230,7 +230,7 @@ class RankStore:
             with self._lock:
                 data = self._maps.get(sequence)
                 if data is None:
-                    path = fmt.inside(self.pack_dir, fmt.pack_name(sequence))
+                    path = fmt.inside(self.directory, f"{fmt.PACK_DIR}/{fmt.pack_name(sequence)}")
                     with open(path, "rb") as handle:
                         size = os.fstat(handle.fileno()).st_size
                         data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
@@ -265,14 +265,14 @@ class RankStore:
         """A writer of new packs; with ``reserved``, its first pack is the space :meth:`reserve`
         allocated (when there is one)."""
         reserve = self.pack_dir / fmt.RESERVE if reserved else None
-        return PackWriter(self.pack_dir, self.next_pack_sequence(), max_bytes, reserve)
+        return PackWriter(self.pack_dir, self.next_pack_sequence(), max_bytes, reserve, root=self.directory)
 
     def reserve(self, size: int) -> int:
         """Allocate ``size`` bytes of blocks for the next exchange's arrivals (``packs/reserve.bin``),
         so that landing them copies bytes instead of allocating pages; returns the bytes reserved
         (0 where the file system cannot, or on any error: writes then allocate as they go)."""
         try:
-            return size if reserve(self.pack_dir / fmt.RESERVE, size) else 0
+            return size if reserve(self.pack_dir / fmt.RESERVE, size, root=self.directory) else 0
         except OSError:
             (self.pack_dir / fmt.RESERVE).unlink(missing_ok=True)
             return 0

@@ -47,11 +47,12 @@ def dead_ranges(offsets: np.ndarray, lengths: np.ndarray, size: int) -> list[tup
     return list(zip(aligned_starts[keep].tolist(), aligned_stops[keep].tolist(), strict=True))
 
 
-def punch_holes(path: Path, ranges: list[tuple[int, int]]) -> bool:
-    """Free ``ranges`` of ``path`` in place; False if the file system cannot."""
+def punch_holes(path: Path, ranges: list[tuple[int, int]], root: Path | None = None) -> bool:
+    """Free ``ranges`` of ``path`` in place; False if the file system cannot. With ``root``, the
+    path must lie inside it (a store's file: see :func:`~reshuffle.store.format.open_for_writing`)."""
     if _FALLOCATE is None or not ranges:
         return _FALLOCATE is not None
-    fd = os.open(path, os.O_RDWR)
+    fd = _open(path, os.O_RDWR, root)
     try:
         for start, stop in ranges:
             if _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, stop - start) != 0:
@@ -61,13 +62,19 @@ def punch_holes(path: Path, ranges: list[tuple[int, int]]) -> bool:
     return True
 
 
-def reserve(path: Path, size: int) -> bool:
+def _open(path: Path, flags: int, root: Path | None) -> int:
+    from reshuffle.store.format import open_for_writing
+
+    return open_for_writing(path, flags, root) if root is not None else os.open(path, flags, 0o644)
+
+
+def reserve(path: Path, size: int, root: Path | None = None) -> bool:
     """Create ``path`` with ``size`` bytes of blocks allocated up front (``fallocate``), so that
     writing them later copies bytes instead of allocating pages; False (and no file) where the
     file system cannot (there writes allocate as they go)."""
     if _FALLOCATE is None or size <= 0:
         return False
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = _open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, root)
     try:
         done = _FALLOCATE(fd, 0, 0, size) == 0
     finally:

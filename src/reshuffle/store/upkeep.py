@@ -62,6 +62,6 @@ def punch_dead_ranges(store: RankStore) -> int:
         mine = records[records["pack"] == sequence]
         path = store.pack_dir / fmt.pack_name(sequence)
         ranges = dead_ranges(mine["offset"], mine["length"], path.stat().st_size)
-        punch_holes(path, ranges)
+        punch_holes(path, ranges, root=store.directory)
         punched += sum(stop - start for start, stop in ranges)
     return punched

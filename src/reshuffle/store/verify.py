@@ -88,7 +88,7 @@ def rank_problems(store: RankStore, *, checksums: bool = True) -> list[str]:
     manifest = fmt.read_json(store.directory / fmt.MANIFEST, "manifest")
     sizes = manifest.get("pack_sizes", {})
     for name, expected in sorted(sizes.items()):
-        path = fmt.inside(store.pack_dir, name)
+        path = fmt.inside(store.directory, f"{fmt.PACK_DIR}/{name}")
         if not path.is_file():
             found.append(f"rank {store.rank}: pack {fmt.PACK_DIR}/{name} is missing")
             continue
