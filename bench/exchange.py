@@ -149,7 +149,7 @@ def random_reads(base: str, sample_bytes: int, num: int, reads: int) -> dict:
     from reshuffle.data import SourceDataset
     from reshuffle.data.synthetic import load_synthetic
     from reshuffle.data.transforms import build_transform
-    from reshuffle.store import StoreDataset, stage
+    from reshuffle.store import RankStore, StoreDataset, stage
 
     shape = (1, 28, 28)
     source = load_synthetic("train", num_samples=num, shape=shape, sample_bytes=sample_bytes)
@@ -164,10 +164,19 @@ def random_reads(base: str, sample_bytes: int, num: int, reads: int) -> dict:
             (files / f"{i}.bin").write_bytes(source.raw(i))
         order = np.random.default_rng(0).integers(0, num, size=reads).tolist()
         transform = build_transform(["normalize"], [0.5], [0.25])
+        checked = RankStore.open(root / "store", 0)
+        checked.reader.verify = True  # every training read checked against its crc32
         store_dataset, index_dataset = (
             StoreDataset(store, source.decoder, transform),
             SourceDataset(source, transform),
         )
+        checked_dataset = StoreDataset(checked, source.decoder, transform)
+        store.reader.scrub()
+        scrubs = []
+        for _ in range(3):
+            started = time.perf_counter()
+            assert store.reader.scrub() == []
+            scrubs.append(time.perf_counter() - started)
 
         def rate(fn) -> float:
             for i in order[:200]:
@@ -190,6 +199,9 @@ def random_reads(base: str, sample_bytes: int, num: int, reads: int) -> dict:
             "tensor_per_s": rate(lambda i: table[i].clone()),
             "files_per_s": rate(one_file),
             "store_dataset_per_s": rate(store_dataset.__getitem__),
+            "checked_dataset_per_s": rate(checked_dataset.__getitem__),
+            "checked_store_per_s": rate(checked.read),
+            "scrub_gbps": num * sample_bytes / statistics.median(scrubs) / 1e9,
             "index_dataset_per_s": rate(index_dataset.__getitem__),
         }
     finally:
@@ -317,12 +329,15 @@ def main() -> None:
     read_table = format_table(
         ["sample bytes", "store reads/s", "tensor reads/s", "store / tensor", "one-file reads/s",
          "store / one-file",
-         "StoreDataset items/s", "index SourceDataset items/s", "store / index"],
+         "StoreDataset items/s", "index SourceDataset items/s", "store / index",
+         "crc-checked reads / reads", "crc-checked items / items", "scrub GB/s"],
         [
             (
                 r["sample_bytes"], r["store_per_s"], r["tensor_per_s"], r["store_per_s"] / r["tensor_per_s"],
                 r["files_per_s"], r["store_per_s"] / r["files_per_s"], r["store_dataset_per_s"],
                 r["index_dataset_per_s"], r["store_dataset_per_s"] / r["index_dataset_per_s"],
+                r["checked_store_per_s"] / r["store_per_s"],
+                r["checked_dataset_per_s"] / r["store_dataset_per_s"], r["scrub_gbps"],
             )
             for r in reads
         ],
@@ -368,7 +383,10 @@ same bytes:
 {packing_table}
 
 Random reads by id (4,000 samples, warm page cache; "StoreDataset" and "SourceDataset" include
-decoding and normalisation):
+decoding and normalisation). "crc-checked" is the rate with every read checked against the
+sample's crc32, over the rate without: too slow to do on every training read, so training reads
+check bounds only and the store's scrub checks every sample once per epoch in a background thread
+("scrub GB/s": the whole store, in pack order, warm cache), before the epoch's exchange commits:
 
 {read_table}
 

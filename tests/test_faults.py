@@ -4,11 +4,29 @@ the error names the real cause and its fix."""
 
 from __future__ import annotations
 
-import pytest
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from reshuffle.store import StoreError
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from reshuffle import ShuffledData
+from reshuffle.data.transforms import build_transform
+from reshuffle.store import CorruptSampleError, ExchangeError, StoreDataset, StoreError, stage, verify_store
 from reshuffle.store.format import pack_name
+from reshuffle.store.wire import OutgoingStream
+from reshuffle.train.launch import root_failure
+from spawn import run_ranks
 from test_store import run_partial_epochs, staged
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _outside_copy(tmp_path, pack):
@@ -47,7 +65,188 @@ def test_reserved_space_is_never_written_through_a_symlink(tmp_path):
     with pytest.raises(StoreError, match=r"resolves outside .* \(a symlink\?\)"):
         store.reserve(1 << 20)
     writer = store.pack_writer(reserved=True)
-    with pytest.raises(StoreError, match="resolves outside|is a symlink"):
+    with pytest.raises(StoreError, match=r"resolves outside|is a symlink"):
         writer.append(0, 0, b"x" * 100)
     writer.abort()
     assert target.read_bytes() == b"keep me"
+
+
+def _flip(store, position=4, at=7):
+    """Flip byte ``at`` of the sample at ``position`` on disk (None: its middle byte); its id."""
+    record = store.records[position]
+    path = store.pack_dir / pack_name(int(record["pack"]))
+    data = bytearray(path.read_bytes())
+    data[int(record["offset"]) + (int(record["length"]) // 2 if at is None else at)] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return int(record["id"])
+
+
+def test_a_damaged_sample_is_found_by_the_scrub_and_by_checked_reads(tmp_path):
+    """A flipped byte in a sample a rank keeps: the scrub (every sample's crc32, once per epoch)
+    names it, and so does a read with checking on; the error names this rank's own disk."""
+    source, _, stores = staged(tmp_path / "store", world=2)
+    store = stores[1]
+    bad = _flip(store)
+    assert store.reader.scrub() == [bad]
+    assert stores[0].reader.scrub() == []
+    store.reader.verify = True
+    dataset = StoreDataset(store, source.decode, build_transform([], [0.5], [0.25]))
+    with pytest.raises(
+        CorruptSampleError, match=rf"rank 1: sample {bad} in this rank's own store is damaged"
+    ):
+        dataset[bad]
+    with pytest.raises(CorruptSampleError, match="its disk, not a peer or the transfer"):
+        dataset.__getitems__(store.ids[:20].tolist())
+    good = int(store.ids[0])
+    assert good != bad and dataset[good][1] == source.targets[good]
+
+
+class Items(torch.utils.data.Dataset):
+    """A user's dataset: (image, label, id) items."""
+
+    def __init__(self) -> None:
+        self.targets = [i % 5 for i in range(240)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return torch.full((8, 8), index % 251, dtype=torch.uint8), self.targets[index], index
+
+
+def _epoch_over_a_store(rank, world, root, damage):
+    """Stage, close; ``damage`` rank 1's store on disk; reopen and train one epoch as a user does."""
+    data = ShuffledData(Items(), root, strategy="partial", fraction=0.25, seed=0)
+    data.set_epoch(0)
+    data.close()
+    dist.barrier()
+    bad = _flip(data.store, at=None) if damage and rank == 1 else None  # in the image's bytes
+    dist.barrier()
+    data = ShuffledData(Items(), root, strategy="partial", fraction=0.25, seed=0)
+    data.set_epoch(0)
+    loader = DataLoader(data.dataset, batch_size=16, sampler=data.sampler)
+    seen = [int(i) for _, _, ids in loader for i in ids]
+    try:
+        data.end_epoch()
+    except (ExchangeError, StoreError) as error:
+        return {"bad": bad, "error": type(error).__name__, "message": str(error), "seen": seen}
+    return {"bad": bad, "error": None, "seen": seen}
+
+
+def test_a_sample_damaged_on_disk_fails_the_epoch_by_name_on_every_rank(tmp_path):
+    """Through the public API, 2 gloo ranks: a sample flipped on rank 1's disk is caught by the
+    epoch's scrub before the exchange commits; rank 1 names its own disk and the sample, rank 0
+    says a peer failed; nothing commits. Without damage the same epoch ends cleanly."""
+    clean = run_ranks(_epoch_over_a_store, 2, str(tmp_path / "clean"), False, timeout=120)
+    assert all(result["error"] is None for result in clean)
+    damaged = run_ranks(_epoch_over_a_store, 2, str(tmp_path / "damaged"), True, timeout=120)
+    rank0, rank1 = damaged
+    assert rank1["error"] == "CorruptSampleError" and f"sample(s) {rank1['bad']} " in rank1["message"]
+    assert "this rank's own store" in rank1["message"]
+    assert rank0["error"] == "PeerError" and "another rank failed" in rank0["message"]
+    assert verify_store(tmp_path / "damaged") != []  # still at epoch 0: the damage is named, not moved
+
+
+def test_a_damaged_sample_about_to_be_sent_is_blamed_on_the_senders_disk(tmp_path):
+    """The sender reads what it sends through the same check: the error names its own store,
+    not the transfer ("arrived corrupt") on the receiving rank."""
+    _, _, stores = staged(tmp_path / "store", world=2)
+    bad = _flip(stores[0])
+    stream = OutgoingStream(stores[0], np.array([bad]))
+    with pytest.raises(
+        CorruptSampleError, match=rf"rank 0: sample {bad} in this rank's own store is damaged"
+    ):
+        stream.take(stream.size, memoryview(bytearray(stream.size)))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_truncated_or_deleted_pack_is_a_named_error_not_a_crash(tmp_path, damage):
+    source, _, stores = staged(tmp_path / "store", world=2)
+    store = stores[0]
+    pack = store.pack_dir / pack_name(int(store.records["pack"][-1]))
+    if damage == "truncate":
+        pack.write_bytes(pack.read_bytes()[:-10])
+        why = "its pack is truncated"
+    else:
+        pack.unlink()
+        why = "its pack is missing"
+    last = store.records[store.records["pack"] == store.records["pack"][-1]]["id"]
+    dataset = StoreDataset(store, source.decode, build_transform([], [0.5], [0.25]))
+    with pytest.raises(CorruptSampleError, match=why):
+        dataset.__getitems__(last.tolist())
+    with pytest.raises(CorruptSampleError, match=why):
+        dataset[int(last[-1])]
+
+
+def test_a_label_changed_in_the_index_is_refused_at_reopen(tmp_path):
+    """An index whose label was changed (and its checksum in the manifest fixed up): reopening the
+    store for training refuses it by sample, where it used to train on the wrong label."""
+    source, planner, stores = staged(tmp_path / "store", world=2)
+    store = stores[0]
+    records = store.records.copy()
+    records["label"][3] = (records["label"][3] + 1) % 10
+    store.prepare(store.epoch, np.empty(0, dtype=np.int64), np.empty(0, dtype=records.dtype))
+    store.commit()  # a valid new generation: only its label differs
+    index = sorted(store.directory.glob("index-*.bin"))[-1]
+    index.write_bytes(records.tobytes())
+    manifest = json.loads((store.directory / "manifest.json").read_text())
+    manifest["index_sha256"] = hashlib.sha256(index.read_bytes()).hexdigest()
+    (store.directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=rf"1 sample\(s\) .* carry another label .*{int(records['id'][3])} "):
+        stage(tmp_path / "store", 0, source, planner)
+
+
+class _Failure:
+    """What torch's elastic agent reports per failed rank (ProcessFailure's fields we read)."""
+
+    def __init__(self, timestamp, message="", exitcode=1, signal=""):
+        self.timestamp, self.exitcode, self._signal = timestamp, exitcode, signal
+        self.message = {"message": message}
+
+    def signal_name(self):
+        return self._signal or "<N/A>"
+
+
+def test_the_job_error_names_the_rank_that_caused_the_others_to_fail():
+    """The earliest failure is often a peer's "Connection closed by peer"; the cause is the rank
+    whose error is its own (or a signal other than the agent's SIGTERM)."""
+    failures = {
+        0: _Failure(10, "RuntimeError: [../gloo/transport/tcp/pair.cc:534] Connection closed by peer"),
+        1: _Failure(
+            11, "StoreError: rank 1: stray file(s) notes.txt in /s/rank-00001 are not part of a store"
+        ),
+        2: _Failure(12, "PeerError: rank 2: recovery failed (...); a peer rank died, hung or failed first"),
+    }
+    rank, why, others = root_failure(failures)
+    assert (rank, others) == (1, 2) and why.startswith("StoreError: rank 1: stray file(s) notes.txt")
+    killed = {0: _Failure(5, "DistBackendError: timed out"), 1: _Failure(6, exitcode=-9, signal="SIGKILL")}
+    assert root_failure(killed)[:2] == (1, "killed by SIGKILL")
+    stopped = {0: _Failure(5, exitcode=-15, signal="SIGTERM"), 1: _Failure(6, "ValueError: bad")}
+    assert root_failure(stopped)[:2] == (1, "ValueError: bad")
+    only_peers = {3: _Failure(7, "RuntimeError: Connection reset by peer"), 2: _Failure(8, "PeerError: x")}
+    assert root_failure(only_peers)[0] == 3  # no cause among them: the earliest
+
+
+@pytest.mark.slow
+def test_a_ranks_own_error_is_the_jobs_error_and_its_traceback_is_in_its_log(tmp_path):
+    """A stray file in rank 1's store folder (found when the job resumes): the job's one-line
+    error is rank 1's own ("stray"), not rank 0's gloo error, and logs/rank-1.log holds the
+    traceback the error line points at."""
+    run = [sys.executable, "-m", "reshuffle", "run", str(CONFIGS / "smoke.yaml"), "--nproc", "2",
+           f"log.dir={tmp_path}", "name=stray", "shuffle.mode=store", "data.synthetic.num_samples=400",
+           "data.test_limit=64", "train.workers=0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*run, "train.epochs=1"], capture_output=True, text=True, timeout=240, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp_path / "stray" / "store" / "rank-00001" / "notes.txt").write_text("hello")
+    second = subprocess.run(
+        [*run, "train.epochs=3", "--resume"], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert second.returncode == 1
+    line = [line for line in second.stderr.splitlines() if line.startswith("reshuffle: error:")][-1]
+    assert line.startswith("reshuffle: error: rank 1 failed (StoreError: rank 1: stray file(s) notes.txt"), (
+        line
+    )
+    assert "Traceback: " in line and line.endswith("rank-1.log")
+    logged = (tmp_path / "stray" / "logs" / "rank-1.log").read_text()
+    assert "Traceback (most recent call last)" in logged and "stray file(s) notes.txt" in logged

@@ -21,9 +21,8 @@ Both modes feed a rank the same samples in the same order::
         torch.save({"data": data.state_dict(), ...}, path)  # every epoch: a store only moves forward
     data.close()
 
-Any map-style dataset is a source; in store mode its items are serialised without pickle
-(:mod:`reshuffle.data.items`). reshuffle's own sample sources (``reshuffle.data``) are served as
-``(transform(image), label, id)`` batches, which is what ``reshuffle run`` trains on.
+Any map-style dataset is a source (store mode serialises items without pickle: ``data.items``);
+reshuffle's own sources are served as ``(transform(image), label, id)``, as ``reshuffle run`` trains.
 """
 
 from __future__ import annotations
@@ -218,7 +217,9 @@ class ShuffledData:
             if not self.exchanger.running:  # deferred: where samples go depended on these losses
                 self.exchanger.start(self.epoch, self.plan)
             self.last_exchange = self.exchanger.wait()
-            self.exchanger.agree()
+            self.exchanger.agree()  # every rank prepared, and found this epoch's samples intact
+        elif self.exchanger is not None:
+            self.exchanger.check_scrub()
         self._ended = self.epoch
         return self.last_exchange
 
@@ -339,14 +340,14 @@ class ShuffledData:
         self._synchronized = False
 
     def close(self) -> None:
-        """Wait for any exchange in flight (its prepared state is kept: a restart decides its
-        fate) and for the store's background upkeep. Collective-free; safe to call twice."""
+        """Wait for an exchange in flight (a restart decides its fate), upkeep and scrub; no collective."""
         if self.exchanger is not None:
             if self.exchanger.running:
                 self.exchanger.wait()
             self.exchanger.settle()
+            self.exchanger.scrubbed()
 
-    def __enter__(self) -> ShuffledData:
+    def __enter__(self) -> ShuffledData:  # with ShuffledData(...) as data: ... closes it
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -387,8 +388,7 @@ def _source(
 
 
 def plain(value: Any) -> Any:
-    """``value`` with numpy arrays and scalars as lists and numbers: loads with
-    ``torch.load(weights_only=True)`` and serialises as JSON."""
+    """``value`` with numpy arrays and scalars as lists and numbers (weights_only loads, JSON)."""
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):

@@ -7,11 +7,13 @@ from reshuffle.store.exchange import Exchanger, ExchangeStats, check_holdings, n
 from reshuffle.store.format import StoreError
 from reshuffle.store.meta import StoreMeta
 from reshuffle.store.rank_store import RankStore
+from reshuffle.store.reads import CorruptSampleError
 from reshuffle.store.stage import stage, store_meta
 from reshuffle.store.verify import verify_store
 from reshuffle.store.wire import ExchangeError
 
 __all__ = [
+    "CorruptSampleError",
     "ExchangeError",
     "ExchangeStats",
     "Exchanger",

@@ -37,7 +37,8 @@ from reshuffle.store import format as fmt
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
 from reshuffle.store.transfer import Rounds
-from reshuffle.store.wire import ExchangeError, IncomingStream, OutgoingStream
+from reshuffle.store.upkeep import Background
+from reshuffle.store.wire import ExchangeError, IncomingStream, OutgoingStream, PeerError, describe_failure
 
 MIN_PEER_CHUNK = 1 << 16
 
@@ -109,7 +110,8 @@ class Exchanger:
         self.on_phase = on_phase or (lambda phase: None)
         self._rounds = Rounds(group, self.device)
         self._thread: threading.Thread | None = None
-        self._upkeep: _Background | None = None
+        self._upkeep: Background | None = None
+        self._scrub: Background | None = None  # checks the committed state's bytes (reads.py)
         self._stats: ExchangeStats | None = None
         self._error: BaseException | None = None
         self._started = 0.0
@@ -148,7 +150,7 @@ class Exchanger:
         hung = self._thread.is_alive()
         self._thread = None
         if hung:
-            raise ExchangeError(
+            raise PeerError(
                 f"rank {self.rank}: the exchange did not finish within {self.timeout_s} s (a peer hung)"
             )
         if self._error is not None:
@@ -158,16 +160,18 @@ class Exchanger:
         return self._stats
 
     def agree(self) -> None:
-        """Collective: returns once every rank has prepared; raises on every rank otherwise."""
+        """Collective: returns once every rank has prepared and found the epoch's samples intact
+        (the scrub); raises on every rank otherwise, naming the damaged rank's own disk there."""
+        damaged = self.scrubbed()
         prepared = self.store.prepared_epoch() == self.store.epoch + 1
-        flag = torch.tensor([1 if prepared else 0], dtype=torch.int64, device=self.device)
+        flag = torch.tensor([1 if prepared and not damaged else 0], dtype=torch.int64, device=self.device)
         self._collective(
             "agreeing on the commit", lambda: dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         )
+        if damaged:
+            raise self.store.reader.damaged_error(damaged)
         if int(flag.item()) != 1:
-            raise ExchangeError(
-                f"rank {self.rank}: another rank failed to prepare epoch {self.store.epoch + 1}"
-            )
+            raise PeerError(f"rank {self.rank}: another rank failed to prepare epoch {self.store.epoch + 1}")
 
     def commit(self) -> None:
         """Barrier, then phase 2 on this rank. Then, in the background while the next epoch
@@ -179,7 +183,24 @@ class Exchanger:
         self.on_phase("commit")
         self.store.commit()
         arrived = self._stats.bytes_received if self._stats is not None else 0
-        self._upkeep = _Background(lambda: self._after_commit(arrived))
+        self._upkeep = Background(lambda: self._after_commit(arrived))
+        self.start_scrub()
+
+    def start_scrub(self) -> None:
+        """Check every sample of the committed state against its crc32, in the background (while
+        the epoch trains); :meth:`agree` (or :meth:`check_scrub`) waits for the verdict."""
+        if self._scrub is None:  # one per committed state; agree() collects it before a commit
+            self._scrub = Background(self.store.reader.scrub)
+
+    def scrubbed(self) -> list[int]:
+        """The ids the last scrub found damaged (waits for it; [] if none ran)."""
+        scrub, self._scrub = self._scrub, None
+        return list(scrub.join()) if scrub is not None else []  # type: ignore[arg-type]
+
+    def check_scrub(self) -> None:
+        """Raise if the last scrub found a damaged sample (an epoch with no exchange after it)."""
+        if damaged := self.scrubbed():
+            raise self.store.reader.damaged_error(damaged)
 
     def settle(self) -> float:
         """Wait for the background upkeep of the last commit; returns how long it ran (seconds).
@@ -261,6 +282,7 @@ class Exchanger:
             self.exchange(epoch)
             actions.append(f"rank {self.rank}: exchanged epoch {epoch} -> {epoch + 1} to catch up")
         check_holdings(self.store, self.planner)
+        self.start_scrub()
         return actions
 
     # ----------------------------------------------------------------- the work
@@ -276,10 +298,7 @@ class Exchanger:
         try:
             operation()
         except RuntimeError as error:
-            raise ExchangeError(
-                f"rank {self.rank}: {what} failed after an exchange of epoch {self.store.epoch} ({error}); "
-                "a peer rank died or hung. No committed data changed: restart the job to resume"
-            ) from error
+            raise describe_failure(error, self.rank, self.store.directory, what) from error
 
     def _background(
         self, epoch: int, sends: dict[int, NDArray[np.int64]], receives: dict[int, NDArray[np.int64]]
@@ -293,13 +312,9 @@ class Exchanger:
         except BaseException as error:  # reported to the caller of wait()
             if writer is not None:
                 writer.abort()
-            if not isinstance(error, ExchangeError | fmt.StoreError):
-                error = ExchangeError(
-                    f"rank {self.rank}: the exchange into epoch {epoch + 1} failed ({error}); "
-                    "a peer rank may "
-                    "have died or hung. No committed data changed: restart the job to resume"
-                )
-            self._error = error
+            self._error = describe_failure(
+                error, self.rank, self.store.directory, f"the exchange into epoch {epoch + 1}"
+            )
 
     def _run(
         self,
@@ -356,28 +371,6 @@ class Exchanger:
         stats.wire_bytes_sent = int(send_sizes.sum())
         stats.wire_bytes_received = int(recv_sizes.sum())
         stats.seconds = time.perf_counter() - self._started
-
-
-class _Background:
-    """Run a function in a thread; ``join`` returns its result or raises its error."""
-
-    def __init__(self, function: Callable[[], object]) -> None:
-        self.result: object = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, args=(function,), daemon=True)
-        self.thread.start()
-
-    def _work(self, function: Callable[[], object]) -> None:
-        try:
-            self.result = function()
-        except BaseException as error:  # handed to join()
-            self.error = error
-
-    def join(self) -> object:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def check_holdings(store: RankStore, planner: ShufflePlanner) -> None:

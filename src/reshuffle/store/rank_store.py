@@ -18,10 +18,7 @@ holes where samples left (cheap, at the epoch boundary).
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ from numpy.typing import NDArray
 from reshuffle.store import format as fmt
 from reshuffle.store.meta import StoreMeta, read_meta
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
+from reshuffle.store.reads import PackReader
 from reshuffle.store.space import can_punch_holes, reserve
 from reshuffle.store.upkeep import compacted, punch_dead_ranges
 
@@ -47,8 +45,7 @@ class RankStore:
         self.epoch = -1
         self.generation = 0
         self.records = np.empty(0, dtype=fmt.RECORD)
-        self._maps: dict[int, mmap.mmap | bytes] = {}
-        self._lock = threading.Lock()
+        self.reader = PackReader(self.directory, rank, -1, self.records)  # replaced at each load
         self._holes: bool | None = None  # can this file system punch holes? (probed once)
         self.dirty_packs: set[int] | None = None  # packs that lost samples since the last release; None: all
 
@@ -95,13 +92,8 @@ class RankStore:
     def _load(self, manifest_path: Path) -> None:
         manifest = fmt.read_json(manifest_path, "manifest")
         self.epoch, self.generation, self.records = self._parse(manifest, manifest_path)
-        # Contiguous copies of the hot fields: read() indexes these per sample.
-        self._ids = np.ascontiguousarray(self.records["id"])
-        self._packs = self.records["pack"].astype(np.int64)
-        self._offsets = self.records["offset"].astype(np.int64)
-        self._lengths = self.records["length"].astype(np.int64)
-        self._labels = self.records["label"].astype(np.int64)
-        self._close_maps()
+        self.reader.close()
+        self.reader = PackReader(self.directory, self.rank, self.epoch, self.records, self.reader.verify)
 
     def _parse(self, manifest: dict[str, Any], path: Path) -> tuple[int, int, np.ndarray]:
         if manifest.get("format") != "reshuffle-rank-store":
@@ -176,84 +168,25 @@ class RankStore:
 
     def read(self, sample_id: int) -> bytes:
         """The stored bytes of ``sample_id`` (one binary search, one copy out of the page cache)."""
-        return self.sample(sample_id)[0]
+        return bytes(self.sample(sample_id)[0])
 
-    def sample(self, sample_id: int) -> tuple[bytes, int]:
-        """``(bytes, label)`` of ``sample_id``: what a DataLoader worker reads per item."""
-        where = int(self._ids.searchsorted(sample_id))
-        if where >= self._ids.size or self._ids[where] != sample_id:
-            raise KeyError(f"rank {self.rank} does not hold sample {sample_id} at epoch {self.epoch}")
-        start, sequence = int(self._offsets[where]), int(self._packs[where])
-        data = self._maps.get(sequence) or self._map(sequence)
-        return data[start : start + int(self._lengths[where])], int(self._labels[where])
+    def sample(self, sample_id: int) -> tuple[memoryview | bytes, int]:
+        """``(bytes, label)`` of ``sample_id``, checked against its crc32: what a DataLoader worker
+        reads per item (:class:`~reshuffle.store.reads.CorruptSampleError` if damaged)."""
+        return self.reader.sample(self.reader.where(sample_id))
 
     def samples(self, sample_ids: NDArray[np.int64]) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
-        """``(bytes, labels)`` of many samples at once: a (B, L) uint8 array gathered from the
-        mapped packs in one vectorised step per pack, when all B samples are L bytes long;
-        ``None`` when their lengths differ (read them one by one with :meth:`sample`)."""
-        where = self.position(sample_ids)
-        lengths = self._lengths[where]
-        if lengths.size == 0 or np.any(lengths != lengths[0]):
-            return None
-        length = int(lengths[0])
-        out = np.empty((where.size, length), dtype=np.uint8)
-        packs, offsets = self._packs[where], self._offsets[where]
-        single = packs.min() == packs.max()
-        for sequence in [int(packs[0])] if single else np.unique(packs).tolist():
-            data = np.frombuffer(self._maps.get(sequence) or self._map(sequence), dtype=np.uint8)
-            # row o of this read-only window view is data[o : o + length]: one row copy per sample
-            rows = np.lib.stride_tricks.as_strided(
-                data, shape=(max(0, data.size - length + 1), length), strides=(1, 1), writeable=False
-            )
-            if single:
-                out[:] = rows[offsets]
-            else:
-                chosen = packs == sequence
-                out[chosen] = rows[offsets[chosen]]
-        return out, self._labels[where].astype(np.int64)
+        """``(bytes, labels)`` of many samples at once, checked: a (B, L) uint8 array when all B
+        samples are L bytes long; ``None`` when their lengths differ (read them with :meth:`sample`)."""
+        return self.reader.samples(self.position(sample_ids))
 
     def label(self, sample_id: int) -> int:
         return int(self.records["label"][int(self.position(sample_id)[0])])
 
-    def record_bytes(self, record: np.void) -> memoryview:
-        """Zero-copy view of one record's bytes (valid until the next commit)."""
-        return self._slice(record)
-
-    def _slice(self, record: np.void) -> memoryview:
-        data = self._map(int(record["pack"]))
-        start = int(record["offset"])
-        return memoryview(data)[start : start + int(record["length"])]
-
-    def _map(self, sequence: int) -> mmap.mmap | bytes:
-        data = self._maps.get(sequence)
-        if data is None:
-            with self._lock:
-                data = self._maps.get(sequence)
-                if data is None:
-                    path = fmt.inside(self.directory, f"{fmt.PACK_DIR}/{fmt.pack_name(sequence)}")
-                    with open(path, "rb") as handle:
-                        size = os.fstat(handle.fileno()).st_size
-                        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-                    self._maps[sequence] = data
-        return data
-
-    def _close_maps(self) -> None:
-        with self._lock:
-            maps, self._maps = self._maps, {}
-        for data in maps.values():
-            if isinstance(data, mmap.mmap):
-                with contextlib.suppress(BufferError):  # a view is still alive; GC unmaps it later
-                    data.close()
-
-    def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers started with spawn get a copy without the open maps.
-        state = self.__dict__.copy()
-        state["_maps"], state["_lock"] = {}, None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+    def record_bytes(self, record: np.void) -> memoryview | bytes:
+        """Zero-copy view of one record's bytes, checked (valid until the next commit)."""
+        return self.reader.record(int(record["pack"]), int(record["offset"]), int(record["length"]),
+                                  int(record["crc"]), int(record["id"]))  # fmt: skip
 
     # ----------------------------------------------------------------- writing
 

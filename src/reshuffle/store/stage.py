@@ -12,12 +12,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
 from reshuffle.store.meta import StoreMeta, read_meta
 from reshuffle.store.packs import MAX_PACK_BYTES
 from reshuffle.store.rank_store import RankStore
+from reshuffle.store.wire import describe_failure
 
 
 def store_meta(
@@ -66,6 +69,7 @@ def stage(
     store = RankStore(root, rank, meta)
     if (store.directory / fmt.MANIFEST).is_file():
         store = RankStore.open(root, rank, meta)
+        check_labels(store, source.targets)
         return (
             store,
             f"rank {rank}: store already staged (epoch {store.epoch}, {len(store)} samples); nothing to do",
@@ -87,6 +91,24 @@ def stage(
     )
 
 
+def check_labels(store: RankStore, labels: np.ndarray) -> None:
+    """Refuse a store whose index gives a sample another label than the dataset does (an index
+    altered on disk: training on it would be silently wrong)."""
+    held = store.ids
+    expected = np.asarray(labels, dtype=np.int64)[held]
+    wrong = np.flatnonzero(store.records["label"] != expected)
+    if wrong.size:
+        shown = ", ".join(
+            f"{int(held[w])} ({int(store.records['label'][w])} stored, {int(expected[w])} in the dataset)"
+            for w in wrong[:5]
+        )
+        raise fmt.StoreError(
+            f"rank {store.rank}: {wrong.size} sample(s) in {store.directory} carry another label than "
+            f"the dataset gives them: {shown}; the store's index is damaged: restage it (remove the "
+            "store and start again)"
+        )
+
+
 def stage_records(
     store: RankStore, epoch: int, samples: Iterable[tuple[int, int, bytes]], max_pack_bytes: int
 ) -> None:
@@ -96,7 +118,9 @@ def stage_records(
         for sample_id, label, payload in samples:
             writer.append(sample_id, label, payload)
         records = writer.close()
-    except BaseException:
-        writer.abort()
+    except BaseException as error:
+        writer.abort()  # a full disk is not left full by this rank's partial pack
+        if isinstance(error, OSError):
+            raise describe_failure(error, store.rank, store.directory, "staging") from error
         raise
     store.commit_first(epoch, records)

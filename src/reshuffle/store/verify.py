@@ -9,7 +9,6 @@ holdings that differ from the store's plan.
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
 from reshuffle.store.meta import read_meta
 from reshuffle.store.rank_store import RankStore
+from reshuffle.store.reads import CorruptSampleError
 
 
 def _ids(ids: np.ndarray) -> str:
@@ -108,12 +108,20 @@ def rank_problems(store: RankStore, *, checksums: bool = True) -> list[str]:
         ends = store.records["offset"] + store.records["length"]
         available = np.array([actual.get(fmt.pack_name(int(s)), -1) for s in store.records["pack"]])
         readable = store.records[available >= ends.astype(np.int64)]
-        bad = [int(r["id"]) for r in readable if zlib.crc32(store.record_bytes(r)) != int(r["crc"])]
+        bad = [int(r["id"]) for r in readable if not _intact(store, r)]
         if bad:
             listed = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
             found.append(f"rank {store.rank}: {len(bad)} corrupt sample(s) (checksum mismatch): ids {listed}")
     found += [f"rank {store.rank}: {line}" for line in stray_files(store)]
     return found
+
+
+def _intact(store: RankStore, record: np.void) -> bool:
+    try:
+        store.record_bytes(record)  # checked against the record's crc32
+    except CorruptSampleError:
+        return False
+    return True
 
 
 def stray_files(store: RankStore) -> list[str]:

@@ -27,6 +27,41 @@ class ExchangeError(ReshuffleError, RuntimeError):
     """An exchange failed; the committed state of every store is unchanged."""
 
 
+class PeerError(ExchangeError):
+    """This rank failed because another rank did (died, hung, or failed first): not the cause.
+    The launcher reports the rank whose error is not a ``PeerError`` as the one that failed."""
+
+
+def describe_failure(error: BaseException, rank: int, directory: object, what: str) -> BaseException:
+    """The error a rank reports when ``what`` (part of an exchange) raised ``error``: a full disk
+    or a permission problem names its path and the fix (a restart alone fails the same way); a
+    collective's error names the peer as the cause; reshuffle's own errors pass unchanged."""
+    import errno
+
+    if isinstance(error, ReshuffleError):
+        return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return fmt.StoreError(
+            f"rank {rank}: {what} failed: no space left on the disk holding {directory} "
+            f"({error.filename or 'writing a pack'}). Free space there, or set shuffle.store_dir to a "
+            "larger node-local disk, then restart the job (no committed data changed)"
+        )
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return fmt.StoreError(
+            f"rank {rank}: {what} failed: cannot write {error.filename or directory} ({error.strerror}). "
+            f"Make {directory} writable by this user (or set shuffle.store_dir to a writable disk), "
+            "then restart the job (no committed data changed)"
+        )
+    if isinstance(error, OSError):
+        return fmt.StoreError(f"rank {rank}: {what} failed in {directory}: {error}")
+    if isinstance(error, RuntimeError):  # torch.distributed: a peer closed, reset or timed out
+        return PeerError(
+            f"rank {rank}: {what} failed ({error}); a peer rank died, hung or failed first. No committed "
+            "data changed: once the cause is fixed, restart the job to resume"
+        )
+    return error
+
+
 class OutgoingStream:
     """The byte stream to one peer: header block, then payloads, cut into chunks on demand."""
 
@@ -102,7 +137,8 @@ class IncomingStream:
             crc = zlib.crc32(payload)
             if crc != int(record["crc"]):
                 raise ExchangeError(
-                    f"sample {int(record['id'])} from rank {self.source} arrived corrupt (crc mismatch)"
+                    f"sample {int(record['id'])} from rank {self.source} arrived corrupt (crc mismatch); "
+                    "the sender checked it as it read it, so it changed in transfer"
                 )
             self.writer.append(int(record["id"]), int(record["label"]), payload, crc)
             self._next += 1

@@ -64,20 +64,47 @@ def launch(
     try:
         results = elastic_launch(launch_config, _worker)(to_mapping(config), to_mapping(system), resume)
     except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
-        reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-        why = (
-            reason.strip().splitlines()[-1] if reason and reason.strip() else f"exit code {failure.exitcode}"
-        )
-        if failure.signal_name() not in ("", "<N/A>") and failure.exitcode < 0:
-            why = f"killed by {failure.signal_name()}"
+        rank, why, others = root_failure(failed.failures)
+        also = f" ({others} failed because of it)" if others else ""
         print(
-            f"reshuffle: error: rank {rank} failed ({why}); the other ranks were stopped. "
-            f"Logs: {run_dir / 'logs'}",
+            f"reshuffle: error: rank {rank} failed ({why}); the other ranks were stopped{also}. "
+            f"Traceback: {run_dir / 'logs' / f'rank-{rank}.log'}",
             file=sys.stderr,
         )
         return 1
     return _report(results[0], run_dir)
+
+
+# What a rank says when it failed because another one did: not the cause (see root_failure).
+_CONSEQUENCES = ("PeerError", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                 "DistBackendError", "Timed out", "timed out", "NCCL communicator was aborted")  # fmt: skip
+
+
+def root_failure(failures: dict[int, Any]) -> tuple[int, str, int]:
+    """(rank, one-line cause, how many other ranks failed) of the failure that caused the others:
+    the earliest that is not a peer's consequence (a closed connection, a timed-out collective, a
+    SIGTERM from the agent), else the earliest. torch's ``get_first_failure`` takes the earliest
+    only, which is often a peer's "Connection closed" rather than the rank that raised."""
+
+    def why(failure: Any) -> str:
+        if (
+            failure.exitcode is not None
+            and failure.exitcode < 0
+            and failure.signal_name() not in ("", "<N/A>")
+        ):
+            return f"killed by {failure.signal_name()}"
+        reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+        lines = [line for line in str(reason).strip().splitlines() if line.strip()]
+        return lines[-1].strip() if lines else f"exit code {failure.exitcode}"
+
+    def consequence(failure: Any) -> bool:
+        text = why(failure)
+        return text == "killed by SIGTERM" or any(marker in text for marker in _CONSEQUENCES)
+
+    ordered = sorted(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    causes = [(rank, failure) for rank, failure in ordered if not consequence(failure)]
+    rank, failure = (causes or ordered)[0]
+    return rank, why(failure), len(failures) - 1
 
 
 def _worker(config: dict[str, Any], system: dict[str, Any], resume: bool) -> dict[str, Any]:

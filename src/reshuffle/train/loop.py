@@ -5,9 +5,8 @@ One process per rank (``reshuffle run --nproc N``, ``torchrun``, or ``srun`` + `
     reshuffle run configs/smoke.yaml --nproc 2 shuffle.strategy=partial shuffle.fraction=0.1
     torchrun --nproc-per-node 4 -m reshuffle run configs/fashion-mnist.yaml
 
-The data comes from :class:`~reshuffle.ShuffledData`, the public object a user's own loop drives
-(index or store mode behind one interface): this loop is its first client. docs/training.md says
-how each time-breakdown column (io, fw+bw, ge+wu, exchange, exposed exchange) is measured.
+The data comes from :class:`~reshuffle.ShuffledData`, the public object any loop drives: this loop
+is its first client. docs/training.md says how each time-breakdown column is measured.
 """
 
 from __future__ import annotations
@@ -49,6 +48,9 @@ def train(config: RunConfig, system: SystemConfig, run_dir: Path, *, resume: boo
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(config, system, run_dir, ctx, resume)
+    except BaseException as error:
+        run_files.log_failure(error)
+        raise
     finally:
         torch.use_deterministic_algorithms(deterministic)  # leave the process as it was
         distributed.teardown()
@@ -84,9 +86,7 @@ def _train(
         partial = saved[state.PARTIAL][ctx.rank] if saved and first_step else None
         stats, finished = run.train_epoch(epoch, first_step, partial)
         if not finished:
-            log.info(
-                "stopped at train.max_steps=%d (a checkpoint holds the position)", config.train.max_steps
-            )
+            log.info("stopped at train.max_steps=%d (a checkpoint holds it)", config.train.max_steps)
             break
         last_row = run.finish_epoch(epoch, stats, epoch_started, commit_s)
         if run.reached_max_steps():

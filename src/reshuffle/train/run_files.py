@@ -40,6 +40,16 @@ def start_logging(run_dir: Path, rank: int) -> None:
     log.info("rank %d: pid %d on %s", rank, os.getpid(), socket.gethostname())
 
 
+def log_failure(error: BaseException) -> None:
+    """The failing traceback into this rank's log file (not the console: the launcher prints the
+    one-line cause and points at this file)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "failed: %s", (error,), None)
+    record.exc_info = (type(error), error, error.__traceback__)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def write_run_files(
     run_dir: Path, config: RunConfig, *, world_size: int, backend: str, device: torch.device,
     resume: bool, hosts: list[str], **extra: Any,

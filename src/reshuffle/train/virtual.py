@@ -67,6 +67,9 @@ def train_virtual(
                 f"job has {ctx.world_size} processes; run it without torchrun/srun and with --nproc 1"
             )
         return _train(config, system, run_dir, ctx, resume)
+    except BaseException as error:
+        run_files.log_failure(error)
+        raise
     finally:
         torch.use_deterministic_algorithms(deterministic)
         distributed.teardown()
