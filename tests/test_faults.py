@@ -250,3 +250,31 @@ def test_a_ranks_own_error_is_the_jobs_error_and_its_traceback_is_in_its_log(tmp
     assert "Traceback: " in line and line.endswith("rank-1.log")
     logged = (tmp_path / "stray" / "logs" / "rank-1.log").read_text()
     assert "Traceback (most recent call last)" in logged and "stray file(s) notes.txt" in logged
+
+
+def _stage_in_another_process(root):
+    from reshuffle import ShufflePlanner
+    from reshuffle.data.synthetic import load_synthetic
+
+    source = load_synthetic("train", num_samples=100, sample_bytes=1000)  # as staged() does
+    planner = ShufflePlanner(100, 3, strategy="partial", fraction=0.2, seed=1)
+    try:
+        stage(root, 0, source, planner)
+    except StoreError as error:
+        return str(error)
+    return None
+
+
+def test_a_second_job_on_a_store_in_use_is_refused_before_it_touches_anything(tmp_path):
+    """This process stages (and so holds) the store; another process staging the same rank is
+    refused by name, and the store is untouched (a prepared exchange would survive)."""
+    import multiprocessing
+
+    _, _, stores = staged(tmp_path / "store")
+    before = sorted(p.name for p in stores[0].directory.rglob("*"))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        message = pool.apply(_stage_in_another_process, (tmp_path / "store",))
+    assert message is not None and "is in use by another job (pid " in message
+    assert "give this one another shuffle.store_dir" in message
+    assert sorted(p.name for p in stores[0].directory.rglob("*")) == before
+    assert verify_store(tmp_path / "store") == []  # the lock file is part of a store

@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 STORE_FILE = "store.json"
 MANIFEST = "manifest.json"
 PREPARED = "prepared.json"
+LOCK = "job.lock"  # held (flock) by the job using the rank directory; holds its pid and host
 PACK_DIR = "packs"
 # Blocks allocated after a commit for the next exchange's arrivals; its writer renames it into a
 # pack. Not part of any state: deleted with other leftovers, never reported as a problem.
@@ -108,6 +109,36 @@ def open_for_writing(path: Path, flags: int, root: Path) -> int:
                 f"or restage the store"
             ) from None
         raise
+
+
+_LOCKS: dict[Path, int] = {}  # directories this process holds the job lock of
+
+
+def lock_directory(directory: Path) -> int:
+    """Take ``directory``'s exclusive job lock (``flock`` on ``job.lock``, held until the process
+    ends; taking it again in the same process is a no-op); StoreError naming the holder if another
+    process (another job) has it."""
+    import fcntl
+    import socket
+
+    key = directory.resolve()
+    if key in _LOCKS:
+        return _LOCKS[key]
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = open_for_writing(directory / LOCK, os.O_RDWR | os.O_CREAT, directory)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise StoreError(
+            f"{directory} is in use by another job ({holder}); two jobs on one store would corrupt it. "
+            "Wait for that job to end, or give this one another shuffle.store_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _LOCKS[key] = fd
+    return fd
 
 
 def fsync_dir(path: Path) -> None:

@@ -47,6 +47,7 @@ class RankStore:
         self.records = np.empty(0, dtype=fmt.RECORD)
         self.reader = PackReader(self.directory, rank, -1, self.records)  # replaced at each load
         self._holes: bool | None = None  # can this file system punch holes? (probed once)
+        self.lock: int | None = None  # the job lock's descriptor (format.lock_directory), once staged
         self.dirty_packs: set[int] | None = None  # packs that lost samples since the last release; None: all
 
     # ----------------------------------------------------------------- opening and checking
@@ -132,7 +133,7 @@ class RankStore:
 
     def referenced_files(self) -> set[str]:
         """Paths (relative to the rank directory) the committed or prepared state uses."""
-        names = {fmt.MANIFEST}
+        names = {fmt.MANIFEST, fmt.LOCK}
         for state in (fmt.MANIFEST, fmt.PREPARED):
             path = self.directory / state
             if not path.is_file():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,6 @@ class PackReader:
         self.labels = records["label"].astype(np.int64)
         self.crcs = records["crc"].astype(np.int64)
         self._maps: dict[int, mmap.mmap | bytes] = {}
-        self._lock = threading.Lock()
 
     def where(self, sample_id: int) -> int:
         where = int(self.ids.searchsorted(sample_id))
@@ -139,23 +137,21 @@ class PackReader:
         )
 
     def _map(self, sequence: int, sample_id: int) -> mmap.mmap | bytes:
-        with self._lock:
-            data = self._maps.get(sequence)
-            if data is None:
-                path = fmt.inside(self.directory, f"{fmt.PACK_DIR}/{fmt.pack_name(sequence)}")
-                try:
-                    handle = open(path, "rb")  # noqa: SIM115
-                except FileNotFoundError:
-                    raise self._damaged(sample_id, sequence, "its pack is missing") from None
-                with handle:
-                    size = os.fstat(handle.fileno()).st_size
-                    data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-                self._maps[sequence] = data
-        return data
+        # No lock: a DataLoader worker forked while another thread (the exchange, the scrub) held
+        # one would wait on it forever. Two threads mapping the same pack at once keep the first
+        # map (setdefault is atomic under the GIL); the other is unmapped when collected.
+        path = fmt.inside(self.directory, f"{fmt.PACK_DIR}/{fmt.pack_name(sequence)}")
+        try:
+            handle = open(path, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            raise self._damaged(sample_id, sequence, "its pack is missing") from None
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        return self._maps.setdefault(sequence, data)
 
     def close(self) -> None:
-        with self._lock:
-            maps, self._maps = self._maps, {}
+        maps, self._maps = self._maps, {}
         for data in maps.values():
             if isinstance(data, mmap.mmap):
                 with contextlib.suppress(BufferError):  # a view is still alive; GC unmaps it later
@@ -164,9 +160,5 @@ class PackReader:
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers started with spawn get a copy without the open maps.
         state = self.__dict__.copy()
-        state["_maps"], state["_lock"] = {}, None
+        state["_maps"] = {}
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()

@@ -67,13 +67,16 @@ def stage(
     else:
         fmt.write_json(root / fmt.STORE_FILE, meta.to_json())
     store = RankStore(root, rank, meta)
+    lock = fmt.lock_directory(store.directory)  # held for the life of this process (the job)
     if (store.directory / fmt.MANIFEST).is_file():
         store = RankStore.open(root, rank, meta)
+        store.lock = lock
         check_labels(store, source.targets)
         return (
             store,
             f"rank {rank}: store already staged (epoch {store.epoch}, {len(store)} samples); nothing to do",
         )
+    store.lock = lock
     store.pack_dir.mkdir(parents=True, exist_ok=True)
     store.remove_unreferenced()  # a previous staging that died half-way
     started = time.perf_counter()
