@@ -4,6 +4,7 @@ the error names the real cause and its fix."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from reshuffle import ShuffledData
 from reshuffle.data.transforms import build_transform
 from reshuffle.store import CorruptSampleError, ExchangeError, StoreDataset, StoreError, stage, verify_store
 from reshuffle.store.format import pack_name
-from reshuffle.store.wire import OutgoingStream
+from reshuffle.store.wire import OutgoingStream, PeerError, describe_failure
 from reshuffle.train.launch import root_failure
 from spawn import run_ranks
 from test_store import run_partial_epochs, staged
@@ -215,7 +216,7 @@ def test_the_job_error_names_the_rank_that_caused_the_others_to_fail():
         1: _Failure(
             11, "StoreError: rank 1: stray file(s) notes.txt in /s/rank-00001 are not part of a store"
         ),
-        2: _Failure(12, "PeerError: rank 2: recovery failed (...); a peer rank died, hung or failed first"),
+        2: _Failure(12, "PeerError: rank 2: recovery failed (...); a peer rank died or hung, or failed first"),
     }
     rank, why, others = root_failure(failures)
     assert (rank, others) == (1, 2) and why.startswith("StoreError: rank 1: stray file(s) notes.txt")
@@ -278,3 +279,39 @@ def test_a_second_job_on_a_store_in_use_is_refused_before_it_touches_anything(tm
     assert "give this one another shuffle.store_dir" in message
     assert sorted(p.name for p in stores[0].directory.rglob("*")) == before
     assert verify_store(tmp_path / "store") == []  # the lock file is part of a store
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(errno.ENOSPC, r"no space left on the disk holding .*Free space there, or set shuffle.store_dir"),
+     (errno.EACCES, r"cannot write .*Make .* writable by this user")],
+)  # fmt: skip
+def test_a_full_or_unwritable_disk_names_the_path_and_the_fix_and_leaves_nothing(
+    tmp_path, monkeypatch, code, expected
+):
+    """Staging that hits a full disk (or a permission error) says where and what to do, not a bare
+    OSError or "a peer may have died", and leaves no partial pack behind."""
+    from reshuffle import ShufflePlanner
+    from reshuffle.data.synthetic import load_synthetic
+    from reshuffle.store.packs import PackWriter
+
+    real_append, calls = PackWriter.append, []
+
+    def failing_append(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 5:
+            raise OSError(code, os.strerror(code), str(self.directory / "pack-00000001.bin"))
+        return real_append(self, *args, **kwargs)
+
+    monkeypatch.setattr(PackWriter, "append", failing_append)
+    source = load_synthetic("train", num_samples=60, sample_bytes=1000)
+    with pytest.raises(StoreError, match=expected):
+        stage(tmp_path / "store", 0, source, ShufflePlanner(60, 2, seed=1))
+    assert not list((tmp_path / "store" / "rank-00000" / "packs").glob("pack-*.bin"))
+
+
+def test_a_collective_failure_is_a_peer_error_and_ours_pass_unchanged(tmp_path):
+    error = describe_failure(RuntimeError("Connection closed by peer"), 1, tmp_path, "the commit barrier")
+    assert isinstance(error, PeerError) and "rank 1: the commit barrier failed" in str(error)
+    own = StoreError("rank 1: stray file")
+    assert describe_failure(own, 1, tmp_path, "x") is own

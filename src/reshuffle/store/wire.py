@@ -56,7 +56,7 @@ def describe_failure(error: BaseException, rank: int, directory: object, what: s
         return fmt.StoreError(f"rank {rank}: {what} failed in {directory}: {error}")
     if isinstance(error, RuntimeError):  # torch.distributed: a peer closed, reset or timed out
         return PeerError(
-            f"rank {rank}: {what} failed ({error}); a peer rank died, hung or failed first. No committed "
+            f"rank {rank}: {what} failed ({error}); a peer rank died or hung, or failed first. No committed "
             "data changed: once the cause is fixed, restart the job to resume"
         )
     return error
