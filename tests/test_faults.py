@@ -216,7 +216,7 @@ def test_the_job_error_names_the_rank_that_caused_the_others_to_fail():
         1: _Failure(
             11, "StoreError: rank 1: stray file(s) notes.txt in /s/rank-00001 are not part of a store"
         ),
-        2: _Failure(12, "PeerError: rank 2: recovery failed (...); a peer rank died or hung, or failed first"),
+        2: _Failure(12, "PeerError: rank 2: recovery failed (...); a peer rank died or hung, or failed"),
     }
     rank, why, others = root_failure(failures)
     assert (rank, others) == (1, 2) and why.startswith("StoreError: rank 1: stray file(s) notes.txt")
