@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from reshuffle import ShuffledData
+from reshuffle import ShuffledData, settle_buckets
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
@@ -57,6 +57,7 @@ if os.path.exists(checkpoint):  # resume: model, optimizer and the data path's s
     data.load_state_dict(saved["data"])
     start = saved["epoch"] + 1
 model, optimizer = accelerator.prepare(model, optimizer)
+settle_buckets(model, torch.zeros(2, 1, 28, 28, device=accelerator.device))  # exact resume, 3+ ranks
 for epoch in range(start, args.epochs):
     data.set_epoch(epoch)  # commits the exchange that ran during the last epoch, starts the next
     trained[epoch] = []

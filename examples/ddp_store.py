@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from reshuffle import ShuffledData
+from reshuffle import ShuffledData, settle_buckets
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
@@ -45,6 +45,7 @@ model = nn.parallel.DistributedDataParallel(nn.Sequential(
     nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
     nn.Linear(16 * 14 * 14, 10),
 ))  # fmt: skip
+settle_buckets(model, torch.zeros(2, 1, 28, 28))  # exact resume with 3+ ranks (DDP's bucket layout)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 checkpoint, start, trained = os.path.join(os.path.dirname(os.path.abspath(args.store)), "ckpt.pt"), 0, {}
 if os.path.exists(checkpoint):  # resume: model, optimizer and the data path's state (store included)

@@ -8,6 +8,8 @@ The names most users need:
 * :class:`ShuffleSampler`: a drop-in for ``torch.utils.data.DistributedSampler`` that follows
   a planner (index mode: every rank can read the whole dataset).
 * :class:`ShufflePlanner`: which samples each rank holds, trains on and exchanges, per epoch.
+* :func:`settle_buckets`: call once after wrapping a model in DDP, so that a resumed job with
+  three or more ranks trains to the bit as an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def __getattr__(name: str) -> object:
         from reshuffle.shuffled import ShuffledData
 
         return ShuffledData
+    if name == "settle_buckets":
+        from reshuffle.ddp import settle_buckets
+
+        return settle_buckets
     raise AttributeError(f"module 'reshuffle' has no attribute {name!r}")
 
 
@@ -43,4 +49,5 @@ __all__ = [
     "ShuffleSampler",
     "ShuffledData",
     "__version__",
+    "settle_buckets",
 ]

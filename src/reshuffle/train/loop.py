@@ -28,6 +28,7 @@ from reshuffle.config import RunConfig, SystemConfig, planner_settings
 from reshuffle.data import open_source, transform_for
 from reshuffle.data.dataset import collate
 from reshuffle.data.source import SampleSource
+from reshuffle.ddp import settle_buckets
 from reshuffle.models import build_model
 from reshuffle.models.sync_batchnorm import convert_sync_batchnorm
 from reshuffle.plan.quality import js_distance
@@ -152,6 +153,7 @@ class Run:
             model = model.to(memory_format=torch.channels_last)
         devices = None if ctx.device.type == "cpu" else [ctx.local_rank]
         ddp = DistributedDataParallel(model, device_ids=devices)
+        settle_buckets(ddp, step.example_batch(source.shape, ctx.device, cfg.channels_last))
         optimizer = step.build_optimizer(model, config)
         scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         if saved:
@@ -229,15 +231,13 @@ class Run:
         cfg = self.config.train
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.total_steps, self.steps_per_epoch, cfg, self.ctx.world_size)
-        with torch.autocast(self.ctx.device.type, dtype=step.amp_dtype(cfg.amp), enabled=cfg.amp != "off"):
-            logits, per_sample = step.forward_loss(
-                self.forward, self.criterion, images, labels, self.config, epoch, at, self.ctx.rank
-            )
-        loss = per_sample.mean()
-        if cfg.grad_sync == "explicit":
-            with self.ddp.no_sync():
-                step.backward(loss, self.scaler)
-        else:
+        amp = torch.autocast(self.ctx.device.type, dtype=step.amp_dtype(cfg.amp), enabled=cfg.amp != "off")
+        with step.gradient_sync(self.ddp, self.config):
+            with amp:
+                logits, per_sample = step.forward_loss(
+                    self.forward, self.criterion, images, labels, self.config, epoch, at, self.ctx.rank
+                )
+            loss = per_sample.mean()
             step.backward(loss, self.scaler)
         computed = distributed.now(self.ctx.device)
         if cfg.grad_sync == "explicit":

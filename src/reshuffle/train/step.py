@@ -4,6 +4,7 @@ all-reduce, and evaluation on the test set."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -102,6 +103,21 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def example_batch(shape: tuple[int, ...], device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Two zero samples of ``shape``, laid out as training batches are."""
+    batch = torch.zeros(2, *shape, device=device)
+    if channels_last and batch.dim() == 4:
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def gradient_sync(ddp: nn.Module, config: RunConfig) -> contextlib.AbstractContextManager:
+    """Around forward and backward: DDP's all-reduce overlapped with backward, or (``explicit``)
+    none, the caller reducing once afterwards. ``no_sync`` must cover the forward too: DDP
+    decides there whether the next backward reduces."""
+    return ddp.no_sync() if config.train.grad_sync == "explicit" else contextlib.nullcontext()
 
 
 def all_reduce_gradients(model: nn.Module, world_size: int) -> None:
