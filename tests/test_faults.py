@@ -9,8 +9,11 @@ import errno
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +223,7 @@ def test_the_job_error_names_the_rank_that_caused_the_others_to_fail():
         ),
         2: _Failure(12, "PeerError: rank 2: recovery failed (...); a peer rank died or hung, or failed"),
     }
-    rank, why, others = root_failure(failures)
+    rank, why, others, _ = root_failure(failures)
     assert (rank, others) == (1, 2) and why.startswith("StoreError: rank 1: stray file(s) notes.txt")
     killed = {0: _Failure(5, "DistBackendError: timed out"), 1: _Failure(6, exitcode=-9, signal="SIGKILL")}
     assert root_failure(killed)[:2] == (1, "killed by SIGKILL")
@@ -228,6 +231,16 @@ def test_the_job_error_names_the_rank_that_caused_the_others_to_fail():
     assert root_failure(stopped)[:2] == (1, "ValueError: bad")
     only_peers = {3: _Failure(7, "RuntimeError: Connection reset by peer"), 2: _Failure(8, "PeerError: x")}
     assert root_failure(only_peers)[0] == 3  # no cause among them: the earliest
+    silent = "rank 2 hung: no heartbeat for 61 s (pid 9 on h: stopped, deadlocked, or its node unreachable)"
+    hung = {
+        0: _Failure(5, f"PeerError: rank 0 failed because {silent}; rank 0 stopped rank(s) 2 (SIGKILL)"),
+        1: _Failure(6, exitcode=-15, signal="SIGTERM"),
+        2: _Failure(4, exitcode=-9, signal="SIGKILL"),
+    }
+    assert (
+        root_failure(hung)[:4:3] == (2, 0)
+        and root_failure(hung).why == "hung: " + silent[len("rank 2 hung: ") :]
+    )
 
 
 @pytest.mark.slow
@@ -397,3 +410,47 @@ def test_explicit_gradient_sync_leaves_the_reduction_to_the_caller(tmp_path):
     the forward used to run outside no_sync, so every step reduced twice."""
     assert run_ranks(_count_reductions, 2, "explicit") == [0, 0]
     assert run_ranks(_count_reductions, 2, "overlapped") == [2, 2]
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_and_the_job_ends_within_the_timeout(tmp_path):
+    """SIGSTOP rank 1 of 3 while store-mode training runs (exchange in flight): the job's error names
+    rank 1 as hung (no heartbeat), not the healthy rank whose collective timed out, and the job
+    ends within dist.timeout_s plus a few seconds (the stopped process is killed, not awaited for
+    the launcher's 30 s SIGTERM grace). Nothing is lost: the job resumes and the store verifies."""
+    run = [sys.executable, "-m", "reshuffle", "run", str(CONFIGS / "smoke.yaml"), "--nproc", "3",
+           f"log.dir={tmp_path}", "name=hang", "shuffle.mode=store", "shuffle.fraction=0.5",
+           "data.synthetic.num_samples=600", "data.test_limit=64", "dist.timeout_s=12"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([*run, "train.epochs=500"], stderr=subprocess.PIPE, text=True, env=env)
+    logs = tmp_path / "hang" / "logs"
+    try:
+        deadline = time.monotonic() + 120
+        while "epoch 1:" not in _read(logs / "rank-0.log"):
+            assert time.monotonic() < deadline and job.poll() is None, "training did not start"
+            time.sleep(0.2)
+        pid = int(re.search(r"rank 1: pid (\d+)", _read(logs / "rank-1.log")).group(1))
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, stderr = job.communicate(timeout=120)
+        elapsed = time.monotonic() - stopped
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 1
+    line = [line for line in stderr.splitlines() if line.startswith("reshuffle: error:")][-1]
+    assert line.startswith("reshuffle: error: rank 1 hung: no heartbeat for "), line
+    assert f"pid {pid}" in line and "Details: " in line
+    assert elapsed < 12 + 8, f"the job took {elapsed:.1f} s to end after rank 1 stopped"
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in _read(Path(f"/proc/{pid}/status"))
+    resumed = subprocess.run([*run, "train.epochs=4", "--resume"], capture_output=True, text=True,
+                             timeout=240, env=env)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert verify_store(tmp_path / "hang" / "store") == []
+
+
+def _read(path):
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from reshuffle.config import ConfigError, RunConfig, SystemConfig, load_system_config
 from reshuffle.config.loading import from_mapping, to_mapping
-from reshuffle.train import distributed
+from reshuffle.train import distributed, heartbeat
 
 log = logging.getLogger("reshuffle")
 
@@ -61,30 +62,39 @@ def launch(
         start_method="spawn",
     )
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    started = time.time()
     try:
         results = elastic_launch(launch_config, _worker)(to_mapping(config), to_mapping(system), resume)
     except ChildFailedError as failed:
-        rank, why, others = root_failure(failed.failures)
-        also = f" ({others} failed because of it)" if others else ""
         print(
-            f"reshuffle: error: rank {rank} failed ({why}); the other ranks were stopped{also}. "
-            f"Traceback: {run_dir / 'logs' / f'rank-{rank}.log'}",
+            f"reshuffle: error: {root_failure(failed.failures, run_dir / 'logs', started).line(run_dir)}",
             file=sys.stderr,
         )
         return 1
     return _report(results[0], run_dir)
 
 
-# What a rank says when it failed because another one did: not the cause (see root_failure).
-_CONSEQUENCES = ("PeerError", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                 "DistBackendError", "Timed out", "timed out", "NCCL communicator was aborted")  # fmt: skip
+class RootFailure(NamedTuple):
+    rank: int  # the rank that caused the others to fail
+    why: str  # one line
+    others: int  # how many other ranks failed
+    log_rank: int  # whose log holds the details (the reporter, for a rank that hung)
+
+    def line(self, run_dir: Path) -> str:
+        also = f" ({self.others} failed because of it)" if self.others else ""
+        log = run_dir / "logs" / f"rank-{self.log_rank}.log"
+        if self.why.startswith("hung: "):
+            return f"rank {self.rank} {self.why}; the other ranks were stopped{also}. Details: {log}"
+        return f"rank {self.rank} failed ({self.why}); the other ranks were stopped{also}. Traceback: {log}"
 
 
-def root_failure(failures: dict[int, Any]) -> tuple[int, str, int]:
-    """(rank, one-line cause, how many other ranks failed) of the failure that caused the others:
-    the earliest that is not a peer's consequence (a closed connection, a timed-out collective, a
-    SIGTERM from the agent), else the earliest. torch's ``get_first_failure`` takes the earliest
-    only, which is often a peer's "Connection closed" rather than the rank that raised."""
+def root_failure(failures: dict[int, Any], logs: Path | None = None, since: float = 0.0) -> RootFailure:
+    """The failure that caused the others: a rank another one named as silent (no heartbeat);
+    else the earliest that is not a peer's consequence (a closed connection, a timed-out
+    collective, a SIGTERM from the agent); else the earliest. torch's ``get_first_failure`` takes
+    the earliest only, which is often a peer's "Connection closed" rather than the rank that raised.
+    A rank another stopped (SIGKILL) as silent may be the only failure the agent saw: the reporter's
+    diagnosis is then read from its log in ``logs`` (lines logged after ``since``, a time.time())."""
 
     def why(failure: Any) -> str:
         if (
@@ -99,12 +109,21 @@ def root_failure(failures: dict[int, Any]) -> tuple[int, str, int]:
 
     def consequence(failure: Any) -> bool:
         text = why(failure)
-        return text == "killed by SIGTERM" or any(marker in text for marker in _CONSEQUENCES)
+        return text == "killed by SIGTERM" or heartbeat.is_consequence(text)
 
     ordered = sorted(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    for reporter, failure in ordered:  # a rank that named a peer that stopped answering
+        hung = heartbeat.HUNG.search(why(failure))
+        if hung:
+            cause = hung.group(2).split("; rank ")[0]
+            return RootFailure(int(hung.group(1)), f"hung: {cause}", len(failures) - 1, reporter)
     causes = [(rank, failure) for rank, failure in ordered if not consequence(failure)]
     rank, failure = (causes or ordered)[0]
-    return rank, why(failure), len(failures) - 1
+    if why(failure) == "killed by SIGKILL" and logs is not None:
+        for reporter, cause in heartbeat.named_in_logs(logs, since):
+            if reporter != rank and cause.startswith(f"rank {rank} hung: "):
+                return RootFailure(rank, cause[len(f"rank {rank} ") :], len(failures) - 1, reporter)
+    return RootFailure(rank, why(failure), len(failures) - 1, rank)
 
 
 def _worker(config: dict[str, Any], system: dict[str, Any], resume: bool) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 One process per rank (``reshuffle run --nproc N``, ``torchrun``, or ``srun`` + ``torchrun``)::
 
     reshuffle run configs/smoke.yaml --nproc 2 shuffle.strategy=partial shuffle.fraction=0.1
-    torchrun --nproc-per-node 4 -m reshuffle run configs/fashion-mnist.yaml
 
 The data comes from :class:`~reshuffle.ShuffledData`, the public object any loop drives: this loop
 is its first client. docs/training.md says how each time-breakdown column is measured.
@@ -33,7 +32,7 @@ from reshuffle.models import build_model
 from reshuffle.models.sync_batchnorm import convert_sync_batchnorm
 from reshuffle.plan.quality import js_distance
 from reshuffle.shuffled import ShuffledData
-from reshuffle.train import distributed, metrics, run_files, state, step
+from reshuffle.train import distributed, heartbeat, metrics, run_files, state, step
 from reshuffle.train.checkpoint import Checkpoints
 from reshuffle.train.outputs import MetricsFiles
 from reshuffle.train.progress import Progress
@@ -48,7 +47,8 @@ def train(config: RunConfig, system: SystemConfig, run_dir: Path, *, resume: boo
     ctx = distributed.setup(system.backend, config.dist.timeout_s)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(config, system, run_dir, ctx, resume)
+        with heartbeat.watch(ctx.rank, ctx.world_size, config.dist.timeout_s):
+            return _train(config, system, run_dir, ctx, resume)
     except BaseException as error:
         run_files.log_failure(error)
         raise
