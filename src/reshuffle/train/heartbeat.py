@@ -66,13 +66,17 @@ class Heartbeat:
         address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         if world_size == 1 or not address or not port:
             return cls(rank, world_size, None)
-        store = dist.TCPStore(
-            address,
-            int(port),
-            is_master=False,
-            timeout=datetime.timedelta(seconds=10),
-            wait_for_workers=False,
-        )
+        try:
+            timeout = datetime.timedelta(seconds=10)
+            store = dist.TCPStore(
+                address, int(port), is_master=False, timeout=timeout, wait_for_workers=False
+            )
+        except Exception as error:  # training does not depend on it: say so and go on without
+            logging.getLogger("reshuffle").warning(
+                "no heartbeat (cannot reach the store at %s:%s: %s); a hung rank will not be named",
+                address, port, error,
+            )  # fmt: skip
+            return cls(rank, world_size, None)
         return cls(rank, world_size, store)
 
     def start(self) -> Heartbeat:
