@@ -66,10 +66,22 @@ def test_fashion_mnist_from_a_configured_directory(tmp_path):
 def test_missing_fashion_mnist_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr("reshuffle.data.fashion_mnist.DEBIAN_PATH", str(tmp_path / "absent"))
     with pytest.raises(DataNotFoundError) as error:
-        load_fashion_mnist("train", path=str(tmp_path / "mine"))
+        load_fashion_mnist("train")
     message = str(error.value)
-    assert str(tmp_path / "mine") in message and str(tmp_path / "absent") in message
+    assert str(tmp_path / "absent") in message
     assert "apt-get install dataset-fashion-mnist" in message and "datasets.fashion-mnist.path" in message
+
+
+def test_a_configured_fashion_mnist_path_that_holds_nothing_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    """The system config names a directory without the files while the Debian package's copy
+    exists: an error naming the configured path (it used to load the Debian copy silently)."""
+    (tmp_path / "debian").mkdir()
+    fake_fashion_mnist(tmp_path / "debian")
+    monkeypatch.setattr("reshuffle.data.fashion_mnist.DEBIAN_PATH", str(tmp_path / "debian"))
+    assert len(load_fashion_mnist("train")) == 30  # the default place still works
+    with pytest.raises(DataNotFoundError, match=str(tmp_path / "mine")) as error:
+        load_fashion_mnist("train", path=str(tmp_path / "mine"))
+    assert str(tmp_path / "debian") not in str(error.value)
 
 
 def test_real_fashion_mnist(fashion_mnist):

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from reshuffle import ShuffledData
+from reshuffle import ShuffledData, ShufflePlanner
+from reshuffle.data.synthetic import load_synthetic
 from reshuffle.data.transforms import build_transform
 from reshuffle.store import CorruptSampleError, ExchangeError, StoreDataset, StoreError, stage, verify_store
 from reshuffle.store.format import pack_name
@@ -200,6 +201,37 @@ def test_a_label_changed_in_the_index_is_refused_at_reopen(tmp_path):
     (store.directory / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match=rf"1 sample\(s\) .* carry another label .*{int(records['id'][3])} "):
         stage(tmp_path / "store", 0, source, planner)
+
+
+def test_verify_names_an_unsafe_path_and_checks_everything_else(tmp_path):
+    """A pack replaced by a symlink out of the store: verify reports it as a problem (exit 1, not a
+    crash with exit 2) and goes on to find a stray file in another rank's folder; --no-checksums
+    on a clean store does not claim checksums it did not read."""
+    _, _, stores = staged(tmp_path / "store", world=2)
+    _outside_copy(tmp_path, next(stores[0].pack_dir.glob("pack-*.bin")))
+    (stores[1].directory / "notes.txt").write_text("hello")
+    verify = [sys.executable, "-m", "reshuffle", "verify", str(tmp_path / "store")]
+    result = subprocess.run(verify, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "rank 0: " in result.stdout and "resolves outside" in result.stdout
+    assert "rank 1: stray file notes.txt" in result.stdout
+    _, _, _ = staged(tmp_path / "clean", world=2)
+    result = subprocess.run([*verify[:-1], str(tmp_path / "clean"), "--no-checksums"], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0 and "checksums not read" in result.stdout
+
+
+def test_verify_says_when_a_restart_cannot_repair_a_stale_manifest(tmp_path):
+    """Ranks whose manifests are epochs apart with no exchange in flight: the advice is to
+    restage, not the restart that cannot help (it was "restart the job to finish it")."""
+    _, _, stores = staged(tmp_path / "store", world=2)
+    empty = np.empty(0, dtype=np.int64)
+    for _ in range(2):  # rank 0 moves on two epochs by itself (nothing moves)
+        stores[0].prepare(stores[0].epoch + 1, empty, np.empty(0, dtype=stores[0].records.dtype))
+        stores[0].commit()
+    problems = verify_store(tmp_path / "store")
+    stale = [p for p in problems if p.startswith("stale manifest")]
+    assert stale and "a restart cannot repair it; restage the store" in stale[0], problems
 
 
 class _Failure:
@@ -454,3 +486,18 @@ def _read(path):
         return Path(path).read_text()
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_store_dir_that_cannot_be_a_directory_is_a_named_error(tmp_path, where):
+    """store_dir is a file, or lies under one: a StoreError naming the path and the fix (it was a
+    raw FileExistsError / NotADirectoryError)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    store_dir = blocker if where == "a file" else blocker / "store"
+    source = load_synthetic("train", num_samples=20)
+    with pytest.raises(
+        StoreError, match=rf"cannot use {store_dir} as a store directory .* shuffle.store_dir"
+    ):
+        stage(store_dir, 0, source, ShufflePlanner(20, 1))
+    assert blocker.read_text() == "not a directory"

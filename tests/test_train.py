@@ -319,3 +319,14 @@ def test_backend_nccl_without_enough_gpus_names_the_fix(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ConfigError, match="none is available"):
         choose_backend("nccl", 1)
+
+
+def test_env_json_records_the_system_config_that_was_given(tmp_path):
+    """env.json names the --system file the run used (it named ./configs/system.yaml)."""
+    system_file = tmp_path / "elsewhere" / "mine.yaml"
+    system_file.parent.mkdir()
+    system_file.write_text("backend: gloo\n")
+    config = load_run_config(CONFIGS / "smoke.yaml", [*TINY, f"log.dir={tmp_path}", "name=env"])
+    train(config, load_system_config(system_file), tmp_path / "env")
+    environment = json.loads((tmp_path / "env" / "env.json").read_text())
+    assert environment["system_config"] == str(system_file.resolve())

@@ -133,6 +133,8 @@ def load_system_config(path: str | Path | None = None) -> SystemConfig:
     """The system config at ``path`` (or found as in :func:`system_config_path`)."""
     source = system_config_path(path)
     data = read_yaml(source) if source is not None else {}
+    if source is not None:
+        data = {**data, "origin": str(Path(source).resolve())}
     return from_mapping(SystemConfig, data)
 
 

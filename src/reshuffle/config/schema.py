@@ -50,6 +50,7 @@ class SystemConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with a GPU per local rank, else gloo
     master_addr: str = "127.0.0.1"  # rendezvous address for local multi-process launches
     master_port: int = 29500  # default rendezvous port (0: pick a free one)
+    origin: str = "built-in defaults"  # set when loaded: the file these settings came from
 
 
 # --------------------------------------------------------------------------- run config

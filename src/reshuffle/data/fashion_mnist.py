@@ -21,8 +21,8 @@ def _find(directory: Path, stem: str) -> Path | None:
 
 
 def _candidates(path: str | None) -> list[Path]:
-    roots = [Path(path).expanduser()] if path else []
-    roots.append(Path(DEBIAN_PATH))
+    # a configured path is the only place looked in: falling back would train on other files
+    roots = [Path(path).expanduser()] if path else [Path(DEBIAN_PATH)]
     # torchvision's download layout, when it was used to fetch the files
     return [p for root in roots for p in (root, root / "FashionMNIST" / "raw")]
 
@@ -30,8 +30,8 @@ def _candidates(path: str | None) -> list[Path]:
 def load_fashion_mnist(split: str, *, path: str | None = None, download: bool = False) -> ArraySource:
     """Fashion-MNIST ``split`` (60,000 train or 10,000 test 28x28 grey images, 10 classes).
 
-    Looks in ``path`` (the system config's ``datasets.fashion-mnist.path``), then in the Debian
-    package's directory. With ``download`` and torchvision installed it fetches the files into
+    Looks in ``path`` (the system config's ``datasets.fashion-mnist.path``) when it is set, else in
+    the Debian package's directory. With ``download`` and torchvision installed it fetches the files into
     ``path`` first.
     """
     prefix = _PREFIX[split]

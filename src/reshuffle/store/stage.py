@@ -59,13 +59,19 @@ def stage(
             f"the source has {len(source)} samples but the plan is for {planner.num_samples}"
         )
     meta = store_meta(source, planner, dataset)
-    root.mkdir(parents=True, exist_ok=True)
-    if (root / fmt.STORE_FILE).is_file():
-        written = read_meta(root)
-        if why := meta.mismatch(written):
-            raise fmt.StoreError(f"store {root}: {why}")
-    else:
-        fmt.write_json(root / fmt.STORE_FILE, meta.to_json())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / fmt.STORE_FILE).is_file():
+            written = read_meta(root)
+            if why := meta.mismatch(written):
+                raise fmt.StoreError(f"store {root}: {why}")
+        else:
+            fmt.write_json(root / fmt.STORE_FILE, meta.to_json())
+    except OSError as error:  # a file in the way, a read-only disk, no permission
+        raise fmt.StoreError(
+            f"cannot use {root} as a store directory ({error.strerror}: {error.filename or root}); set "
+            "shuffle.store_dir (or store_dir=) to a writable directory on a node-local disk"
+        ) from error
     store = RankStore(root, rank, meta)
     lock = fmt.lock_directory(store.directory)  # held for the life of this process (the job)
     if (store.directory / fmt.MANIFEST).is_file():

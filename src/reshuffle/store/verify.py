@@ -59,7 +59,10 @@ def verify_store(root: str | Path, *, checksums: bool = True) -> list[str]:
         except fmt.StoreError as error:
             problems.append(f"rank {rank}: {error}")
             continue
-        problems += rank_problems(store, checksums=checksums)
+        try:
+            problems += rank_problems(store, checksums=checksums)
+        except fmt.StoreError as error:  # e.g. a file that resolves outside the store: name it, go on
+            problems.append(f"rank {rank}: {error}")
         if (pending := store.prepared_epoch()) is not None:
             problems.append(
                 f"rank {rank}: an exchange into epoch {pending} was interrupted before it committed; "
@@ -70,10 +73,17 @@ def verify_store(root: str | Path, *, checksums: bool = True) -> list[str]:
     if len(set(epochs.values())) > 1:
         newest = max(epochs.values())
         stale = sorted(rank for rank, epoch in epochs.items() if epoch != newest)
+        behind = [store for store in stores if store.rank in stale]
+        finishable = all(s.epoch == newest - 1 and s.prepared_epoch() == newest for s in behind)
+        advice = (
+            "a commit was interrupted; restart the job to finish it"
+            if finishable
+            else "no exchange in flight can bring them together, so a restart cannot repair it; restage "
+            "the store (remove it: the next run stages it from the source)"
+        )
         problems.append(
             f"stale manifest: rank(s) {stale} are at epoch(s) {sorted({epochs[r] for r in stale})}, "
-            "the others at "
-            f"{newest} (a commit was interrupted; restart the job to finish it)"
+            f"the others at {newest} ({advice})"
         )
     if len(stores) == meta.world_size:
         problems += _check_union(stores, meta.num_samples)
@@ -87,8 +97,14 @@ def rank_problems(store: RankStore, *, checksums: bool = True) -> list[str]:
     found: list[str] = []
     manifest = fmt.read_json(store.directory / fmt.MANIFEST, "manifest")
     sizes = manifest.get("pack_sizes", {})
+    unsafe = set()
     for name, expected in sorted(sizes.items()):
-        path = fmt.inside(store.directory, f"{fmt.PACK_DIR}/{name}")
+        try:
+            path = fmt.inside(store.directory, f"{fmt.PACK_DIR}/{name}")
+        except fmt.StoreError as error:
+            found.append(f"rank {store.rank}: {error}")
+            unsafe.add(name)
+            continue
         if not path.is_file():
             found.append(f"rank {store.rank}: pack {fmt.PACK_DIR}/{name} is missing")
             continue
@@ -103,7 +119,7 @@ def rank_problems(store: RankStore, *, checksums: bool = True) -> list[str]:
         actual = {
             name: (store.pack_dir / name).stat().st_size
             for name in sizes
-            if (store.pack_dir / name).is_file()
+            if name not in unsafe and (store.pack_dir / name).is_file()
         }
         ends = store.records["offset"] + store.records["length"]
         available = np.array([actual.get(fmt.pack_name(int(s)), -1) for s in store.records["pack"]])

@@ -166,7 +166,7 @@ class Run:
             config, ctx, run_dir, data, source, model, ddp,
             torch.compile(ddp, backend=cfg.compile_backend) if cfg.compile else ddp, optimizer, scaler,
             nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing), test_loader,
-            checkpoints, run_files.open_outputs(run_dir, config, ctx, resume, start_epoch),
+            checkpoints, run_files.open_outputs(run_dir, config, system, ctx, resume, start_epoch),
             Progress(config.log.progress, config.log.every_steps, enabled=ctx.is_main),
             metrics.Footprint(data.planner, start_epoch, [ctx.rank]), metrics.mean_sample_bytes(source),
             np.bincount(source.targets, minlength=source.num_classes),

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import reshuffle
-from reshuffle.config import RunConfig, dump_yaml, system_config_path
+from reshuffle.config import RunConfig, SystemConfig, dump_yaml
 from reshuffle.config.loading import to_mapping
 from reshuffle.train.outputs import MetricsFiles, start_wandb
 
@@ -51,8 +51,8 @@ def log_failure(error: BaseException) -> None:
 
 
 def write_run_files(
-    run_dir: Path, config: RunConfig, *, world_size: int, backend: str, device: torch.device,
-    resume: bool, hosts: list[str], **extra: Any,
+    run_dir: Path, config: RunConfig, system: SystemConfig, *, world_size: int, backend: str,
+    device: torch.device, resume: bool, hosts: list[str], **extra: Any,
 ) -> None:  # fmt: skip
     """``config.yaml`` (the config as run) and ``env.json`` (versions, devices, hosts)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def write_run_files(
         "cuda_devices": torch.cuda.device_count(),
         "hosts": hosts,
         "torch_threads": torch.get_num_threads(),
-        "system_config": str(system_config_path() or "built-in defaults"),
+        "system_config": system.origin,
         "resumed": resume,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
@@ -132,15 +132,15 @@ def dataset_identity(config: RunConfig) -> dict[str, Any]:
 
 
 def open_outputs(
-    run_dir: Path, config: RunConfig, ctx: Any, resume: bool, start_epoch: int
+    run_dir: Path, config: RunConfig, system: SystemConfig, ctx: Any, resume: bool, start_epoch: int
 ) -> MetricsFiles | None:
     """Run files and metrics writers on rank 0 (the host list is gathered from every rank)."""
     hosts = gather_hosts(ctx.device, ctx.world_size)
     if not ctx.is_main:
         return None
     write_run_files(
-        run_dir, config, world_size=ctx.world_size, backend=ctx.backend, device=ctx.device, resume=resume,
-        hosts=hosts,
+        run_dir, config, system, world_size=ctx.world_size, backend=ctx.backend, device=ctx.device,
+        resume=resume, hosts=hosts,
     )  # fmt: skip
     wandb = None
     if config.log.wandb != "off":

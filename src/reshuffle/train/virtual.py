@@ -213,7 +213,7 @@ class VirtualRun:
             state.set_rng(saved[state.RNG], 0, 1, ctx.device)
         chunk = max(1, min(world, config.dist.virtual_batch_limit // cfg.batch_size))
         run_files.write_run_files(
-            run_dir, config, world_size=world, backend=ctx.backend, device=ctx.device, resume=resume,
+            run_dir, config, system, world_size=world, backend=ctx.backend, device=ctx.device, resume=resume,
             hosts=run_files.gather_hosts(ctx.device, 1), virtual_ranks=world, ranks_per_forward=chunk,
         )  # fmt: skip
         run = cls(
