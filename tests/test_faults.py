@@ -25,7 +25,15 @@ from torch.utils.data import DataLoader
 from reshuffle import ShuffledData, ShufflePlanner
 from reshuffle.data.synthetic import load_synthetic
 from reshuffle.data.transforms import build_transform
-from reshuffle.store import CorruptSampleError, ExchangeError, StoreDataset, StoreError, stage, verify_store
+from reshuffle.store import (
+    CorruptSampleError,
+    ExchangeError,
+    StoreDataset,
+    StoreError,
+    open_or_stage,
+    stage,
+    verify_store,
+)
 from reshuffle.store.format import pack_name
 from reshuffle.store.wire import OutgoingStream, PeerError, describe_failure
 from reshuffle.train.checkpoint import Checkpoints
@@ -261,6 +269,8 @@ def test_the_job_error_names_the_rank_that_caused_the_others_to_fail():
     assert root_failure(killed)[:2] == (1, "killed by SIGKILL")
     stopped = {0: _Failure(5, exitcode=-15, signal="SIGTERM"), 1: _Failure(6, "ValueError: bad")}
     assert root_failure(stopped)[:2] == (1, "ValueError: bad")
+    named = {0: _Failure(4, "PeerError: rank 0: 1 rank(s) could not ...; caused by rank 2: StoreError: bad")}
+    assert root_failure(named)[:2] == (2, "StoreError: bad")
     only_peers = {3: _Failure(7, "RuntimeError: Connection reset by peer"), 2: _Failure(8, "PeerError: x")}
     assert root_failure(only_peers)[0] == 3  # no cause among them: the earliest
     silent = "rank 2 hung: no heartbeat for 61 s (pid 9 on h: stopped, deadlocked, or its node unreachable)"
@@ -501,3 +511,30 @@ def test_a_store_dir_that_cannot_be_a_directory_is_a_named_error(tmp_path, where
     ):
         stage(store_dir, 0, source, ShufflePlanner(20, 1))
     assert blocker.read_text() == "not a directory"
+
+
+def _open_with_a_stray_file(rank, world, root):
+    source = load_synthetic("train", num_samples=100, sample_bytes=1000)
+    planner = ShufflePlanner(100, world, strategy="partial", fraction=0.2, seed=1)
+    started = time.monotonic()
+    try:
+        open_or_stage(root, rank, source, planner, 0)
+    except (StoreError, PeerError) as error:
+        return type(error).__name__, str(error), time.monotonic() - started
+    return "opened", "", time.monotonic() - started
+
+
+def test_a_rank_that_cannot_open_its_store_fails_every_rank_at_once(tmp_path):
+    """Rank 1's store holds a stray file at resume: rank 1 raises its own error and rank 0 a
+    PeerError naming rank 1 at once, not after the process group's timeout (60 s here) in the
+    next collective (on several nodes nothing else would stop rank 0 sooner)."""
+    assert [o[0] for o in run_ranks(_open_with_a_stray_file, 2, tmp_path / "store", timeout=50)] == [
+        "opened"
+    ] * 2
+    (tmp_path / "store" / "rank-00001" / "notes.txt").write_text("hello")
+    outcomes = run_ranks(_open_with_a_stray_file, 2, tmp_path / "store", timeout=50)
+    assert outcomes[1][0] == "StoreError" and "stray file(s) notes.txt" in outcomes[1][1]
+    assert (
+        outcomes[0][0] == "PeerError" and "caused by rank 1: StoreError: rank 1: stray file" in outcomes[0][1]
+    )
+    assert outcomes[0][2] < 20

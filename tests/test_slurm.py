@@ -162,6 +162,8 @@ def test_script_runs_one_torchrun_per_node_with_a_c10d_rendezvous():
         "#SBATCH --output=/scratch/project/runs/exp/slurm/%x-%j.out",
         "--nproc-per-node=8",
         '--rdzv-backend=c10d --rdzv-endpoint="$head_node:$port" --rdzv-id="$SLURM_JOB_ID"',
+        "--rdzv-conf=join_timeout=300",
+        "within 300 s ends the job (RendezvousTimeoutError)",
     ):
         assert line in text, line
     assert "--array" not in text and "SLURM_ARRAY_TASK_ID" not in text

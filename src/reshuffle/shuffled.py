@@ -46,7 +46,7 @@ from reshuffle.losses import LossTracker
 from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.plan.partitions import PARTITIONS
 from reshuffle.sampler import ShuffleSampler, rank_and_world
-from reshuffle.store import Exchanger, ExchangeStats, RankStore, new_exchange_group, stage
+from reshuffle.store import Exchanger, ExchangeStats, RankStore, new_exchange_group, open_or_stage
 from reshuffle.store.dataset import StoreDataset, StoreItems
 
 log = logging.getLogger("reshuffle")
@@ -275,19 +275,16 @@ class ShuffledData:
                     "torch.distributed.init_process_group first (one rank: init_process_group('gloo', "
                     "store=torch.distributed.HashStore(), rank=0, world_size=1)), or use mode='index'"
                 )
-            self.store, message = stage(
-                self.store_dir, self.rank, self.source, self.planner, epoch, dataset=self.dataset_id
-            )
+            self.store, message = open_or_stage(
+                self.store_dir, self.rank, self.source, self.planner, epoch, dataset=self.dataset_id,
+                device=self.device, group=self.group,
+            )  # fmt: skip
             log.info("%s", message)
             self.exchanger = Exchanger(
-                self.store,
-                self.planner,
-                group=self.group if self.group is not None else new_exchange_group(self.timeout_s),
-                device=self.device,
-                chunk_bytes=self.chunk_bytes,
-                timeout_s=self.timeout_s,
+                self.store, self.planner, group=self.group or new_exchange_group(self.timeout_s),
+                device=self.device, chunk_bytes=self.chunk_bytes, timeout_s=self.timeout_s,
                 on_phase=self.on_exchange_phase,
-            )
+            )  # fmt: skip
             self.dataset.store = self.store  # type: ignore[attr-defined]
         for action in self.exchanger.synchronize(epoch):  # type: ignore[union-attr]
             log.info("%s", action)

@@ -52,6 +52,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--account", help="Slurm account")
     parser.add_argument("--cpus-per-node", type=int, help="CPUs for each node's torchrun and its ranks")
     parser.add_argument(
+        "--join-timeout", type=int, default=300, metavar="S",
+        help="seconds a node waits for the others at the rendezvous before the job fails (torchrun: 600)",
+    )  # fmt: skip
+    parser.add_argument(
         "--array-from-compare", nargs="+", metavar="STRATEGY",
         help="a job array, one task per (strategy, seed), as `reshuffle compare --strategies`",
     )  # fmt: skip
@@ -90,9 +94,12 @@ class SlurmJob:
     cpus_per_node: int | None = None
     system: str | None = None
     store_dir: str | None = None
+    join_timeout_s: int = 300
     setup: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.join_timeout_s < 1:
+            raise ConfigError(f"--join-timeout must be at least 1 second, got {self.join_timeout_s}")
         if self.nodes < 1:
             raise ConfigError(f"--nodes must be at least 1, got {self.nodes}")
         if self.gpus_per_node < 0:
@@ -154,13 +161,16 @@ def render(job: SlurmJob) -> str:
     extra = f" --system {q(job.system)}" if job.system else ""
     body += [
         "",
-        "# The torchrun agents of all nodes meet on the first node (c10d rendezvous).",
+        "# The torchrun agents of all nodes meet on the first node (c10d rendezvous). A node that",
+        f"# cannot reach it within {job.join_timeout_s} s ends the job (RendezvousTimeoutError): check",
+        "# that the nodes reach $head_node:$port (firewall, interface), then resubmit; the run resumes.",
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f"port=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))",
         "",
         f"srun --kill-on-bad-exit=1 {q(job.python)} -m torch.distributed.run \\",
         f'  --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node={job.ranks_per_node} \\',
         '  --rdzv-backend=c10d --rdzv-endpoint="$head_node:$port" --rdzv-id="$SLURM_JOB_ID" \\',
+        f"  --rdzv-conf=join_timeout={job.join_timeout_s} \\",
         f'  -m reshuffle run {q(job.config)} "${{run_args[@]}}" --resume{extra}',
         "",
     ]
@@ -222,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         cpus_per_node=args.cpus_per_node,
         system=args.system,
         store_dir=args.store_dir,
+        join_timeout_s=args.join_timeout,
         setup=list(args.setup),
     )
     out = Path(args.out) if args.out else folder / "job.sbatch"

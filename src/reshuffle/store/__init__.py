@@ -8,7 +8,7 @@ from reshuffle.store.format import StoreError
 from reshuffle.store.meta import StoreMeta
 from reshuffle.store.rank_store import RankStore
 from reshuffle.store.reads import CorruptSampleError
-from reshuffle.store.stage import stage, store_meta
+from reshuffle.store.stage import open_or_stage, stage, store_meta
 from reshuffle.store.verify import verify_store
 from reshuffle.store.wire import ExchangeError
 
@@ -23,6 +23,7 @@ __all__ = [
     "StoreMeta",
     "check_holdings",
     "new_exchange_group",
+    "open_or_stage",
     "stage",
     "store_meta",
     "verify_store",

@@ -299,8 +299,16 @@ class RankStore:
 
     def remove_unreferenced(self) -> int:
         """Delete pack, index and temporary files no state refers to; refuse foreign files."""
+        leftovers = self.check_foreign()
+        for path in leftovers:
+            path.unlink()
+        return sum(path.relative_to(self.directory).as_posix() != fmt.RESERVE_PATH for path in leftovers)
+
+    def check_foreign(self) -> list[Path]:
+        """StoreError naming any file that is not the store's own; else the store's own files no
+        state refers to (left by an interrupted exchange, removable). Changes nothing."""
         wanted = self.referenced_files()
-        foreign, removed = [], 0
+        foreign, leftovers = [], []
         for path in sorted(self.directory.rglob("*")):
             relative = path.relative_to(self.directory).as_posix()
             if relative in wanted or (path.is_dir() and relative == fmt.PACK_DIR):
@@ -311,8 +319,7 @@ class RankStore:
                 or relative == fmt.RESERVE_PATH
             )
             if path.is_file() and (ours or path.name.endswith(".tmp")):
-                path.unlink()
-                removed += relative != fmt.RESERVE_PATH  # a reserve is no leftover: not counted
+                leftovers.append(path)  # a reserve is no leftover: not counted as removed
             else:
                 foreign.append(relative)
         if foreign:
@@ -320,7 +327,7 @@ class RankStore:
                 f"rank {self.rank}: stray file(s) {', '.join(foreign)} in {self.directory} "
                 "are not part of a store; remove them"
             )
-        return removed
+        return leftovers
 
     # ----------------------------------------------------------------- space
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import ShufflePlanner
@@ -20,7 +22,7 @@ from reshuffle.store import format as fmt
 from reshuffle.store.meta import StoreMeta, read_meta
 from reshuffle.store.packs import MAX_PACK_BYTES
 from reshuffle.store.rank_store import RankStore
-from reshuffle.store.wire import describe_failure
+from reshuffle.store.wire import PeerError, describe_failure
 
 
 def store_meta(
@@ -77,6 +79,7 @@ def stage(
     if (store.directory / fmt.MANIFEST).is_file():
         store = RankStore.open(root, rank, meta)
         store.lock = lock
+        store.check_foreign()  # refused before recovery changes anything
         check_labels(store, source.targets)
         return (
             store,
@@ -98,6 +101,60 @@ def stage(
         f"rank {rank}: staged {len(store)} samples ({size / 2**20:.1f} MiB) for epoch {epoch} "
         f"in {time.perf_counter() - started:.1f} s"
     )
+
+
+def open_or_stage(
+    root: str | Path, rank: int, source: SampleSource, planner: ShufflePlanner, target_epoch: int, *,
+    dataset: dict[str, Any] | None = None, device: torch.device | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[RankStore, str]:  # fmt: skip
+    """:func:`stage` on every rank (collective over the default group), agreed before and after.
+
+    A rank whose store is missing (a new node, a new scratch directory) stages at the newest epoch
+    any rank's store is at, so that recovery can bring it along (at ``target_epoch`` when no rank
+    has a store). Then every rank learns whether every rank opened its store: a rank that failed
+    raises its own error, the others a ``PeerError`` naming it, at once (not after a timeout in
+    the next collective)."""
+    mine = _committed_epoch(Path(root), rank)
+    epochs = _gather_ints(mine, device, group)
+    existing = epochs[epochs >= 0]
+    epoch = int(existing.max()) if existing.size else target_epoch
+    try:
+        opened = stage(root, rank, source, planner, epoch, dataset=dataset)
+    except Exception as error:
+        _gather_errors(f"{type(error).__name__}: {error}", group)
+        raise
+    failed = [(r, why) for r, why in enumerate(_gather_errors("", group)) if why]
+    if failed:
+        first, why = failed[0]
+        raise PeerError(
+            f"rank {rank}: {len(failed)} rank(s) could not open their stores; nothing was changed here; "
+            f"caused by rank {first}: {why.splitlines()[0] if why.strip() else why}"
+        )
+    return opened
+
+
+def _committed_epoch(root: Path, rank: int) -> int:
+    """The epoch of ``rank``'s committed store under ``root``; -1 when it has none (or unreadable)."""
+    path = root / fmt.rank_dir_name(rank) / fmt.MANIFEST
+    try:
+        return int(fmt.manifest_value(fmt.read_json(path, "manifest"), "epoch", int, path))
+    except fmt.StoreError:
+        return -1
+
+
+def _gather_errors(mine: str, group: dist.ProcessGroup | None) -> list[str]:
+    """Every rank's error line ("" for none), collective."""
+    everyone: list[str] = [""] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return everyone
+
+
+def _gather_ints(value: int, device: torch.device | None, group: dist.ProcessGroup | None) -> np.ndarray:
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    return torch.cat(everyone).cpu().numpy()
 
 
 def check_labels(store: RankStore, labels: np.ndarray) -> None:

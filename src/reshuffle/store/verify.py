@@ -15,7 +15,7 @@ import numpy as np
 
 from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
-from reshuffle.store.meta import read_meta
+from reshuffle.store.meta import StoreMeta, read_meta
 from reshuffle.store.rank_store import RankStore
 from reshuffle.store.reads import CorruptSampleError
 
@@ -25,37 +25,43 @@ def _ids(ids: np.ndarray) -> str:
     return shown + (f" ... ({ids.size} in all)" if ids.size > 10 else "")
 
 
-def verify_store(root: str | Path, *, checksums: bool = True) -> list[str]:
-    """Every problem found in the store at ``root`` (an empty list: all is well)."""
-    root = Path(root)
-    if not root.is_dir():
-        return [f"{root} is not a directory"]
-    try:
-        meta = read_meta(root)
-    except fmt.StoreError as error:
-        return [f"{error}; is {root} a store directory?"]
-    problems: list[str] = []
-    ranks_present = {}
-    for entry in sorted(root.iterdir()):
-        rank = fmt.rank_of_dir(entry.name)
-        if entry.name == fmt.STORE_FILE or entry.name.endswith(".tmp"):
-            continue
-        if rank is None or not entry.is_dir():
-            problems.append(f"stray file {entry.name} in {root} (not part of a store); remove it")
-        elif rank >= meta.world_size:
-            problems.append(
-                f"{entry.name}: the store was written for world size {meta.world_size}; this directory "
-                "belongs to a store of another world size"
-            )
-        else:
-            ranks_present[rank] = entry
+def verify_store(
+    root: str | Path, *more: str | Path, checksums: bool = True, node: bool = False
+) -> list[str]:
+    """Every problem found in the store at ``root`` (an empty list: all is well).
+
+    A job whose rank folders live on several nodes is checked whole by giving every node's store
+    directory (``more``); ``node=True`` checks only the ranks present (one node's share: their
+    files and samples, not the union over ranks, which needs every rank)."""
+    roots = [Path(r) for r in (root, *more)]
+    metas = []
+    for each in roots:
+        if not each.is_dir():
+            return [f"{each} is not a directory"]
+        try:
+            metas.append(read_meta(each))
+        except fmt.StoreError as error:
+            return [f"{error}; is {each} a store directory?"]
+    meta = metas[0]
+    problems: list[str] = [
+        f"{other}: store.json differs from {roots[0]}'s (stores of different jobs)"
+        for other, theirs in zip(roots[1:], metas[1:], strict=True)
+        if theirs.to_json() != meta.to_json()
+    ]
+    ranks_present: dict[int, Path] = {}
+    for each in roots:
+        problems += _rank_dirs(each, meta, ranks_present)
     stores: list[RankStore] = []
     for rank in range(meta.world_size):
         if rank not in ranks_present:
-            problems.append(f"rank {rank}: directory {fmt.rank_dir_name(rank)} is missing")
+            if not node:
+                problems.append(
+                    f"rank {rank}: directory {fmt.rank_dir_name(rank)} is missing (on another node? give "
+                    "every node's store directory, or --node to check this node's share)"
+                )
             continue
         try:
-            store = RankStore.open(root, rank)
+            store = RankStore.open(ranks_present[rank], rank)
         except fmt.StoreError as error:
             problems.append(f"rank {rank}: {error}")
             continue
@@ -85,10 +91,33 @@ def verify_store(root: str | Path, *, checksums: bool = True) -> list[str]:
             f"stale manifest: rank(s) {stale} are at epoch(s) {sorted({epochs[r] for r in stale})}, "
             f"the others at {newest} ({advice})"
         )
+    if not ranks_present:
+        problems.append(f"no rank directory in {', '.join(map(str, roots))}")
     if len(stores) == meta.world_size:
         problems += _check_union(stores, meta.num_samples)
         if not problems:
             problems += _check_plan(stores, meta.plan)
+    return problems
+
+
+def _rank_dirs(root: Path, meta: StoreMeta, found: dict[int, Path]) -> list[str]:
+    """Record ``root``'s rank directories in ``found`` (rank -> store root); the problems seen."""
+    problems = []
+    for entry in sorted(root.iterdir()):
+        rank = fmt.rank_of_dir(entry.name)
+        if entry.name == fmt.STORE_FILE or entry.name.endswith(".tmp"):
+            continue
+        if rank is None or not entry.is_dir():
+            problems.append(f"stray file {entry.name} in {root} (not part of a store); remove it")
+        elif rank >= meta.world_size:
+            problems.append(
+                f"{entry.name}: the store was written for world size {meta.world_size}; this directory "
+                "belongs to a store of another world size"
+            )
+        elif rank in found:
+            problems.append(f"rank {rank}: a directory in both {found[rank]} and {root}; keep one")
+        else:
+            found[rank] = root
     return problems
 
 

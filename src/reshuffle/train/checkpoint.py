@@ -6,6 +6,7 @@ weights_only=True)`` reads it; nothing in it can execute on load.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -29,6 +30,7 @@ class Checkpoints:
     def __init__(self, directory: Path, keep: int) -> None:
         self.directory = directory
         self.keep = keep
+        self.writes = True  # whether this process writes them (see train.state.checkpoints_of)
 
     def paths(self) -> list[Path]:
         """Checkpoints in order of (epoch, step)."""
@@ -41,13 +43,31 @@ class Checkpoints:
         paths = self.paths()
         return paths[-1] if paths else None
 
+    @staticmethod
+    def name(epoch: int, step: int) -> str:
+        return f"epoch-{epoch:04d}-step-{step:07d}.pt"
+
+    @staticmethod
+    def position(path: Path) -> tuple[int, int]:
+        """``(epoch, step)`` a checkpoint's name says training resumes at."""
+        match = _NAME.match(path.name)
+        if match is None:
+            raise CheckpointError(f"{path} is not named like a checkpoint (epoch-EEEE-step-SSSSSSS.pt)")
+        return int(match.group(1)), int(match.group(2))
+
     def save(self, state: dict[str, Any], epoch: int, step: int) -> Path:
         """Write ``state`` as ``epoch-EEEE-step-SSSSSSS.pt`` (the position training resumes at)."""
+        buffer = io.BytesIO()
+        torch.save({"format": FORMAT, **state}, buffer)
+        return self.write_bytes(buffer.getvalue(), self.name(epoch, step))
+
+    def write_bytes(self, payload: bytes, name: str) -> Path:
+        """A checkpoint's bytes as ``name``, atomically (a copy received from another rank)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"epoch-{epoch:04d}-step-{step:07d}.pt"
-        temporary = path.with_name(path.name + ".tmp")
+        path = self.directory / name
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         with open(temporary, "wb") as handle:
-            torch.save({"format": FORMAT, **state}, handle)
+            handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -62,8 +82,17 @@ class Checkpoints:
 
     @staticmethod
     def load(path: Path) -> dict[str, Any]:
+        return Checkpoints.load_bytes(path, path)
+
+    @staticmethod
+    def load_bytes(source: bytes | Path, path: Path) -> dict[str, Any]:
+        """A checkpoint from its file or its bytes (``path`` names it in errors)."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(
+                io.BytesIO(source) if isinstance(source, bytes) else source,
+                map_location="cpu",
+                weights_only=True,
+            )
         except Exception as error:  # any failure to read is a bad checkpoint, said plainly
             raise CheckpointError(
                 f"checkpoint {path} cannot be read ({error}); delete it to use an older one"

@@ -43,9 +43,16 @@ class Silence:
     pid: int = 0
     started: str = ""  # the process's start time on its host (tells a pid reused since from it)
 
-    def describe(self) -> str:
+    def describe(self, lost: bool = False) -> str:
+        """``rank R hung: ...`` (a collective timed out), or ``rank R lost: ...`` (its connection
+        broke: it died, was killed, or its node went down)."""
         if self.age_s is None:
             return f"rank {self.rank} hung: it never started its heartbeat"
+        if lost:
+            return (
+                f"rank {self.rank} lost: its connection broke and it has not beaten for {self.age_s:.0f} s "
+                f"(pid {self.pid} on {self.host}: it died, was killed, or its node went down)"
+            )
         return (
             f"rank {self.rank} hung: no heartbeat for {self.age_s:.0f} s (pid {self.pid} on {self.host}: "
             "stopped, deadlocked, or its node unreachable)"
@@ -142,7 +149,8 @@ def _start_time(pid: int) -> str:
 # What a rank's error says when it failed because another one did: not the cause.
 CONSEQUENCES = ("PeerError", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
                 "DistBackendError", "Timed out", "timed out", "NCCL communicator was aborted")  # fmt: skip
-HUNG = re.compile(r"rank (\d+) hung: ([^\n]*)")
+HUNG = re.compile(r"rank (\d+) ((?:hung|lost): [^\n]*)")  # group 2: "hung: ..." / "lost: ..."
+LOST = ("Connection reset", "Connection closed", "Broken pipe")  # a peer's process or node went away
 
 
 def is_consequence(error: BaseException | str) -> bool:
@@ -157,14 +165,19 @@ def name_the_silent(
     that names that peer (and stops it when it runs on this host). Other errors pass unchanged."""
     if heartbeat is None or not is_consequence(error):
         return error
+    lost = any(marker in str(error) for marker in LOST)
+    # a broken connection is seen at once: wait a few beats to see whose stopped
+    stale_s = 3.0 if lost else min(STALE_S, max(3.0, timeout_s / 2))
+    deadline = time.monotonic() + (stale_s + 2 * INTERVAL_S if lost else 0.0)
     try:
-        silent = heartbeat.silent(min(STALE_S, max(3.0, timeout_s / 2)))
+        while not (silent := heartbeat.silent(stale_s)) and time.monotonic() < deadline:
+            time.sleep(INTERVAL_S / 2)
     except Exception as unreadable:  # the store is unreachable too: nothing more to say than the error
         logging.getLogger("reshuffle").warning("could not read the other ranks' heartbeats: %s", unreadable)
         return error
     if not silent:
         return error
-    hung = "; ".join(rank.describe() for rank in silent)
+    hung = "; ".join(rank.describe(lost) for rank in silent)
     # logged before stopping it: the launcher may see the stopped rank die before this one
     logging.getLogger("reshuffle").error("%s", hung)
     stopped = heartbeat.stop_silent(silent)
@@ -190,7 +203,7 @@ def watch(rank: int, world_size: int, timeout_s: float) -> Iterator[Heartbeat]:
 
 
 def named_in_logs(logs: Path, since: float) -> Iterator[tuple[int, str]]:
-    """``(reporter, "rank R hung: ...")`` for every silent rank a rank logged in ``logs``
+    """``(reporter, "rank R hung: ...")`` (or ``lost``) for every silent rank a rank logged in ``logs``
     (``rank-N.log`` files) at or after ``since``."""
     for path in sorted(logs.glob("rank-*.log")):
         reporter = int(path.stem.split("-")[1])

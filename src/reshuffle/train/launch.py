@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -74,6 +75,9 @@ def launch(
     return _report(results[0], run_dir)
 
 
+CAUSED_BY = re.compile(r"caused by rank (\d+): (.*)$")  # how a PeerError names the rank whose error it was
+
+
 class RootFailure(NamedTuple):
     rank: int  # the rank that caused the others to fail
     why: str  # one line
@@ -83,7 +87,7 @@ class RootFailure(NamedTuple):
     def line(self, run_dir: Path) -> str:
         also = f" ({self.others} failed because of it)" if self.others else ""
         log = run_dir / "logs" / f"rank-{self.log_rank}.log"
-        if self.why.startswith("hung: "):
+        if self.why.startswith(("hung: ", "lost: ")):
             return f"rank {self.rank} {self.why}; the other ranks were stopped{also}. Details: {log}"
         return f"rank {self.rank} failed ({self.why}); the other ranks were stopped{also}. Traceback: {log}"
 
@@ -116,12 +120,19 @@ def root_failure(failures: dict[int, Any], logs: Path | None = None, since: floa
         hung = heartbeat.HUNG.search(why(failure))
         if hung:
             cause = hung.group(2).split("; rank ")[0]
-            return RootFailure(int(hung.group(1)), f"hung: {cause}", len(failures) - 1, reporter)
+            return RootFailure(int(hung.group(1)), cause, len(failures) - 1, reporter)
     causes = [(rank, failure) for rank, failure in ordered if not consequence(failure)]
+    if not causes:  # a peer's error may carry the cause: "caused by rank R: ..."
+        for _, failure in ordered:
+            named = CAUSED_BY.search(why(failure))
+            if named:
+                return RootFailure(
+                    int(named.group(1)), named.group(2), len(failures) - 1, int(named.group(1))
+                )
     rank, failure = (causes or ordered)[0]
     if why(failure) == "killed by SIGKILL" and logs is not None:
         for reporter, cause in heartbeat.named_in_logs(logs, since):
-            if reporter != rank and cause.startswith(f"rank {rank} hung: "):
+            if reporter != rank and cause.startswith((f"rank {rank} hung: ", f"rank {rank} lost: ")):
                 return RootFailure(rank, cause[len(f"rank {rank} ") :], len(failures) - 1, reporter)
     return RootFailure(rank, why(failure), len(failures) - 1, rank)
 

@@ -67,8 +67,8 @@ def _train(
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     data, source = _data(config, system, run_dir, ctx)
-    checkpoints = state.checkpoints_of(run_dir, config, resume)
-    saved = state.load(checkpoints, config) if resume else None
+    checkpoints = state.checkpoints_of(run_dir, config, resume, ctx)
+    saved = state.load_agreed(checkpoints, config, ctx.rank, ctx.device) if resume else None
     start_epoch, start_step = (int(saved[state.EPOCH]), int(saved[state.STEP])) if saved else (0, 0)
     if start_epoch >= config.train.epochs:
         log.info("run %s already finished (%d epochs); nothing to do", config.name, config.train.epochs)
@@ -295,6 +295,6 @@ class Run:
             epoch, at_step, self.config, self.model, self.optimizer, self.scaler,
             self.data.state_dict(position), state.gather_rng(ctx.device, ctx.world_size), totals,
         )  # fmt: skip
-        if ctx.is_main:
+        if self.checkpoints.writes:
             self.checkpoints.save(checkpoint, epoch, at_step)
         dist.barrier()

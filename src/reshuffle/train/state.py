@@ -10,6 +10,7 @@ epoch and position, the plan's observed state, mid-epoch losses), ``rng`` (per r
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from reshuffle.config import ConfigError, RunConfig
 from reshuffle.config.loading import to_mapping
-from reshuffle.train.checkpoint import Checkpoints
+from reshuffle.train.checkpoint import CheckpointError, Checkpoints
 
 log = logging.getLogger("reshuffle")
 
@@ -38,18 +39,40 @@ FREE_ON_RESUME = {
         "workers",
         "pin_memory",
     )
-} | {("dist", "timeout_s")}
+} | {("dist", "timeout_s"), ("shuffle", "store_dir")}  # a new scratch disk: missing stores restage
 
 
-def checkpoints_of(run_dir: Path, config: RunConfig, resume: bool) -> Checkpoints:
-    """The run's checkpoints; a fresh run refuses a directory that already holds some."""
+def checkpoints_of(run_dir: Path, config: RunConfig, resume: bool, ctx: Any = None) -> Checkpoints:
+    """The run's checkpoints; a fresh run refuses a directory that already holds some.
+
+    With ``ctx`` (collective): rank 0 writes them, and so does the first rank of every node whose
+    ``run_dir`` is not rank 0's (a node-local ``log.dir``), so that every node keeps what it needs
+    to resume."""
     checkpoints = Checkpoints(run_dir / "checkpoints", config.train.keep_checkpoints)
     if not resume and checkpoints.latest() is not None:
         raise ConfigError(
             f"{run_dir} already holds a run with checkpoints; continue it with --resume, or start a new "
             f"one under another name (name=...) or log.dir, or delete that directory"
         )
+    shared = ctx is None or ctx.world_size == 1 or _shared(run_dir, ctx)  # every rank takes part
+    checkpoints.writes = ctx is None or ctx.rank == 0 or (ctx.local_rank == 0 and not shared)
     return checkpoints
+
+
+def _shared(run_dir: Path, ctx: Any) -> bool:
+    """Whether this rank sees rank 0's ``run_dir`` (collective): rank 0 leaves a marker, the others look."""
+    token = torch.tensor([secrets.randbits(62) if ctx.rank == 0 else 0], dtype=torch.int64, device=ctx.device)
+    dist.broadcast(token, 0)
+    marker = run_dir / f".marker-{int(token)}"
+    if ctx.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    dist.barrier()
+    seen = marker.exists()
+    dist.barrier()
+    if ctx.rank == 0:
+        marker.unlink()
+    return seen
 
 
 def build(
@@ -80,7 +103,48 @@ def load(checkpoints: Checkpoints, config: RunConfig) -> dict[str, Any] | None:
     if path is None:
         log.info("--resume: no checkpoint in %s yet; starting from the beginning", checkpoints.directory)
         return None
-    state = Checkpoints.load(path)
+    return check(Checkpoints.load(path), path, config)
+
+
+def load_agreed(
+    checkpoints: Checkpoints, config: RunConfig, rank: int, device: torch.device
+) -> dict[str, Any] | None:
+    """The checkpoint every rank resumes from (collective), agreed before anything changes a store:
+    the newest any rank holds, sent by its holder to the ranks that lack it (a node-local
+    ``log.dir``: a node that was replaced, or whose copy is older), which keep a copy."""
+    path = checkpoints.latest()
+    mine = Checkpoints.position(path) if path is not None else (-1, -1)
+    table = _gather_ints(list(mine), device)
+    best = max(map(tuple, table.tolist()))
+    if best == (-1, -1):
+        log.info(
+            "--resume: no rank holds a checkpoint in %s yet; starting from the beginning",
+            checkpoints.directory,
+        )
+        return None
+    source = min(r for r, row in enumerate(table.tolist()) if tuple(row) == best)
+    name = Checkpoints.name(*best)
+    try:
+        payload: bytes | None = path.read_bytes() if rank == source else None
+    except OSError as error:
+        payload = None
+        log.error("--resume: cannot read %s: %s", path, error)
+    payload = _broadcast_bytes(payload, source, device, sending=rank == source)
+    if payload is None:  # on every rank: the holder could not read it
+        raise CheckpointError(
+            f"--resume: rank {source} could not read its checkpoint {name} (its log says why)"
+        )
+    if rank != source and mine != best and checkpoints.writes:
+        checkpoints.write_bytes(payload, name)
+        held = path.name if path is not None else "no checkpoint"
+        log.info("--resume: rank %d had %s; received %s from rank %d", rank, held, name, source)
+    return check(
+        Checkpoints.load_bytes(payload, checkpoints.directory / name), checkpoints.directory / name, config
+    )
+
+
+def check(state: dict[str, Any], path: Path, config: RunConfig) -> dict[str, Any]:
+    """``state`` if its settings match ``config`` where a resume must not change them."""
     if DATA not in state:
         raise ConfigError(
             f"--resume: {path} was written by an older reshuffle; start a new run (another name)"
@@ -102,6 +166,27 @@ def load(checkpoints: Checkpoints, config: RunConfig) -> dict[str, Any] | None:
         )
     log.info("resuming from %s at epoch %d step %d", path, state[EPOCH], state[STEP])
     return state
+
+
+def _gather_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    return torch.stack(everyone).cpu()
+
+
+def _broadcast_bytes(payload: bytes | None, source: int, device: torch.device, sending: bool) -> bytes | None:
+    """``payload`` from ``source`` on every rank; None everywhere when the source has none."""
+    size = torch.tensor([len(payload) if payload is not None else -1], dtype=torch.int64, device=device)
+    dist.broadcast(size, source)
+    if int(size) < 0:
+        return None
+    if sending:
+        buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    else:
+        buffer = torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, source)
+    return buffer.cpu().numpy().tobytes()
 
 
 def gather_rng(device: torch.device, world_size: int) -> dict[str, list[torch.Tensor]]:
