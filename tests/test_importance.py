@@ -160,7 +160,7 @@ def test_state_dict_restores_the_scores_instead_of_replaying():
 def _roundtrip(state):
     import io
 
-    from reshuffle.shuffled import plain
+    from reshuffle.plan.planner import plain
 
     buffer = io.BytesIO()
     torch.save(plain(state), buffer)

@@ -63,7 +63,7 @@ def test_rank_outside_world_is_an_error():
         ShuffleSampler(LabelledDataset(10), 2, 2)
 
 
-@pytest.mark.parametrize("stop_after", [0, 1, 7, 26])
+@pytest.mark.parametrize("stop_after", [0, 1, 7, 25])
 def test_resume_mid_epoch_yields_exactly_the_remaining_order(stop_after):
     dataset = LabelledDataset(103)
     kwargs = dict(strategy="partial", fraction=0.3, partition="stratified", seed=5)
@@ -83,8 +83,23 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_order(stop_after):
     restored.set_epoch(2)  # the usual loop calls set_epoch again; the position must survive
     assert len(restored) == 26 - stop_after
     assert consumed + list(restored) == list(sampler.planner.plan(2).indices(1))
-    restored.set_epoch(3)
-    assert len(restored) == 26 and list(restored) == list(sampler.planner.plan(3).indices(1))
+
+
+def test_a_state_saved_at_the_end_of_an_epoch_resumes_at_the_next_one():
+    """The saved epoch was finished: the load moves on to the next epoch (whole), and an epoch set
+    before the load (StatefulDataLoader loads lazily, at iter()) is not overridden by it."""
+    dataset = LabelledDataset(103)
+    sampler = ShuffleSampler(dataset, 4, 1, strategy="partial", fraction=0.3, seed=5)
+    sampler.set_epoch(2)
+    list(sampler)
+    state = sampler.state_dict()
+    loaded = ShuffleSampler(dataset, 4, 1, strategy="partial", fraction=0.3, seed=5)
+    loaded.load_state_dict(state)
+    assert loaded.epoch == 3 and list(loaded) == list(sampler.planner.plan(3).indices(1))
+    lazily = ShuffleSampler(dataset, 4, 1, strategy="partial", fraction=0.3, seed=5)
+    lazily.set_epoch(5)
+    lazily.load_state_dict(state)
+    assert lazily.epoch == 5 and list(lazily) == list(sampler.planner.plan(5).indices(1))
 
 
 def test_state_counts_what_was_yielded_and_resets_with_the_epoch():

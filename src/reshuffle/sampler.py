@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from numpy.typing import ArrayLike, NDArray
 from torch.utils.data import Sampler
@@ -52,17 +53,27 @@ def rank_and_world(
 class ShuffleSampler(Sampler[int]):
     """Yields the global sample ids one rank trains on in the current epoch.
 
+    A drop-in for ``DistributedSampler``: the same signature (``dataset, num_replicas, rank,
+    shuffle, seed, drop_last``, positional or by name), the same attributes (``dataset``,
+    ``num_replicas``, ``rank``, ``epoch``, ``shuffle``, ``seed``, ``drop_last``,
+    ``num_samples``, ``total_size``) and lengths; the shuffling strategy comes on top.
+
     Args:
         dataset: anything with ``len()``; its ``targets`` serve as labels when the partition
             needs them and ``labels`` is not given.
-        num_replicas: world size; defaults to ``torch.distributed``'s, or 1 when it is not
-            initialised.
+        num_replicas: world size (``world_size`` is accepted too); defaults to
+            ``torch.distributed``'s, or 1 when it is not initialised.
         rank: this rank; defaults to ``torch.distributed``'s, or 0.
-        strategy, fraction, partition, labels, seed, drop_last, **options: as for
+        shuffle: False yields ``DistributedSampler(shuffle=False)``'s sequential order exactly
+            (what evaluation loaders use); no strategy applies then.
+        seed, drop_last: as for ``DistributedSampler`` (and the planner).
+        strategy, fraction, partition, labels, **options: as for
             :class:`~reshuffle.plan.planner.ShufflePlanner`.
 
-    Every rank yields exactly ``len(sampler)`` ids per epoch, so DDP ranks stay in step.
-    ``state_dict()`` / ``load_state_dict()`` resume mid-epoch with the exact remaining order.
+    Every rank yields exactly ``len(sampler)`` ids per epoch, so DDP ranks stay in step. With
+    fewer samples than ranks (or none) the ``global`` strategy pads (or yields nothing) as
+    ``DistributedSampler`` does. ``state_dict()`` / ``load_state_dict()`` resume mid-epoch with
+    the exact remaining order; the state is plain data (JSON, ``weights_only`` loads).
     """
 
     STATE_EPOCH = "epoch"
@@ -75,30 +86,36 @@ class ShuffleSampler(Sampler[int]):
         dataset: Sized,
         num_replicas: int | None = None,
         rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
         *,
         strategy: str = "global",
         fraction: float = 0.0,
         partition: str = "random",
         labels: ArrayLike | None = None,
-        seed: int = 0,
-        drop_last: bool = False,
+        world_size: int | None = None,
         **options: Any,
     ) -> None:
-        rank, num_replicas = rank_and_world(rank, num_replicas, name="num_replicas")
+        if world_size is not None and num_replicas is not None and world_size != num_replicas:
+            raise ValueError(f"num_replicas={num_replicas} and world_size={world_size} differ; give one")
+        rank, num_replicas = rank_and_world(rank, num_replicas if num_replicas is not None else world_size,
+                                            name="num_replicas")  # fmt: skip
+        self.dataset, self.shuffle, self.seed, self.drop_last = dataset, bool(shuffle), seed, bool(drop_last)
+        plain_order = not self.shuffle or len(dataset) < num_replicas
+        if plain_order and (strategy != "global" or fraction or partition != "random" or options):
+            why = "shuffle=False yields the sequential order" if not self.shuffle else (
+                f"{len(dataset)} samples for {num_replicas} ranks leave ranks without a sample of their own"
+            )  # fmt: skip
+            raise ValueError(f"{why}; strategy {strategy!r} / partition {partition!r} need shuffle=True and "
+                             "at least one sample per rank (leave them at their defaults)")  # fmt: skip
         partition_cls = PARTITIONS.get(partition)
         if labels is None and partition_cls is not None and partition_cls.requires_labels:
             labels = getattr(dataset, "targets", None)
-        self.planner = ShufflePlanner(
-            len(dataset),
-            num_replicas,
-            strategy=strategy,
-            fraction=fraction,
-            partition=partition,
-            labels=labels,
-            seed=seed,
-            drop_last=drop_last,
-            **options,
-        )
+        self.planner = None if plain_order else ShufflePlanner(
+            len(dataset), num_replicas, strategy=strategy, fraction=fraction, partition=partition,
+            labels=labels, seed=seed, drop_last=drop_last, **options,
+        )  # fmt: skip
         self.num_replicas = num_replicas
         self.rank = rank
         self._reset()
@@ -110,6 +127,12 @@ class ShuffleSampler(Sampler[int]):
         planner.layout.check_rank(rank)
         sampler = cls.__new__(cls)
         sampler.planner = planner
+        sampler.dataset, sampler.shuffle, sampler.seed, sampler.drop_last = (
+            None,
+            True,
+            planner.seed,
+            planner.drop_last,
+        )
         sampler.num_replicas = planner.world_size
         sampler.rank = rank
         sampler._reset()
@@ -119,8 +142,20 @@ class ShuffleSampler(Sampler[int]):
         self.epoch = 0
         self._resume_at = 0  # where the next iteration starts (set by load_state_dict)
         self._position = 0  # ids of the current epoch yielded so far
-        self._epoch_fresh = True  # set_epoch (or a load) happened since the last iteration
+        self._finished = False  # a pass ran to its end since the last set_epoch (or load)
         self._warned = False
+
+    @property
+    def num_samples(self) -> int:
+        """Ids per rank per epoch (``DistributedSampler.num_samples``)."""
+        if self.planner is not None:
+            return self.planner.samples_per_rank
+        n, m = len(self.dataset), self.num_replicas
+        return n // m if self.drop_last else -(-n // m)
+
+    @property
+    def total_size(self) -> int:
+        return self.num_samples * self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration yields; call it before every epoch."""
@@ -128,36 +163,40 @@ class ShuffleSampler(Sampler[int]):
             self._resume_at = 0  # a loaded position belongs to the loaded epoch only
         self.epoch = epoch
         self._position = self._resume_at
-        self._epoch_fresh = True
+        self._finished = False
 
     def __len__(self) -> int:
         """Number of ids the next iteration yields: the rank's share, minus a resumed prefix."""
-        return self.planner.samples_per_rank - self._resume_at
+        return self.num_samples - self._resume_at
 
     def indices(self) -> NDArray[np.int64]:
         """The full order of this rank in the current epoch (what iteration yields, unresumed)."""
-        return self.planner.plan(self.epoch).indices(self.rank)
+        if self.planner is not None:
+            return self.planner.plan(self.epoch).indices(self.rank)
+        return distributed_order(len(self.dataset), self.num_replicas, self.rank, self.epoch, self.seed,
+                                 self.shuffle, self.drop_last)  # fmt: skip
 
     def __iter__(self) -> Iterator[int]:
-        if not self._epoch_fresh and not self._warned:
+        # A generator: nothing happens until the first id is asked for. The resume position is
+        # dropped only when a pass ends, so iterators that are made and dropped (DataLoader's
+        # workers make two, StatefulDataLoader prefetches before it loads a state) lose nothing.
+        if self._finished and not self._warned:
             warnings.warn(
                 "ShuffleSampler was iterated again without set_epoch(): this pass repeats the "
                 "previous order. Call sampler.set_epoch(epoch) before each epoch.",
                 stacklevel=2,
             )
             self._warned = True
-        self._epoch_fresh = False
-        start, self._resume_at = self._resume_at, 0
+        self._finished = False
+        start = self._resume_at
         self._position = start
-        return self._yield_from(self.indices(), start)
-
-    def _yield_from(self, indices: NDArray[np.int64], start: int) -> Iterator[int]:
-        for index in indices[start:].tolist():
+        for index in self.indices()[start:].tolist():
             self._position += 1
             yield index
+        self._finished, self._resume_at = True, 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Epoch, position within it, configuration and planner state.
+        """Epoch, position within it, configuration and planner state (plain data).
 
         ``position`` counts the ids this sampler has yielded. A ``DataLoader`` that prefetches
         pulls ahead of training; a trainer that knows how many samples it consumed should set
@@ -166,27 +205,59 @@ class ShuffleSampler(Sampler[int]):
         return {
             self.STATE_EPOCH: self.epoch,
             self.STATE_POSITION: self._position,
-            self.STATE_CONFIG: self.planner.config,
-            self.STATE_PLANNER: self.planner.state_dict(),
+            self.STATE_CONFIG: self._config(),
+            self.STATE_PLANNER: self.planner.state_dict() if self.planner is not None else {},
         }
+
+    def _config(self) -> dict[str, Any]:
+        if self.planner is not None:
+            return self.planner.config
+        return {"num_samples": len(self.dataset), "world_size": self.num_replicas, "shuffle": self.shuffle,
+                "seed": self.seed, "drop_last": self.drop_last}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume: the next iteration yields the rest of the saved epoch, in the same order.
 
-        The state may come from any rank of the same job (positions are equal on all ranks).
+        The state may come from any rank of the same job (positions are equal on all ranks). A
+        state whose epoch was finished resumes at the next epoch. An epoch set with
+        :meth:`set_epoch` before the load (``StatefulDataLoader`` loads lazily, at ``iter()``)
+        wins when it is later than the state's: the saved epoch is over.
 
         Raises:
             ValueError: if the state comes from a differently configured sampler.
         """
-        check_same_config(self.planner.config, state.get(self.STATE_CONFIG, {}), what="sampler")
+        check_same_config(self._config(), state.get(self.STATE_CONFIG, {}), what="sampler")
         position = int(state[self.STATE_POSITION])
-        if not 0 <= position <= self.planner.samples_per_rank:
+        if not 0 <= position <= self.num_samples:
             raise ValueError(
                 f"saved position {position} is outside this sampler's epoch of "
-                f"{self.planner.samples_per_rank} ids; the state is corrupt"
+                f"{self.num_samples} ids; the state is corrupt"
             )
-        self.planner.load_state_dict(state[self.STATE_PLANNER])
-        self.epoch = int(state[self.STATE_EPOCH])
+        if self.planner is not None:
+            self.planner.load_state_dict(state[self.STATE_PLANNER])
+        saved = int(state[self.STATE_EPOCH])
+        if position == self.num_samples:
+            saved, position = saved + 1, 0  # that epoch was finished
+        if self.epoch > saved:
+            saved, position = self.epoch, 0
+        self.epoch = saved
         self._resume_at = position
         self._position = position
-        self._epoch_fresh = True
+        self._finished = False
+
+
+def distributed_order(
+    n: int, m: int, rank: int, epoch: int, seed: int, shuffle: bool, drop_last: bool
+) -> NDArray[np.int64]:
+    """``DistributedSampler``'s order for ``rank``, exactly: the whole dataset (a permutation from
+    ``seed + epoch``, or in order), padded by repeating it (or truncated), then every m-th id."""
+    if shuffle:
+        generator = torch.Generator()
+        generator.manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=generator).numpy()
+    else:
+        order = np.arange(n, dtype=np.int64)
+    size = (n // m if drop_last else -(-n // m)) * m
+    if size > n and n > 0:
+        order = np.concatenate([order, np.resize(order, size - n)])
+    return order[:size][rank::m].astype(np.int64)

@@ -309,7 +309,6 @@ class ShuffledData:
         sampler = self.sampler.state_dict()
         if position is not None:
             sampler[ShuffleSampler.STATE_POSITION] = int(position)
-        sampler[ShuffleSampler.STATE_PLANNER] = plain(sampler[ShuffleSampler.STATE_PLANNER])
         ended = self.epoch is not None and self._ended == self.epoch
         state: dict[str, Any] = {
             self.STATE_MODE: self.mode,
@@ -382,16 +381,3 @@ def _source(
             )
         return dataset
     return DatasetSource(dataset, labels, name=name, read_labels=read_labels)
-
-
-def plain(value: Any) -> Any:
-    """``value`` with numpy arrays and scalars as lists and numbers (weights_only loads, JSON)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(item) for item in value]
-    return value

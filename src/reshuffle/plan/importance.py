@@ -65,10 +65,11 @@ class LossWindow:
         return scores
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain data (lists of floats and ints): JSON and ``torch.load(weights_only=True)`` read it."""
         return {
-            "total": self.total,
-            "squares": self.squares,
-            "count": self.count,
+            "total": self.total.tolist(),
+            "squares": self.squares.tolist(),
+            "count": self.count.tolist(),
             "epochs": list(self.epochs),
         }
 

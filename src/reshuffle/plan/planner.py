@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -173,7 +174,7 @@ class ShufflePlanner:
 
     def state_dict(self) -> dict[str, Any]:
         """The planner's configuration and its strategy's observed state."""
-        return {"config": self.config, "strategy": self.strategy.state_dict()}
+        return {"config": self.config, "strategy": plain(self.strategy.state_dict())}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; it must come from an identically configured planner."""
@@ -262,3 +263,19 @@ def _options(options: Mapping[str, Any], strategy: type[Strategy]) -> dict[str, 
             f"unknown option(s) {', '.join(unknown)} for strategy {strategy.name!r} (it accepts: {accepted})"
         )
     return {**strategy.option_defaults, **options}
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain data: numpy arrays and scalars as lists and numbers, non-finite floats as
+    None (so a state is JSON and loads with ``torch.load(weights_only=True)``)."""
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value

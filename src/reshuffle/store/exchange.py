@@ -250,8 +250,8 @@ class Exchanger:
             raise fmt.StoreError(
                 "the ranks resume at different epochs ("
                 + ", ".join(f"rank {r}: {int(t)}" for r, t in enumerate(targets))
-                + "); every rank must load the same checkpoint (is log.dir node-local? it must be "
-                "shared, or hold the same checkpoint on every node)"
+                + "); every rank must load the same state (reshuffle run agrees on one checkpoint; in your "
+                "own loop, load the same checkpoint on every rank, or send it from one rank to the others)"
             )
         newest, oldest = int(committed.max()), int(committed.min())
         roll_forward = (newest == oldest + 1 and np.all((committed == newest) | (pending == newest))) or (

@@ -41,8 +41,8 @@ from reshuffle.models import build_model
 from reshuffle.models.norm import batchnorms
 from reshuffle.models.virtual import set_groups, virtualize
 from reshuffle.plan import EpochPlan, ShufflePlanner
+from reshuffle.plan.planner import plain
 from reshuffle.plan.quality import js_distance
-from reshuffle.shuffled import plain
 from reshuffle.train import distributed, metrics, run_files, state, step
 from reshuffle.train.checkpoint import Checkpoints
 from reshuffle.train.outputs import MetricsFiles

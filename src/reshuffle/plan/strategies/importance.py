@@ -156,7 +156,7 @@ class ImportanceStrategy(Strategy):
         return {
             "observed": self._observed,
             "window": self._window.state_dict(),
-            "orders": {str(epoch): order for epoch, order in self._orders.items()},
+            "orders": {str(epoch): order.tolist() for epoch, order in self._orders.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

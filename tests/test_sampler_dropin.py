@@ -1,0 +1,185 @@
+"""ShuffleSampler as a drop-in for DistributedSampler and inside torchdata's StatefulDataLoader:
+properties adapted from PyTorch's DistributedSampler tests and torchdata's StatefulDataLoader
+tests (issue 18). Every resume check compares exact ids against an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torchdata import stateful_dataloader as torchdata  # a dev dependency
+
+from reshuffle import PARTITIONS, STRATEGIES, ShuffleSampler
+
+
+class Labelled(TensorDataset):
+    def __init__(self, n: int) -> None:
+        super().__init__(torch.arange(n))
+        self.targets = torch.arange(n) % 5
+
+
+def _ids(loader) -> list[int]:
+    out: list[int] = []
+    for batch in loader:
+        item = batch[0] if isinstance(batch, (list, tuple)) else batch
+        out += torch.as_tensor(item).reshape(-1).tolist()
+    return out
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 10, 11, 12, 101])
+@pytest.mark.parametrize("m", [1, 3, 4])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_lengths_attributes_and_sequential_order_are_distributed_samplers(n, m, drop_last):
+    """Positional arguments as DistributedSampler takes them; the same num_samples, total_size and
+    len; with shuffle=False the very same order; N < M pads and N = 0 yields nothing."""
+    data = list(range(n))
+    for shuffle in (False, True):
+        for rank in range(m):
+            ours = ShuffleSampler(data, m, rank, shuffle, 7, drop_last)
+            theirs = DistributedSampler(data, m, rank, shuffle, 7, drop_last)
+            for name in (
+                "num_samples",
+                "total_size",
+                "seed",
+                "drop_last",
+                "shuffle",
+                "dataset",
+                "num_replicas",
+            ):
+                assert getattr(ours, name) == getattr(theirs, name), name
+            order = list(ours)
+            assert len(ours) == len(theirs) == len(order)
+            if not shuffle or n < m:
+                assert order == list(theirs)
+
+
+def test_world_size_is_accepted_for_num_replicas_and_keywords_match():
+    a = ShuffleSampler(list(range(10)), world_size=2, rank=1, shuffle=False)
+    b = DistributedSampler(list(range(10)), num_replicas=2, rank=1, shuffle=False)
+    assert list(a) == list(b)
+    with pytest.raises(ValueError, match="num_replicas=2 and world_size=3 differ"):
+        ShuffleSampler(list(range(10)), num_replicas=2, world_size=3, rank=0)
+    with pytest.raises(ValueError, match="shuffle=False yields the sequential order"):
+        ShuffleSampler(list(range(10)), 2, 0, shuffle=False, strategy="local")
+
+
+@pytest.mark.parametrize("strategy", sorted(set(STRATEGIES) - {"importance"}))
+@pytest.mark.parametrize("partition", sorted(PARTITIONS))
+def test_every_strategy_and_partition_covers_the_dataset_with_equal_lengths(strategy, partition):
+    dataset, m = Labelled(103), 4
+    options = {"fraction": 0.3} if strategy == "partial" else {}
+    for epoch in (0, 3):
+        orders = []
+        for rank in range(m):
+            sampler = ShuffleSampler(
+                dataset, m, rank, strategy=strategy, partition=partition, seed=3, **options
+            )
+            sampler.set_epoch(epoch)
+            orders.append(list(sampler))
+        assert {len(o) for o in orders} == {26}
+        assert sorted({i for order in orders for i in order}) == list(range(103))  # nothing missing
+
+
+def _resumed_through_dataloader(position, workers, batch_size, drop_last):
+    dataset = Labelled(50)
+    whole = ShuffleSampler(dataset, 2, 1, strategy="partial", fraction=0.2, seed=1)
+    whole.set_epoch(1)
+    order = whole.indices().tolist()
+    state = whole.state_dict()
+    state[ShuffleSampler.STATE_POSITION] = position
+    sampler = ShuffleSampler(dataset, 2, 1, strategy="partial", fraction=0.2, seed=1)
+    sampler.load_state_dict(state)
+    sampler.set_epoch(1)
+    batched_drop = drop_last and batch_size is not None  # batch_size=None excludes drop_last
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=batched_drop
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "iterated again without set_epoch()" warning
+        got = _ids(loader)
+    rest = order[position:]
+    if drop_last and batch_size:
+        rest = rest[: len(rest) // batch_size * batch_size]
+    return got, rest
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("batch_size", [None, 1, 4])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_a_resumed_position_survives_any_dataloader(workers, batch_size, drop_last):
+    """A plain DataLoader with workers calls iter(sampler) twice (one iterator is dropped): the
+    resume position must survive it (with num_workers=2, batch_size=None it used to restart)."""
+    got, expected = _resumed_through_dataloader(9, workers, batch_size, drop_last)
+    assert got == expected
+
+
+def _stateful(dataset, workers, batch_size=4):
+    sampler = ShuffleSampler(dataset, 2, 0, strategy="partial", fraction=0.25, seed=2)
+    loader = torchdata.StatefulDataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers
+    )
+    return sampler, loader
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop_batches", [3, None])  # mid-epoch, or at the end of the epoch
+def test_stateful_dataloader_resumes_exactly_and_continues_two_epochs(workers, stop_batches):
+    """torchdata's pattern: save loader.state_dict() mid-epoch or after an epoch, build a new
+    loader, load_state_dict (applied lazily at iter()), set_epoch, and keep going for two more
+    epochs: the ids are exactly an uninterrupted run's."""
+    dataset = Labelled(64)
+    sampler, loader = _stateful(dataset, workers)
+    reference = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        reference.append(_ids(loader))
+
+    sampler, loader = _stateful(dataset, workers)
+    seen: list[list[int]] = [[], []]
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for index, batch in enumerate(loader):
+            seen[epoch] += batch[0].tolist()
+            if epoch == 1 and stop_batches is not None and index + 1 == stop_batches:
+                break
+        if epoch == 1:
+            state = loader.state_dict()
+    state = json.loads(json.dumps(state, default=lambda value: value.tolist()))  # plain data survives JSON
+    sampler, loader = _stateful(dataset, workers)
+    loader.load_state_dict(state)
+    resume_epoch = 1 if stop_batches is not None else 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(resume_epoch, 4):
+            sampler.set_epoch(epoch)
+            ids = _ids(loader)
+            if epoch == 1:
+                seen[1] += ids
+            else:
+                seen.append(ids)
+    assert seen == reference
+
+
+def test_importance_state_is_plain_data():
+    """A saved state loads with json and torch.load(weights_only=True) (numpy arrays did not)."""
+    dataset = Labelled(40)
+    sampler = ShuffleSampler(dataset, 2, 0, strategy="importance", warmup_epochs=1, interval_epochs=1)
+    sampler.planner.observe(0, np.arange(40), np.linspace(0, 1, 40))
+    sampler.set_epoch(1)
+    state = sampler.state_dict()
+    assert json.loads(json.dumps(state)) == state
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    other = ShuffleSampler(dataset, 2, 0, strategy="importance", warmup_epochs=1, interval_epochs=1)
+    other.load_state_dict(loaded)
+    other.set_epoch(1)
+    sampler.set_epoch(1)
+    assert list(other) == list(sampler)
