@@ -183,3 +183,69 @@ def test_importance_state_is_plain_data():
     other.set_epoch(1)
     sampler.set_epoch(1)
     assert list(other) == list(sampler)
+
+
+def _sampler(dataset, world, rank, strategy, partition):
+    options = {"fraction": 0.3} if strategy == "partial" else {}
+    if strategy == "importance":
+        options = {"warmup_epochs": 1, "interval_epochs": 1}
+    return ShuffleSampler(dataset, world, rank, strategy=strategy, partition=partition, seed=4, **options)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("partition", ["random", "label-sorted"])
+@pytest.mark.parametrize(("old", "new"), [(4, 2), (2, 3)])
+def test_an_elastic_resume_mid_epoch_trains_every_sample_of_the_epoch_once(strategy, partition, old, new):
+    """A state saved by `old` ranks mid-epoch continues with `new` ranks: the rest of the epoch is
+    dealt over them in equal shares (every sample of the epoch once, counting what was trained
+    before), through a DataLoader with workers; the state saved in that resized epoch resumes
+    it again exactly; the next epoch is the new world size's plan."""
+    dataset, epoch, steps = Labelled(103), 2, 9
+    before = [_sampler(dataset, old, r, strategy, partition) for r in range(old)]
+    if strategy == "importance":
+        for sampler in before:
+            sampler.planner.observe(0, np.arange(103), np.linspace(0, 1, 103))
+            sampler.planner.observe(1, np.arange(103), np.linspace(1, 0, 103))
+    trained = []
+    for sampler in before:
+        sampler.set_epoch(epoch)
+        trained += sampler.indices()[:steps].tolist()
+    state = before[0].state_dict()
+    state[ShuffleSampler.STATE_POSITION] = steps
+    state = json.loads(json.dumps(state))
+    after = [_sampler(dataset, new, r, strategy, partition) for r in range(new)]
+    rests = []
+    for sampler in after:
+        sampler.load_state_dict(state)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2 if sampler.rank == 0 else 0)
+        rests.append(_ids(loader))
+    assert len({len(r) for r in rests}) == 1
+    assert sorted(set(trained) | {i for r in rests for i in r}) == list(range(103))
+    assert not set(trained) & {i for r in rests for i in r}
+    # saved again inside the resized epoch, at the new size: the same rest, from there
+    again = _sampler(dataset, new, 1, strategy, partition)
+    again.load_state_dict(state)
+    again.set_epoch(epoch)
+    iterator = iter(again)
+    head = [next(iterator) for _ in range(3)]
+    resumed = _sampler(dataset, new, 1, strategy, partition)
+    resumed.load_state_dict(json.loads(json.dumps(again.state_dict())))
+    resumed.set_epoch(epoch)
+    assert head + list(resumed) == rests[1]
+    if strategy == "importance":  # the next partition follows epoch 2's losses
+        resumed.planner.observe(epoch, np.arange(103), np.linspace(0, 2, 103))
+    resumed.set_epoch(epoch + 1)
+    assert list(resumed) == resumed.planner.plan(epoch + 1).indices(1).tolist()
+
+
+def test_an_elastic_state_at_an_epoch_boundary_plans_the_next_epoch_for_the_new_size():
+    dataset = Labelled(60)
+    sampler = ShuffleSampler(dataset, 4, 0, strategy="local", partition="label-sorted", seed=1)
+    sampler.set_epoch(3)
+    list(sampler)
+    resized = ShuffleSampler(dataset, 3, 2, strategy="local", partition="label-sorted", seed=1)
+    resized.load_state_dict(sampler.state_dict())
+    assert resized.epoch == 4 and list(resized) == resized.planner.plan(4).indices(2).tolist()
+    with pytest.raises(ValueError, match="differently configured sampler"):
+        ShuffleSampler(dataset, 3, 0, strategy="global", seed=1).load_state_dict(sampler.state_dict())

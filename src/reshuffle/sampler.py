@@ -26,6 +26,7 @@ import torch.distributed as dist
 from numpy.typing import ArrayLike, NDArray
 from torch.utils.data import Sampler
 
+from reshuffle import resize
 from reshuffle.plan.partitions import PARTITIONS
 from reshuffle.plan.planner import ShufflePlanner, check_same_config
 
@@ -80,6 +81,7 @@ class ShuffleSampler(Sampler[int]):
     STATE_POSITION = "position"  # ids of the epoch already yielded (the trainer may overwrite it)
     STATE_CONFIG = "config"
     STATE_PLANNER = "planner"
+    STATE_RESIZED = "resized"  # mid-epoch at another world size: what the old ranks had left
 
     def __init__(
         self,
@@ -143,6 +145,8 @@ class ShuffleSampler(Sampler[int]):
         self._resume_at = 0  # where the next iteration starts (set by load_state_dict)
         self._position = 0  # ids of the current epoch yielded so far
         self._finished = False  # a pass ran to its end since the last set_epoch (or load)
+        self._resized: dict[str, Any] | None = None  # see reshuffle.resize
+        self._dealt: NDArray[np.int64] | None = None
         self._warned = False
 
     @property
@@ -167,10 +171,28 @@ class ShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         """Number of ids the next iteration yields: the rank's share, minus a resumed prefix."""
-        return self.num_samples - self._resume_at
+        return self._epoch_size(self.epoch) - self._resume_at
+
+    def _epoch_size(self, epoch: int) -> int:
+        if self._resized is not None and self._resized["epoch"] == epoch:  # the rest of a resized epoch
+            return (
+                len(self.indices())
+                if epoch == self.epoch
+                else len(
+                    resize.deal_rest(
+                        self._old, epoch, self._resized["position"], self.rank, self.num_replicas
+                    )
+                )
+            )
+        return self.num_samples
 
     def indices(self) -> NDArray[np.int64]:
         """The full order of this rank in the current epoch (what iteration yields, unresumed)."""
+        if self._resized is not None and self._resized["epoch"] == self.epoch:
+            if self._dealt is None:
+                self._dealt = resize.deal_rest(self._old, self.epoch, self._resized["position"], self.rank,
+                                               self.num_replicas)  # fmt: skip
+            return self._dealt
         if self.planner is not None:
             return self.planner.plan(self.epoch).indices(self.rank)
         return distributed_order(len(self.dataset), self.num_replicas, self.rank, self.epoch, self.seed,
@@ -202,12 +224,15 @@ class ShuffleSampler(Sampler[int]):
         pulls ahead of training; a trainer that knows how many samples it consumed should set
         ``state[ShuffleSampler.STATE_POSITION]`` to that number before saving.
         """
-        return {
+        state = {
             self.STATE_EPOCH: self.epoch,
             self.STATE_POSITION: self._position,
             self.STATE_CONFIG: self._config(),
             self.STATE_PLANNER: self.planner.state_dict() if self.planner is not None else {},
         }
+        if self._resized is not None and self._resized["epoch"] == self.epoch:
+            state[self.STATE_RESIZED] = self._resized  # a resized epoch's rest, to deal it again
+        return state
 
     def _config(self) -> dict[str, Any]:
         if self.planner is not None:
@@ -221,22 +246,19 @@ class ShuffleSampler(Sampler[int]):
         The state may come from any rank of the same job (positions are equal on all ranks). A
         state whose epoch was finished resumes at the next epoch. An epoch set with
         :meth:`set_epoch` before the load (``StatefulDataLoader`` loads lazily, at ``iter()``)
-        wins when it is later than the state's: the saved epoch is over.
+        wins when it is later than the state's: the saved epoch is over. A state saved at another
+        world size loads too (elastic resume, see :mod:`reshuffle.resize`).
 
         Raises:
             ValueError: if the state comes from a differently configured sampler.
         """
-        check_same_config(self._config(), state.get(self.STATE_CONFIG, {}), what="sampler")
-        position = int(state[self.STATE_POSITION])
-        if not 0 <= position <= self.num_samples:
+        saved, position = int(state[self.STATE_EPOCH]), int(state[self.STATE_POSITION])
+        size, position = self._load_plan(state, saved, position)
+        if not 0 <= position <= size:
             raise ValueError(
-                f"saved position {position} is outside this sampler's epoch of "
-                f"{self.num_samples} ids; the state is corrupt"
+                f"saved position {position} is outside this sampler's epoch of {size} ids: a corrupt state"
             )
-        if self.planner is not None:
-            self.planner.load_state_dict(state[self.STATE_PLANNER])
-        saved = int(state[self.STATE_EPOCH])
-        if position == self.num_samples:
+        if position == size:
             saved, position = saved + 1, 0  # that epoch was finished
         if self.epoch > saved:
             saved, position = self.epoch, 0
@@ -244,6 +266,29 @@ class ShuffleSampler(Sampler[int]):
         self._resume_at = position
         self._position = position
         self._finished = False
+
+    def _load_plan(self, state: Mapping[str, Any], epoch: int, position: int) -> tuple[int, int]:
+        """Load the planner's state (elastic when the world size differs); the saved epoch's size
+        and the position in it to resume at."""
+        config, planned = state.get(self.STATE_CONFIG, {}), state[self.STATE_PLANNER]
+        self._resized = self._dealt = None
+        if self.planner is not None and config.get("world_size", self.num_replicas) != self.num_replicas:
+            old = resize.saved_planner(self.planner, config, planned)
+            resize.adopt_observations(self.planner, planned)
+            if not 0 < position < old.samples_per_rank:  # at a boundary: plan for this world size
+                return old.samples_per_rank, position
+            self._resized = {"epoch": epoch, "position": position, "world_size": old.world_size,
+                             "planner": old.state_dict()}  # fmt: skip
+            self._old = old
+            return self._epoch_size(epoch), 0
+        check_same_config(self._config(), config, what="sampler")
+        if self.planner is not None:
+            self.planner.load_state_dict(planned)
+        if resized := state.get(self.STATE_RESIZED):
+            self._resized = dict(resized)
+            old_config = {**config, "world_size": resized["world_size"]}
+            self._old = resize.saved_planner(self.planner, old_config, resized["planner"])
+        return self._epoch_size(epoch), position
 
 
 def distributed_order(
