@@ -330,3 +330,23 @@ def test_env_json_records_the_system_config_that_was_given(tmp_path):
     train(config, load_system_config(system_file), tmp_path / "env")
     environment = json.loads((tmp_path / "env" / "env.json").read_text())
     assert environment["system_config"] == str(system_file.resolve())
+
+
+@pytest.mark.slow
+def test_a_run_resumes_with_another_number_of_ranks_at_an_epoch_boundary(tmp_path):
+    """Elastic resume through the CLI (index mode): 2 ranks for 2 epochs, then --nproc 3 for a third;
+    a mid-epoch checkpoint refuses another number of ranks by name."""
+    small = "data.synthetic.num_samples=512"
+    first = run_cli(tmp_path, "--nproc", "2", "name=elastic", "train.epochs=2", small)
+    assert first.returncode == 0, first.stderr[-2000:]
+    more = run_cli(tmp_path, "--nproc", "3", "name=elastic", "train.epochs=3", small, "--resume")
+    assert more.returncode == 0, more.stderr[-2000:]
+    epochs = rows(tmp_path / "elastic" / "metrics" / "epochs.csv")
+    assert [(r["epoch"], r["world_size"]) for r in epochs] == [("0", "2"), ("1", "2"), ("2", "3")]
+    mid = run_cli(tmp_path, "--nproc", "2", "name=mid", "train.epochs=2", small, "train.max_steps=3")
+    assert mid.returncode == 0, mid.stderr[-2000:]
+    refused = run_cli(tmp_path, "--nproc", "3", "name=mid", "train.epochs=2", small, "--resume")
+    assert (
+        refused.returncode == 1
+        and "written mid-epoch (step 3) by 2 ranks and this job has 3" in refused.stderr
+    )

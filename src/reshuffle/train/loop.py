@@ -158,7 +158,7 @@ class Run:
         scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         if saved:
             state.restore(saved, model, optimizer, scaler)
-            state.set_rng(saved[state.RNG], ctx.rank, ctx.world_size, ctx.device)
+            state.set_rng(saved[state.RNG], ctx.rank, ctx.world_size, ctx.device, step=int(saved[state.STEP]))
         else:
             torch.manual_seed(step.rank_seed(config.seed, ctx.rank))  # per-rank randomness (dropout)
         test_loader = step.test_loader(config, system, ctx.rank, ctx.world_size)

@@ -39,7 +39,7 @@ FREE_ON_RESUME = {
         "workers",
         "pin_memory",
     )
-} | {("dist", "timeout_s"), ("shuffle", "store_dir")}  # a new scratch disk: missing stores restage
+} | {("dist", "timeout_s"), ("dist", "nproc"), ("shuffle", "store_dir")}  # elastic; missing stores restage
 
 
 def checkpoints_of(run_dir: Path, config: RunConfig, resume: bool, ctx: Any = None) -> Checkpoints:
@@ -203,11 +203,25 @@ def gather_rng(device: torch.device, world_size: int) -> dict[str, list[torch.Te
     return gathered
 
 
-def set_rng(rng: dict[str, list[torch.Tensor]], rank: int, world_size: int, device: torch.device) -> None:
-    if len(rng["torch"]) != world_size:
-        raise ConfigError(
-            f"--resume: the checkpoint holds {len(rng['torch'])} ranks' state; this job has {world_size}"
-        )
+def set_rng(
+    rng: dict[str, list[torch.Tensor]], rank: int, world_size: int, device: torch.device, *, step: int = 0
+) -> None:
+    """This rank's random streams from the checkpoint. Another number of ranks (elastic resume)
+    is allowed at an epoch boundary: the streams then start afresh, seeded from the saved ones."""
+    saved = len(rng["torch"])
+    if saved != world_size:
+        if step:
+            raise ConfigError(
+                f"--resume: the checkpoint was written mid-epoch (step {step}) by {saved} ranks and this job "
+                f"has {world_size}. Resume with {saved} ranks (--nproc {saved}) and change the number at an "
+                "epoch boundary, or resume from a checkpoint written at one"
+            )
+        log.warning(
+            "--resume with %d ranks instead of %d: every rank's random streams start afresh (dropout and "
+            "augmentation draws differ from a run that kept %d ranks)", world_size, saved, saved,
+        )  # fmt: skip
+        torch.manual_seed(int(rng["torch"][0].double().sum().item()) * 1_000_003 + rank)
+        return
     torch.set_rng_state(rng["torch"][rank])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"][rank], device)
