@@ -84,14 +84,19 @@ def test_every_strategy_and_partition_covers_the_dataset_with_equal_lengths(stra
         assert sorted({i for order in orders for i in order}) == list(range(103))  # nothing missing
 
 
-def _resumed_through_dataloader(position, workers, batch_size, drop_last):
+def _resumed_through_dataloader(
+    position, workers, batch_size, drop_last, strategy="partial", partition="random"
+):
     dataset = Labelled(50)
-    whole = ShuffleSampler(dataset, 2, 1, strategy="partial", fraction=0.2, seed=1)
+    options = {"fraction": 0.2} if strategy == "partial" else {}
+    whole = ShuffleSampler(dataset, 2, 1, strategy=strategy, partition=partition, seed=1, **options)
+    if strategy == "importance":
+        whole.planner.observe(0, np.arange(50), np.linspace(0, 1, 50))
     whole.set_epoch(1)
     order = whole.indices().tolist()
     state = whole.state_dict()
     state[ShuffleSampler.STATE_POSITION] = position
-    sampler = ShuffleSampler(dataset, 2, 1, strategy="partial", fraction=0.2, seed=1)
+    sampler = ShuffleSampler(dataset, 2, 1, strategy=strategy, partition=partition, seed=1, **options)
     sampler.load_state_dict(state)
     sampler.set_epoch(1)
     batched_drop = drop_last and batch_size is not None  # batch_size=None excludes drop_last
@@ -114,6 +119,14 @@ def test_a_resumed_position_survives_any_dataloader(workers, batch_size, drop_la
     """A plain DataLoader with workers calls iter(sampler) twice (one iterator is dropped): the
     resume position must survive it (with num_workers=2, batch_size=None it used to restart)."""
     got, expected = _resumed_through_dataloader(9, workers, batch_size, drop_last)
+    assert got == expected
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("partition", sorted(PARTITIONS))
+@pytest.mark.parametrize(("workers", "batch_size"), [(0, 4), (2, None)])
+def test_every_strategy_and_partition_resumes_through_a_dataloader(strategy, partition, workers, batch_size):
+    got, expected = _resumed_through_dataloader(7, workers, batch_size, False, strategy, partition)
     assert got == expected
 
 
