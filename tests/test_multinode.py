@@ -68,6 +68,18 @@ def _kill_node(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
+def _finish(nodes: list[subprocess.Popen]) -> list[subprocess.Popen]:
+    """Wait for every node's torchrun to end (a hard 300 s each); kill what is left."""
+    try:
+        for node in nodes:
+            node.wait(timeout=300)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                _kill_node(node)
+    return nodes
+
+
 def _wait_for(condition, deadline_s: float, what: str) -> None:
     deadline = time.monotonic() + deadline_s
     while not condition():
@@ -103,14 +115,7 @@ def test_a_node_killed_before_a_commit_resumes_from_node_local_logs_and_loses_no
             if node.poll() is None:
                 _kill_node(node)  # torchrun's agent waits 300 s for a lost peer agent at exit
     port = free_port()
-    resumed = [_node(tmp_path, k, port, "--resume") for k in (0, 1)]
-    try:
-        for node in resumed:
-            node.wait(timeout=300)
-    finally:
-        for node in resumed:
-            if node.poll() is None:
-                _kill_node(node)
+    resumed = _finish([_node(tmp_path, k, port, "--resume") for k in (0, 1)])
     outputs = [_text(tmp_path / f"node-{k}" / "torchrun.out")[-3000:] for k in (0, 1)]
     assert [node.returncode for node in resumed] == [0, 0], outputs
     stores = [tmp_path / f"node-{k}" / "store" for k in (0, 1)]
@@ -125,17 +130,10 @@ def test_a_node_killed_before_a_commit_resumes_from_node_local_logs_and_loses_no
     # epoch the other store is at; the job goes on.
     shutil.rmtree(tmp_path / "node-1")
     port, scratch = free_port(), tmp_path / "node-1" / "new-scratch"
-    more = [
+    more = _finish([
         _node(tmp_path, 0, port, "--resume", "train.epochs=8"),
         _node(tmp_path, 1, port, "--resume", "train.epochs=8", f"shuffle.store_dir={scratch}"),
-    ]
-    try:
-        for node in more:
-            node.wait(timeout=300)
-    finally:
-        for node in more:
-            if node.poll() is None:
-                _kill_node(node)
+    ])  # fmt: skip
     log1 = _text(tmp_path / "node-1" / "mn" / "logs" / "rank-1.log")
     assert [node.returncode for node in more] == [0, 0], log1[-3000:]
     assert "received epoch-0006-step-0000000.pt from rank 0" in log1 and "rank 1: staged" in log1

@@ -62,7 +62,8 @@ def test_a_store_of_another_job_is_refused_with_the_reason(tmp_path):
     source, _, _ = staged(tmp_path)
     four = ShufflePlanner(100, 4, strategy="partial", fraction=0.2, seed=1)
     with pytest.raises(
-        StoreError, match="written for world size 3, this job has 4; run with 3 ranks or restage"
+        StoreError,
+        match=r"written for world size 3, this job has 4; run with 3 ranks, or point shuffle\.store_dir",
     ):
         stage(tmp_path, 0, source, four)
     other_plan = ShufflePlanner(100, WORLD, strategy="local", seed=1)

@@ -82,7 +82,9 @@ def test_a_run_writes_config_env_metrics_logs_and_checkpoints(tmp_path):
         "epoch-0001-step-0000000.pt",
         "epoch-0002-step-0000000.pt",
     ]
-    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert summary["status"] == "completed"  # strict JSON: no bare NaN (index mode has no exchange)
+    assert summary["final"]["exchange_s"] is None
 
 
 @pytest.mark.parametrize(
@@ -343,6 +345,7 @@ def test_a_run_resumes_with_another_number_of_ranks_at_an_epoch_boundary(tmp_pat
     assert more.returncode == 0, more.stderr[-2000:]
     epochs = rows(tmp_path / "elastic" / "metrics" / "epochs.csv")
     assert [(r["epoch"], r["world_size"]) for r in epochs] == [("0", "2"), ("1", "2"), ("2", "3")]
+    assert load_run_config(tmp_path / "elastic" / "config.yaml").dist.nproc == 3  # as run, not the config's
     mid = run_cli(tmp_path, "--nproc", "2", "name=mid", "train.epochs=2", small, "train.max_steps=3")
     assert mid.returncode == 0, mid.stderr[-2000:]
     refused = run_cli(tmp_path, "--nproc", "3", "name=mid", "train.epochs=2", small, "--resume")
@@ -350,3 +353,32 @@ def test_a_run_resumes_with_another_number_of_ranks_at_an_epoch_boundary(tmp_pat
         refused.returncode == 1
         and "written mid-epoch (step 3) by 2 ranks and this job has 3" in refused.stderr
     )
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_nproc_below_one_is_refused_before_anything_runs(tmp_path, command):
+    from reshuffle.cli import main
+
+    extra = ["--strategies", "global", "local"] if command == "compare" else []
+    status = main([command, str(CONFIGS / "smoke.yaml"), "--nproc", "0", f"log.dir={tmp_path}", *extra])
+    assert status == 2 and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_store_mode_resumes_with_another_number_of_ranks_by_restaging(tmp_path):
+    """Store mode, 2 ranks for 2 epochs, then 3 ranks: the old stores hold 2 ranks' shares, so the
+    same store_dir is refused by name; a new one is staged afresh for 3 ranks at the next epoch."""
+    small = ["data.synthetic.num_samples=512", "shuffle.mode=store", "name=grow"]
+    first = run_cli(tmp_path, "--nproc", "2", "train.epochs=2", *small)
+    assert first.returncode == 0, first.stderr[-2000:]
+    same = run_cli(tmp_path, "--nproc", "3", "train.epochs=3", *small, "--resume")
+    assert same.returncode == 1, same.stderr[-2000:]
+    assert "point shuffle.store_dir at an empty directory to restage" in same.stderr
+    new_store = f"shuffle.store_dir={tmp_path / 's3'}"
+    fresh = run_cli(tmp_path, "--nproc", "3", "train.epochs=3", *small, new_store, "--resume")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    epochs = rows(tmp_path / "grow" / "metrics" / "epochs.csv")
+    assert [(r["epoch"], r["world_size"]) for r in epochs] == [("0", "2"), ("1", "2"), ("2", "3")]
+    verify = subprocess.run([sys.executable, "-m", "reshuffle", "verify", str(tmp_path / "s3")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert verify.returncode == 0, verify.stdout

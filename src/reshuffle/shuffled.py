@@ -325,13 +325,14 @@ class ShuffledData:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict` (of any mode: the plan is the same). The next
         :meth:`set_epoch` of the saved epoch continues at the saved position; of the next epoch,
-        starts it. In store mode that call also recovers the stores (collective). Index mode also
-        loads a state saved at another world size (elastic, see :mod:`reshuffle.resize`)."""
+        starts it. In store mode that call also recovers the stores (collective). A state saved at
+        another world size loads too (elastic, see :mod:`reshuffle.resize`); in store mode only at
+        an epoch boundary, into a new ``store_dir`` that the next set_epoch stages afresh."""
         saved_world = state[self.STATE_SAMPLER][ShuffleSampler.STATE_CONFIG].get("world_size")
-        if self.mode == "store" and saved_world != self.world_size:
+        if self.mode == "store" and saved_world != self.world_size and not state.get(self.STATE_ENDED):
             raise ValueError(
-                f"store mode cannot resume a state of {saved_world} ranks with {self.world_size}: the stores "
-                f"hold {saved_world} ranks' shares. Resume with {saved_world} ranks, or use mode='index'"
+                f"store mode resumes a state of {saved_world} ranks with {self.world_size} only at an epoch "
+                f"boundary (this one was saved mid-epoch): resume with {saved_world} ranks to the epoch's end"
             )
         self.sampler.load_state_dict(state[self.STATE_SAMPLER])
         if self.tracker is not None:

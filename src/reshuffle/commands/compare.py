@@ -97,8 +97,9 @@ def plan_runs(config_path: str, overrides: list[str], strategies: list[str], see
 
 def run(args: argparse.Namespace) -> int:
     from reshuffle.report import write_report
-    from reshuffle.train.launch import launch, run_dir_of
+    from reshuffle.train.launch import check_nproc, launch, run_dir_of
 
+    check_nproc(args.nproc)  # before any run starts
     overrides = list(args.overrides)
     if args.virtual_ranks is not None:
         overrides.append(f"dist.virtual_ranks={args.virtual_ranks}")

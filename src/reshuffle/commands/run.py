@@ -51,6 +51,4 @@ def run(args: argparse.Namespace) -> int:
     if args.virtual_ranks is not None:
         overrides.append(f"dist.virtual_ranks={args.virtual_ranks}")
     config = load_run_config(args.config, overrides)
-    if args.nproc is not None and args.nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     return launch(config, args.system, nproc=args.nproc, resume=args.resume)

@@ -47,7 +47,8 @@ class StoreMeta:
         if other.world_size != self.world_size:
             return (
                 f"the store was written for world size {other.world_size}, this job has {self.world_size}; "
-                f"run with {other.world_size} ranks or restage into an empty store_dir"
+                f"run with {other.world_size} ranks, or point shuffle.store_dir at an empty directory "
+                "to restage"
             )
         for name in ("num_samples", "num_classes", "dataset", "plan"):
             if getattr(other, name) != getattr(self, name):

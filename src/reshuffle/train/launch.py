@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -25,6 +26,11 @@ from reshuffle.train import distributed, heartbeat
 log = logging.getLogger("reshuffle")
 
 
+def check_nproc(nproc: int | None) -> None:
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+
+
 def run_dir_of(config: RunConfig) -> Path:
     return Path(config.log.dir) / config.name
 
@@ -33,6 +39,7 @@ def launch(
     config: RunConfig, system_path: str | None, *, nproc: int | None = None, resume: bool = False
 ) -> int:
     """Run ``config``; returns the process exit status (0: success)."""
+    check_nproc(nproc)
     system = load_system_config(system_path)
     run_dir = run_dir_of(config)
     if config.dist.virtual_ranks:  # one process; dist.nproc does not apply
@@ -45,6 +52,7 @@ def launch(
 
         return _report(train_virtual(config, system, run_dir, resume=resume), run_dir)
     nproc = nproc or config.dist.nproc
+    config = dataclasses.replace(config, dist=dataclasses.replace(config.dist, nproc=nproc))  # as run
     if distributed.launched_by_torchrun() or nproc == 1:
         return _report(_train(config, system, run_dir, resume), run_dir)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import reshuffle
 from reshuffle.config import RunConfig, SystemConfig, dump_yaml
 from reshuffle.config.loading import to_mapping
+from reshuffle.plan.planner import plain
 from reshuffle.train.outputs import MetricsFiles, start_wandb
 
 log = logging.getLogger("reshuffle")
@@ -114,7 +115,9 @@ def finish(
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    """``summary.json``: valid JSON, with a figure that does not apply (NaN) as null."""
+    text = json.dumps(plain(summary), indent=1, default=lambda value: plain(float(value)), allow_nan=False)
+    (run_dir / "summary.json").write_text(text + "\n")
 
 
 def saved_summary(run_dir: Path) -> dict[str, Any]:
