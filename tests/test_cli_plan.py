@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from reshuffle.cli import main
+from reshuffle.config import ConfigError
 
 
 def table_rows(text: str) -> list[list[str]]:
@@ -94,3 +95,23 @@ def test_console_script_is_installed():
 def test_plan_rejects_unknown_choices(flag):
     with pytest.raises(SystemExit):
         main(["plan", "--num-samples", "10", "--world-size", "2", flag])
+
+
+def test_partial_without_a_fraction_follows_one_rule_everywhere(capsys, tmp_path):
+    """compare: `partial` alone takes the config's shuffle.fraction (it ran with 0.0), and an error
+    when that is 0; plan and simulate: an error naming the spelling. A key=value word after
+    --strategies is an override for every run, not an unknown strategy."""
+    from reshuffle.commands.compare import compare_runs
+
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")  # fraction: 0.1
+    runs = compare_runs(config, [f"log.dir={tmp_path}"], ["partial", "global", "train.epochs=1"], 1)
+    assert [(r.config.shuffle.strategy, r.config.shuffle.fraction) for r in runs] == [
+        ("partial", 0.1), ("global", 0.0)
+    ]  # fmt: skip
+    assert all(r.config.train.epochs == 1 for r in runs)
+    with pytest.raises(ConfigError, match=r"'partial' needs a fraction: write partial:Q"):
+        compare_runs(config, [f"log.dir={tmp_path}", "shuffle.fraction=0"], ["partial"], 1)
+    assert main(["plan", "--num-samples", "100", "--world-size", "4", "--strategy", "partial"]) == 2
+    assert "--strategy partial needs --fraction Q" in capsys.readouterr().err
+    assert main(["simulate", "--workers", "8", "--strategies", "partial"]) == 2
+    assert "needs a fraction, e.g. partial:0.1" in capsys.readouterr().err

@@ -73,3 +73,19 @@ def test_compare_rejects_a_bad_strategy_spec_before_training(tmp_path, capsys):
     )
     assert "unknown strategy 'sorted'" in capsys.readouterr().err
     assert not (tmp_path / "smoke").exists()
+
+
+def test_moved_per_rank_and_epoch_counts_only_the_epoch_boundaries(tmp_path):
+    """Nothing moves after the last epoch: the summary's moved MB/rank/epoch averages the
+    boundaries only (global with 2 ranks moves half a rank's samples: 4.4 MB shown where 8.8 MB
+    moved per boundary), and a 1-epoch run, with no boundary, shows '-'."""
+    from reshuffle.report import Group, Run, summary_rows
+
+    def run(moved: list[float]) -> Run:
+        rows = [{"epoch": e, "world_size": 2, "bytes_planned": b, "test_acc": 0.5, "epoch_s": 1.0,
+                 "storage_bytes": 1e6} for e, b in enumerate(moved)]  # fmt: skip
+        return Run(tmp_path, {"shuffle.strategy": "global"}, rows)
+
+    headers, rows = summary_rows([Group("global", [run([17.6e6, 17.6e6, 0.0])]), Group("one", [run([0.0])])])
+    moved = headers.index("moved MB/rank/epoch")
+    assert rows[0][moved] == 8.8 and rows[1][moved] == "-"

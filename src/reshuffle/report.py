@@ -141,9 +141,12 @@ class Group:
         for run in self.runs:
             column_values = [row.get(column, math.nan) for row in run.epochs]
             finite = [v for v in column_values if not math.isnan(v)]
+            if pick == "boundaries":  # what moves between epochs: nothing after the last one
+                finite = finite[:-1]
             if not finite:
                 continue
-            values.append({"last": finite[-1], "max": max(finite), "mean": statistics.fmean(finite)}[pick])
+            picks = {"last": finite[-1], "max": max(finite)}
+            values.append(picks[pick] if pick in picks else statistics.fmean(finite))
         return values
 
 
@@ -174,8 +177,8 @@ def summary_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[object]]
         best, best_std = _mean_std(group.per_run("test_acc", "max"))
         world = group.runs[0].epochs[0].get("world_size", 1) or 1
         moved = [
-            v / world / 1e6 for v in group.per_run("bytes_planned", "mean") if not math.isnan(v)
-        ]  # planned = what store mode moves
+            v / world / 1e6 for v in group.per_run("bytes_planned", "boundaries") if not math.isnan(v)
+        ]  # planned = what store mode moves, at each epoch boundary
         storage = [v / 1e6 for v in group.per_run("storage_bytes", "max")]
         rows.append([
             group.label,

@@ -33,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run")
     parser.add_argument(
         "--strategies", nargs="+", required=True, metavar="STRATEGY",
-        help="e.g. global local partial:0.1 importance local+model.norm=group",
+        help="e.g. global local partial:0.1 importance local+model.norm=group (partial alone: the config's "
+        "shuffle.fraction; key=value words here are overrides for every run)",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=1, help="seeds per strategy (0 .. N-1 added to seed)")
     parser.add_argument("--nproc", type=int, help="local ranks per run (default: dist.nproc)")
@@ -42,12 +43,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_strategy(spec: str) -> tuple[str, list[str]]:
-    """``partial:0.1+model.norm=group`` -> (``partial-0.1-model.norm-group``, overrides)."""
+def split_strategies(items: list[str]) -> tuple[list[str], list[str]]:
+    """``--strategies`` takes every word after it: ``key=value`` words among them (before any
+    ``+``) are overrides for every run, not strategies."""
+    overrides = [item for item in items if "=" in item.split("+")[0]]
+    return [item for item in items if item not in overrides], overrides
+
+
+def parse_strategy(spec: str, config_fraction: float = 0.0) -> tuple[str, list[str]]:
+    """``partial:0.1+model.norm=group`` -> (``partial-0.1-model.norm-group``, overrides).
+
+    ``partial`` without ``:Q`` takes the config's ``shuffle.fraction`` (one rule with ``run``);
+    the other strategies run with fraction 0 unless ``:Q`` is given."""
     head, *extra = spec.split("+")
     name, _, fraction = head.partition(":")
     if not name:
         raise ConfigError(f"--strategies: empty strategy in {spec!r}; write e.g. partial:0.1")
+    if name == "partial" and not fraction:
+        if config_fraction <= 0:
+            raise ConfigError(
+                f"--strategies: {spec!r} needs a fraction: write partial:Q (e.g. partial:0.1), or set "
+                "shuffle.fraction in the config"
+            )
+        fraction = str(config_fraction)
     overrides = [f"shuffle.strategy={name}", f"shuffle.fraction={fraction or 0}"]
     for item in extra:
         if "=" not in item:
@@ -71,13 +89,17 @@ def compare_runs(
     config_path: str, overrides: list[str], strategies: list[str], seeds: int
 ) -> list[CompareRun]:
     """Every run of the comparison, resolved (errors before anything trains)."""
+    strategies, more = split_strategies(strategies)
+    overrides = [*overrides, *more]
     base = load_run_config(config_path, overrides)
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if not strategies:
+        raise ConfigError("--strategies: no strategy given (key=value words are overrides)")
     root = Path(base.log.dir) / base.name
     runs = []
     for spec in strategies:
-        slug, extra = parse_strategy(spec)
+        slug, extra = parse_strategy(spec, base.shuffle.fraction)
         for k in range(seeds):
             run_overrides = [
                 *overrides,
@@ -103,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.virtual_ranks is not None:
         overrides.append(f"dist.virtual_ranks={args.virtual_ranks}")
-    configs = plan_runs(args.config, overrides, args.strategies, args.seeds)
+    strategies, more = split_strategies(args.strategies)
+    overrides += more
+    configs = plan_runs(args.config, overrides, strategies, args.seeds)
     base = load_run_config(args.config, overrides)
     failed = []
     for index, config in enumerate(configs, start=1):

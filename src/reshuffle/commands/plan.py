@@ -15,6 +15,7 @@ import argparse
 
 import numpy as np
 
+from reshuffle.config import ConfigError
 from reshuffle.plan import PARTITIONS, STRATEGIES, ShufflePlanner
 from reshuffle.plan.quality import measure
 from reshuffle.text_table import format_table
@@ -32,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-samples", type=int, help="N (default: the size of --labels-from)")
     parser.add_argument("--world-size", type=int, required=True, help="M, the number of ranks")
     parser.add_argument("--strategy", default="global", choices=sorted(STRATEGIES))
-    parser.add_argument("--fraction", type=float, default=0.0, help="Q for partial")
+    parser.add_argument("--fraction", type=float, help="Q for partial (required with it)")
     parser.add_argument("--partition", default="random", choices=sorted(PARTITIONS))
     parser.add_argument(
         "--labels-from",
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         num_samples,
         args.world_size,
         strategy=args.strategy,
-        fraction=args.fraction,
+        fraction=_fraction(args),
         partition=args.partition,
         labels=labels,
         seed=args.seed,
@@ -125,3 +126,10 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(format_table(headers, rows))
     return 0
+
+
+def _fraction(args: argparse.Namespace) -> float:
+    """The same rule as ``compare`` and ``simulate``: partial needs its Q."""
+    if args.strategy == "partial" and args.fraction is None:
+        raise ConfigError("--strategy partial needs --fraction Q (e.g. --fraction 0.1)")
+    return 0.0 if args.fraction is None else args.fraction
