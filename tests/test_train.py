@@ -382,3 +382,12 @@ def test_store_mode_resumes_with_another_number_of_ranks_by_restaging(tmp_path):
     verify = subprocess.run([sys.executable, "-m", "reshuffle", "verify", str(tmp_path / "s3")],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert verify.returncode == 0, verify.stdout
+
+
+def test_ranks_that_leave_the_gpus_idle_get_one_line_that_says_how_to_use_them():
+    from reshuffle.train.distributed import idle_gpu_advice
+
+    assert idle_gpu_advice(4, 0) is None and idle_gpu_advice(2, 2) is None
+    advice = idle_gpu_advice(4, 1)
+    assert "the ranks train on the CPU with gloo" in advice and "--nproc 1" in advice
+    assert "--virtual-ranks 4" in advice and "\n" not in advice

@@ -57,6 +57,18 @@ def choose_backend(requested: str, local_world: int = 1) -> str:
     return requested
 
 
+def idle_gpu_advice(nproc: int, gpus: int) -> str | None:
+    """What to say when ``nproc`` local ranks and ``gpus`` GPUs leave the GPUs idle (gloo on the
+    CPU, since NCCL needs a GPU per rank), or None."""
+    if gpus == 0 or nproc <= gpus:
+        return None
+    return (
+        f"{nproc} ranks and {gpus} GPU(s) on this machine: the ranks train on the CPU with gloo and the "
+        f"GPU(s) stay idle. Use --nproc {gpus} to train on the GPU(s), or --virtual-ranks {nproc} "
+        f"(with --nproc left out) for {nproc} ranks' semantics on one GPU"
+    )
+
+
 def setup(backend: str, timeout_s: float) -> DistContext:
     """Initialise the default process group (a collective that times out after ``timeout_s``)."""
     timeout = datetime.timedelta(seconds=timeout_s)

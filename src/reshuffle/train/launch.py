@@ -16,14 +16,21 @@ import re
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from reshuffle.config import ConfigError, RunConfig, SystemConfig, load_system_config
+from reshuffle.config import ConfigError, ConfigWarning, RunConfig, SystemConfig, load_system_config
 from reshuffle.config.loading import from_mapping, to_mapping
 from reshuffle.train import distributed, heartbeat
 
 log = logging.getLogger("reshuffle")
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def check_nproc(nproc: int | None) -> None:
@@ -55,6 +62,8 @@ def launch(
     config = dataclasses.replace(config, dist=dataclasses.replace(config.dist, nproc=nproc))  # as run
     if distributed.launched_by_torchrun() or nproc == 1:
         return _report(_train(config, system, run_dir, resume), run_dir)
+    if system.backend == "auto" and (advice := distributed.idle_gpu_advice(nproc, _gpus())):
+        warnings.warn(advice, ConfigWarning, stacklevel=2)  # one line, before the ranks start
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
