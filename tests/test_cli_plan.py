@@ -115,3 +115,15 @@ def test_partial_without_a_fraction_follows_one_rule_everywhere(capsys, tmp_path
     assert "--strategy partial needs --fraction Q" in capsys.readouterr().err
     assert main(["simulate", "--workers", "8", "--strategies", "partial"]) == 2
     assert "needs a fraction, e.g. partial:0.1" in capsys.readouterr().err
+
+
+def test_plan_help_and_errors_name_the_cli_flags(capsys):
+    """plan --help keeps its example's line continuation; a label partition without labels asks
+    for --labels-from (not the API's labels=); a simulate error carries its prefix once."""
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    assert "--fraction 0.1 \\\n        --partition label-sorted" in capsys.readouterr().out
+    assert main(["plan", "--num-samples", "100", "--world-size", "4", "--partition", "label-sorted"]) == 2
+    assert "--partition label-sorted needs labels: add --labels-from DATASET" in capsys.readouterr().err
+    assert main(["simulate", "--workers", "8", "--strategies", "partial:2"]) == 2
+    assert capsys.readouterr().err.count("--strategies:") == 1

@@ -137,5 +137,7 @@ def test_a_node_killed_before_a_commit_resumes_from_node_local_logs_and_loses_no
     log1 = _text(tmp_path / "node-1" / "mn" / "logs" / "rank-1.log")
     assert [node.returncode for node in more] == [0, 0], log1[-3000:]
     assert "received epoch-0006-step-0000000.pt from rank 0" in log1 and "rank 1: staged" in log1
+    assert "done: 8 epochs" in _text(tmp_path / "node-0" / "torchrun.out")  # said once, by rank 0
+    assert "done:" not in _text(tmp_path / "node-1" / "torchrun.out")
     assert (tmp_path / "node-1" / "mn" / "checkpoints" / "epoch-0008-step-0000000.pt").exists()
     assert verify_store(stores[0], scratch) == []

@@ -100,7 +100,7 @@ def test_generated_array_script_trains_every_run_on_two_nodes(tmp_path, capsys, 
         ]
     )  # fmt: skip
     assert status == 0
-    script = tmp_path / "runs" / "sweep" / "slurm" / "job.sbatch"
+    script = tmp_path / "runs" / "sweep" / "slurm" / "array.sbatch"  # a run's job.sbatch is another file
     text = script.read_text()
     assert "#SBATCH --array=0-1" in text and "#SBATCH --nodes=2" in text
     assert "gpus-per-node" not in text  # CPU nodes request no GPUs
@@ -212,3 +212,14 @@ def test_virtual_ranks_are_refused_for_a_slurm_job(tmp_path, capsys, monkeypatch
     )
     assert status == 2
     assert "virtual ranks train in one process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("good", ["30", "30:00", "02:00:00", "1-12", "1-12:30", "2-00:00:00", "UNLIMITED"])
+def test_time_limits_in_slurm_formats_are_accepted(good):
+    assert _job(time=good).time == good
+
+
+@pytest.mark.parametrize("bad", ["1h", "2 hours", "1:2:3:4", "-5"])
+def test_a_time_limit_slurm_would_reject_is_an_error_here(bad):
+    with pytest.raises(ConfigError, match=r"is not a Slurm time limit: write minutes, MM:SS, HH:MM:SS"):
+        _job(time=bad)

@@ -5,7 +5,7 @@ analytic expectation next to each where one exists.
 
 Example::
 
-    reshuffle plan --labels-from fashion-mnist --world-size 8 --strategy partial --fraction 0.1 \
+    reshuffle plan --labels-from fashion-mnist --world-size 8 --strategy partial --fraction 0.1 \\
         --partition label-sorted --epochs 5
 """
 
@@ -72,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     num_samples = args.num_samples if labels is None else labels.size
     if num_samples is None:
         raise ValueError("give --num-samples N, or --labels-from DATASET to take N from a dataset")
+    if labels is None and PARTITIONS[args.partition].requires_labels:
+        raise ConfigError(
+            f"--partition {args.partition} needs labels: add --labels-from DATASET (e.g. fashion-mnist)"
+        )
     planner = ShufflePlanner(
         num_samples,
         args.world_size,

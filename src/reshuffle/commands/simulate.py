@@ -118,6 +118,8 @@ def parse_strategy(spec: str) -> Strategy:
             return Strategy("partial", fraction, sync_bn=sync_bn)
         if name == "importance":
             return Strategy("importance", interval=int(value) if value else 10, sync_bn=sync_bn)
+    except ConfigError:
+        raise
     except ValueError as error:
         raise ConfigError(f"--strategies: {spec!r}: {error}") from None
     if value:

@@ -21,12 +21,17 @@ finished, the same ``reshuffle compare`` command skips every finished run and wr
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reshuffle.config import ConfigError, load_run_config
+
+_SLURM_TIME = re.compile(  # sbatch --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, UNLIMITED
+    r"^(\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE
+)
 
 #: Rendezvous ports are spread by job id so that jobs sharing a node do not collide.
 PORT_BASE = 20000
@@ -70,7 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--python", default=sys.executable, help="Python that has reshuffle installed")
     parser.add_argument("--system", help="system config passed to every run")
-    parser.add_argument("--out", help="script path (default: <log.dir>/<name>/slurm/job.sbatch)")
+    parser.add_argument(
+        "--out", help="script path (default: <log.dir>/<name>/slurm/job.sbatch, or array.sbatch for a sweep)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -98,6 +105,11 @@ class SlurmJob:
     setup: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.time is not None and not _SLURM_TIME.match(self.time):
+            raise ConfigError(
+                f"--time {self.time!r} is not a Slurm time limit: write minutes, MM:SS, HH:MM:SS, D-HH, "
+                "D-HH:MM or D-HH:MM:SS (e.g. 02:00:00 for two hours)"
+            )
         if self.join_timeout_s < 1:
             raise ConfigError(f"--join-timeout must be at least 1 second, got {self.join_timeout_s}")
         if self.nodes < 1:
@@ -235,10 +247,15 @@ def run(args: argparse.Namespace) -> int:
         join_timeout_s=args.join_timeout,
         setup=list(args.setup),
     )
-    out = Path(args.out) if args.out else folder / "job.sbatch"
+    out = (
+        Path(args.out) if args.out else folder / ("array.sbatch" if args.array_from_compare else "job.sbatch")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     job.output_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the --output folder
-    out.write_text(render(job))
+    text = render(job)
+    if out.is_file() and out.read_text() != text:
+        print(f"replacing {out} (another job's script; --out PATH keeps both)")
+    out.write_text(text)
     out.chmod(0o755)
     print(f"wrote {out}: {len(runs)} run(s), {job.nodes} node(s) x {job.ranks_per_node} rank(s)")
     print(f"submit:  sbatch {out}")

@@ -61,7 +61,8 @@ def launch(
     nproc = nproc or config.dist.nproc
     config = dataclasses.replace(config, dist=dataclasses.replace(config.dist, nproc=nproc))  # as run
     if distributed.launched_by_torchrun() or nproc == 1:
-        return _report(_train(config, system, run_dir, resume), run_dir)
+        summary = _train(config, system, run_dir, resume)
+        return _report(summary, run_dir) if int(os.environ.get("RANK", "0")) == 0 else 0  # said once
     if system.backend == "auto" and (advice := distributed.idle_gpu_advice(nproc, _gpus())):
         warnings.warn(advice, ConfigWarning, stacklevel=2)  # one line, before the ranks start
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
