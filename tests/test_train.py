@@ -391,3 +391,22 @@ def test_ranks_that_leave_the_gpus_idle_get_one_line_that_says_how_to_use_them()
     advice = idle_gpu_advice(4, 1)
     assert "the ranks train on the CPU with gloo" in advice and "--nproc 1" in advice
     assert "--virtual-ranks 4" in advice and "\n" not in advice
+
+
+def test_resume_takes_the_runs_saved_config_and_names_a_key_that_cannot_change(tmp_path, capsys):
+    """`run CONFIG name=X --resume` continues X as it ran (its overrides need not be repeated);
+    epochs may change; a strategy may not, and the error names the key."""
+    from reshuffle.cli import main
+
+    base = [str(CONFIGS / "smoke.yaml"), f"log.dir={tmp_path}", "name=again", *TINY[:-2]]
+    assert (
+        main(["run", *base, "--nproc", "1", "shuffle.strategy=local", "shuffle.fraction=0", "model.width=8"])
+        == 0
+    )
+    assert main(["run", *base, "train.epochs=2", "--resume"]) == 0
+    epochs = rows(tmp_path / "again" / "metrics" / "epochs.csv")
+    assert [r["epoch"] for r in epochs] == ["0", "1"]
+    assert load_run_config(tmp_path / "again" / "config.yaml").shuffle.strategy == "local"
+    capsys.readouterr()
+    assert main(["run", *base, "train.epochs=3", "shuffle.strategy=global", "--resume"]) == 2
+    assert "shuffle.strategy cannot change on a resume" in capsys.readouterr().err

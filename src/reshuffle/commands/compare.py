@@ -2,10 +2,10 @@
 
 Examples::
 
-    reshuffle compare configs/fashion-mnist.yaml --strategies global local partial:0.1 partial:0.01 \\
-        importance --seeds 3 shuffle.partition=label-sorted
-    reshuffle compare configs/fashion-mnist.yaml --strategies global local local+model.norm=sync-batch \\
-        --virtual-ranks 64
+    reshuffle compare configs/fashion-mnist.yaml name=sorted shuffle.partition=label-sorted \\
+        --strategies global local partial:0.1 partial:0.01 importance --seeds 3
+    reshuffle compare configs/fashion-mnist.yaml name=norms --virtual-ranks 64 \\
+        --strategies global local local+model.norm=sync-batch
 
 A strategy is ``NAME`` or ``NAME:FRACTION`` (``partial:0.1``), optionally followed by
 ``+key=value`` overrides for that strategy alone (``local+model.norm=group``). Runs go to
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reshuffle.config import ConfigError, RunConfig, load_run_config
+from reshuffle.config.loading import to_mapping
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -134,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = run_dir_of(config)
         summary = run_dir / "summary.json"
         if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+            _check_same_run(run_dir, config)
             print(f"[{index}/{len(configs)}] {config.name}: finished earlier, skipped")
             continue
         print(f"[{index}/{len(configs)}] {config.name}", flush=True)
@@ -154,3 +156,19 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _check_same_run(run_dir: Path, config: RunConfig) -> None:
+    """A finished run is reused only if it ran these settings (``log`` and ``dist.nproc`` aside)."""
+
+    def settings(c: RunConfig) -> dict:
+        plain = to_mapping(c)
+        plain.pop("log", None)
+        plain.get("dist", {}).pop("nproc", None)
+        return plain
+
+    if settings(load_run_config(run_dir / "config.yaml")) != settings(config):
+        raise ConfigError(
+            f"{run_dir} holds a finished run of other settings; give this comparison another name (name=...) "
+            "or log.dir"
+        )
