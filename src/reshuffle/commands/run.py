@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
 def saved_config(config: RunConfig, overrides: list[str]) -> RunConfig:
     """``--resume``: the run's own ``config.yaml`` (how it ran, with every override it was given),
-    with those of ``overrides`` that a resume may change; an override that would change anything
-    else is an error that names it."""
+    with those of ``overrides`` that a resume may change, and this invocation's ``train.max_steps``;
+    an override that would change anything else is an error that names it."""
     from reshuffle.train.launch import run_dir_of
     from reshuffle.train.state import FREE_ON_RESUME
 
@@ -85,4 +85,5 @@ def saved_config(config: RunConfig, overrides: list[str]) -> RunConfig:
             f"--resume continues {saved_path.parent} as its config.yaml says; {', '.join(changed)} cannot "
             f"change on a resume (these can: {free}, log.*). Start a new run (name=...) to change them"
         )
-    return load_run_config(saved_path, keep)
+    # train.max_steps stops the invocation it is given to, not the run: never carried over
+    return load_run_config(saved_path, [*keep, f"train.max_steps={config.train.max_steps}"])
