@@ -306,8 +306,39 @@ def test_a_ranks_own_error_is_the_jobs_error_and_its_traceback_is_in_its_log(tmp
         line
     )
     assert "Traceback: " in line and line.endswith("rank-1.log")
+    assert "Traceback (most recent call last)" not in second.stderr and "api.py" not in second.stderr, (
+        second.stderr[-3000:]  # the agent's copy of every traceback stays out of the console
+    )
     logged = (tmp_path / "stray" / "logs" / "rank-1.log").read_text()
     assert "Traceback (most recent call last)" in logged and "stray file(s) notes.txt" in logged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (["data.name=nope"], "data.name: unknown dataset 'nope'"),
+        (["--resume", "train.epochs=2"], "--resume: the checkpoint"),
+    ],
+)
+def test_config_errors_are_one_line_before_any_rank_starts(tmp_path, settings, expected):
+    """An unknown dataset, or a resume whose checkpoint was written with other settings: the same
+    one line as any CLI error, before a rank is spawned (no rank log, no torch traceback)."""
+    run = [sys.executable, "-m", "reshuffle", "run", str(CONFIGS / "smoke.yaml"), "--nproc", "2",
+           f"log.dir={tmp_path}", "name=early", "data.synthetic.num_samples=200",
+           "data.test_limit=32", "train.workers=0"]  # fmt: skip
+    if "--resume" in settings:  # a finished 1-epoch run, whose config.yaml then disagrees on seed
+        first = subprocess.run([*run, "train.epochs=1"], capture_output=True, text=True, timeout=240)
+        assert first.returncode == 0, first.stderr[-2000:]
+        (tmp_path / "early" / "config.yaml").write_text(
+            (tmp_path / "early" / "config.yaml").read_text().replace("seed: 0", "seed: 5")
+        )
+        (tmp_path / "early" / "logs" / "rank-1.log").unlink()
+    result = subprocess.run([*run, *settings], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"reshuffle: error: {expected}"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "early" / "logs" / "rank-1.log").exists()
 
 
 def _stage_in_another_process(root):

@@ -89,3 +89,73 @@ def test_moved_per_rank_and_epoch_counts_only_the_epoch_boundaries(tmp_path):
     headers, rows = summary_rows([Group("global", [run([17.6e6, 17.6e6, 0.0])]), Group("one", [run([0.0])])])
     moved = headers.index("moved MB/rank/epoch")
     assert rows[0][moved] == 8.8 and rows[1][moved] == "-"
+
+
+def _run(path: Path, config: dict, epochs: int = 2, acc: float = 0.5):
+    from reshuffle.report import Run
+
+    rows = [{"epoch": e, "world_size": 2, "bytes_planned": 4e6 if e < epochs - 1 else 0.0, "test_acc": acc,
+             "epoch_s": 1.0, "storage_bytes": 1e6} for e in range(epochs)]  # fmt: skip
+    return Run(path, {"train.epochs": epochs, **config}, rows)
+
+
+def test_labels_name_only_the_settings_that_differ_and_matter(tmp_path):
+    """A setting that applies to none of the differing runs (data.synthetic.* where data.name is
+    not synthetic, shuffle.fraction under local) or that does not change what a run learns
+    (log.*, train.workers) stays out of the labels; the rest go by their last name."""
+    from reshuffle.report import label_runs
+
+    real = {"data.name": "fashion-mnist", "train.workers": 0, "log.dir": "a"}
+    runs = [
+        _run(tmp_path / "a", {**real, "shuffle.strategy": "global", "data.synthetic.noise": 0.1}),
+        _run(
+            tmp_path / "b",
+            {
+                **real,
+                "shuffle.strategy": "local",
+                "shuffle.fraction": 0.3,
+                "data.synthetic.noise": 0.5,
+                "train.workers": 4,
+                "log.dir": "b",
+            },
+        ),
+        _run(
+            tmp_path / "c", {**real, "shuffle.strategy": "partial", "shuffle.fraction": 0.1, "train.lr": 0.2}
+        ),
+    ]
+    assert label_runs(runs) == ["global, lr=None", "local, lr=None", "partial 0.1, lr=0.2"]
+    runs[0].config.update({"data.name": "synthetic"})  # now the noise of that one run applies
+    assert label_runs(runs)[0] == "global, data=synthetic, lr=None"
+
+
+def test_a_report_over_several_experiments_labels_by_experiment_and_lists_their_settings(tmp_path):
+    """Runs of different configs (many settings differ): each label is the strategy, the
+    experiment's name and what differs inside it, short enough for a legend; report.md lists each
+    experiment's differing settings; vs global compares within an experiment only."""
+    from reshuffle.report import differences, group_runs, label_runs, summary_rows
+
+    def experiment(name: str, extra: dict) -> list:
+        base = {"train.lr": 0.1 * len(name), "train.batch_size": 8 * len(name), "train.epochs": len(name),
+                "model.width": len(name), "data.train_limit": 100 * len(name), **extra}  # fmt: skip
+        return [
+            _run(tmp_path / name / "runs" / f"{s}-seed0", {**base, "shuffle.strategy": s}, len(name), acc)
+            for s, acc in (("global", 0.6 + len(name) / 100), ("local", 0.5))
+        ]
+
+    runs = experiment("two", {}) + experiment("fives", {"model.norm": "group"})
+    labels = label_runs(runs)
+    assert labels == ["global, two", "local, two", "global, fives", "local, fives"], labels
+    assert all(len(label) < 40 for label in labels)
+    assert any("train.batch_size=40" in line for line in differences(runs))
+    headers, rows = summary_rows(group_runs(runs))
+    versus = headers.index("vs global (pp)")
+    assert [row[versus] for row in rows] == ["+0.00", "-13.00", "+0.00", "-15.00"]
+
+
+def test_the_bytes_plot_has_no_point_after_the_last_epoch(tmp_path):
+    """Nothing moves after a run's last epoch: bytes.png shows the boundaries only, not a 0."""
+    from reshuffle.report import Group
+    from reshuffle.report_figures import moved_points
+
+    assert moved_points(Group("g", [_run(tmp_path, {}, epochs=3)])) == [(0, 2.0), (1, 2.0)]
+    assert moved_points(Group("g", [_run(tmp_path, {}, epochs=1)])) == []

@@ -18,10 +18,27 @@ from typing import Any
 
 from reshuffle.config.loading import load_yaml_text
 from reshuffle.errors import ReshuffleError
+from reshuffle.report_figures import draw
 from reshuffle.text_table import format_table
 
 NEEDED = ("epoch", "train_loss", "test_acc", "epoch_s")
-IGNORED = {"seed", "name", "log", "dist.timeout_s", "train.max_steps", "train.workers", "data.test_limit"}
+# settings that do not change what a run learns (where and how it logs, checkpoints, loads)
+IGNORED = {
+    "seed", "name", "log", "dist.timeout_s", "dist.virtual_batch_limit", "train.max_steps", "train.workers",
+    "train.pin_memory", "train.deterministic", "train.checkpoint_every", "train.checkpoint_steps",
+    "train.keep_checkpoints", "data.test_limit", "shuffle.store_dir", "shuffle.exchange_chunk_mb",
+}  # fmt: skip
+# settings that matter only where another one has a value: (that key, the values where it applies)
+APPLIES: dict[str, tuple[str, set[Any]]] = {
+    "data.synthetic": ("data.name", {"synthetic"}),
+    "shuffle.fraction": ("shuffle.strategy", {"partial", "importance"}),
+    "shuffle.select": ("shuffle.strategy", {"partial", "importance"}),
+    **{
+        f"shuffle.{key}": ("shuffle.strategy", {"importance"})
+        for key in ("warmup_epochs", "ignore_epochs", "interval_epochs", "measure", "assignment")
+    },
+    "dist.nproc": ("dist.virtual_ranks", {0, None}),
+}
 SHORT = {
     "shuffle.strategy": "",
     "shuffle.fraction": "",
@@ -29,8 +46,10 @@ SHORT = {
     "shuffle.select": "select",
     "model.norm": "norm",
     "train.bn_recalibrate": "recalibrate",
-    "dist.virtual_ranks": "ranks",
+    "dist.virtual_ranks": "virtual",
+    "dist.nproc": "ranks",
     "shuffle.mode": "mode",
+    "data.name": "data",
 }
 
 
@@ -90,29 +109,87 @@ def _flatten(mapping: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def label_runs(runs: Sequence[Run]) -> list[str]:
-    """A short label per run from the settings that differ between runs (seed aside)."""
+def _applies(key: str, config: dict[str, Any]) -> bool:
+    for prefix, (other, values) in APPLIES.items():
+        if key == prefix or key.startswith(f"{prefix}."):
+            return config.get(other) in values
+    return True
+
+
+def _varying(runs: Sequence[Run]) -> list[str]:
+    """The settings that differ between ``runs`` and change what a run learns (seed aside; a
+    setting counts only for the runs it applies to, e.g. ``data.synthetic.*`` where ``data.name``
+    is synthetic), the named ones (``SHORT``) first."""
     keys = sorted({k for run in runs for k in run.config})
     varying = [
         k
         for k in keys
         if not any(k == i or k.startswith(f"{i}.") for i in IGNORED)
-        and len({repr(run.config.get(k)) for run in runs}) > 1
+        and len({repr(run.config.get(k)) for run in runs if _applies(k, run.config)}) > 1
     ]
-    order = [k for k in SHORT if k in varying] + [k for k in varying if k not in SHORT]
-    labels = []
+    return [k for k in SHORT if k in varying] + [k for k in varying if k not in SHORT]
+
+
+def experiment_of(run: Run) -> str:
+    """The experiment a run belongs to: a compare's name (``<name>/runs/<run>``), else its folder."""
+    return run.path.parent.parent.name if run.path.parent.name == "runs" else run.path.name
+
+
+def label_runs(runs: Sequence[Run], most: int = 4) -> list[str]:
+    """A short label per run: its strategy, then each setting of ``_varying`` by its last name
+    where unique. Where more than ``most`` settings differ (runs of different experiments), the
+    experiment's name stands for them, followed by what differs within it; ``differences`` lists
+    the rest for the report."""
+    order = _varying(runs)
+    if len([k for k in order if k not in ("shuffle.strategy", "shuffle.fraction")]) <= most:
+        return [_label(run, order) for run in runs]
+    by_experiment: dict[str, list[Run]] = {}
     for run in runs:
-        strategy = str(run.config.get("shuffle.strategy", "?"))
-        if run.config.get("shuffle.strategy") == "partial":
-            strategy += f" {run.config.get('shuffle.fraction')}"
-        parts = [strategy]
-        for key in order:
-            if key in ("shuffle.strategy", "shuffle.fraction"):
-                continue
-            name = SHORT.get(key, key)
-            parts.append(f"{name}={run.config.get(key)}")
-        labels.append(", ".join(parts))
-    return labels
+        by_experiment.setdefault(experiment_of(run), []).append(run)
+    labels = {}
+    for name, members in by_experiment.items():
+        within = _varying(members)
+        for run in members:
+            strategy, *rest = _label(run, within).split(", ")
+            labels[id(run)] = ", ".join([strategy, name, *rest])
+    return [labels[id(run)] for run in runs]
+
+
+def differences(runs: Sequence[Run]) -> list[str]:
+    """Per experiment, its settings where the experiments differ: for a report over several."""
+    by_experiment: dict[str, Run] = {}
+    for run in runs:
+        by_experiment.setdefault(experiment_of(run), run)
+    if len(by_experiment) < 2:
+        return []
+    order = [k for k in _varying(list(by_experiment.values())) if k != "shuffle.strategy"]
+    return [
+        f"- `{name}`: "
+        + ", ".join(f"{k}={_short_value(run.config.get(k))}" for k in order if _applies(k, run.config))
+        for name, run in by_experiment.items()
+    ]
+
+
+def _label(run: Run, order: Sequence[str]) -> str:
+    last = [k.rsplit(".", 1)[-1] for k in order]
+    strategy = str(run.config.get("shuffle.strategy", "?"))
+    if run.config.get("shuffle.strategy") == "partial":
+        strategy += f" {run.config.get('shuffle.fraction')}"
+    parts = [strategy]
+    for key, name in zip(order, last, strict=True):
+        if key in ("shuffle.strategy", "shuffle.fraction") or not _applies(key, run.config):
+            continue
+        value = run.config.get(key)
+        if key == "dist.virtual_ranks" and not value:
+            continue  # such a run's ranks come from dist.nproc
+        parts.append(f"{SHORT.get(key, name if last.count(name) == 1 else key)}={_short_value(value)}")
+    return ", ".join(parts)
+
+
+def _short_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "x".join(map(str, value))
+    return str(value)
 
 
 @dataclass
@@ -165,8 +242,16 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summary_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[object]]]:
     """The summary table: accuracy (mean +- std over seeds), difference from global, costs."""
-    baseline = next((g for g in groups if g.label.split(",")[0].strip() == "global"), None)
-    base_final = _mean_std(baseline.per_run("test_acc"))[0] if baseline else math.nan
+    globals_ = [g for g in groups if g.label.split(",")[0].strip() == "global"]
+
+    def baseline(group: Group) -> float:
+        """The global group of the same experiment, else one that differs only in shuffle.*."""
+        run = group.runs[0]
+        same = [g for g in globals_ if experiment_of(g.runs[0]) == experiment_of(run)] + [
+            g for g in globals_ if all(k.startswith("shuffle.") for k in _varying([g.runs[0], run]))
+        ]
+        return _mean_std(same[0].per_run("test_acc"))[0] if same else math.nan
+
     headers = [
         "strategy", "seeds", "final test acc", "best test acc", "vs global (pp)", "epoch s",
         "moved MB/rank/epoch", "storage MB/rank",
@@ -174,6 +259,7 @@ def summary_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[object]]
     rows = []
     for group in groups:
         final, final_std = _mean_std(group.per_run("test_acc"))
+        base_final = baseline(group)
         best, best_std = _mean_std(group.per_run("test_acc", "max"))
         world = group.runs[0].epochs[0].get("world_size", 1) or 1
         moved = [
@@ -203,7 +289,7 @@ def write_report(
     groups = group_runs(runs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = _plots(groups, out_dir)
+    plots = draw(groups, out_dir)
     headers, rows = summary_rows(groups)
     table_md = format_table(headers, rows, markdown=True)
     (out_dir / "summary.md").write_text(table_md + "\n")
@@ -215,118 +301,16 @@ def write_report(
         "",
         table_md,
         "",
-        "*vs global*: final test accuracy minus that of `global`, in percentage points. *moved*: bytes a "
+        "*vs global*: final test accuracy minus that of `global` (of the same experiment, or with the same "
+        "settings apart from shuffle.*), in percentage points. *moved*: bytes a "
         "rank sends per epoch in store mode (planned; index mode reads them instead). *storage*: the most "
         "a store-mode rank holds at once (its samples plus those arriving).",
         "",
     ]
     for caption, name in plots:
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
+    if settings := differences(runs):
+        lines += ["## Settings of each experiment (where they differ)", "", *settings, ""]
     lines += ["## Runs", "", *(f"- `{run.path}` (seed {run.seed})" for run in runs), ""]
     (out_dir / "report.md").write_text("\n".join(lines))
     return format_table(headers, rows)
-
-
-def _plots(groups: Sequence[Group], out_dir: Path) -> list[tuple[str, str]]:
-    """Every comparison figure, written into ``out_dir``; returns (title, file name) pairs."""
-    figures = _Figures(groups, out_dir)
-    figures.lines("test_acc", "test top-1 accuracy", "Test accuracy", "test_acc.png")
-    figures.lines("train_loss", "train loss", "Train loss", "train_loss.png")
-    figures.lines(
-        "label_js", "Jensen-Shannon distance to the dataset's label mix", "Per-rank label skew "
-        "(solid: mean over ranks, dashed: worst rank)", "label_js.png", extra="label_js_max",
-    )  # fmt: skip
-    figures.lines("churn", "share of a rank's samples new this epoch", "Churn", "churn.png")
-    figures.lines("coverage", "share of the dataset a rank has trained on", "Coverage", "coverage.png")
-    figures.bytes_moved()
-    figures.time_breakdown()
-    return figures.made
-
-
-class _Figures:
-    """matplotlib (Agg) figures over the same groups, one color per group throughout."""
-
-    def __init__(self, groups: Sequence[Group], out_dir: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        self.plt, self.groups, self.out_dir = plt, groups, out_dir
-        self.colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        self.crowded = len(groups) > 5  # a legend inside the axes would hide curves: put it on the right
-        self.made: list[tuple[str, str]] = []
-
-    def color(self, index: int) -> str:
-        return self.colors[index % len(self.colors)]
-
-    def new_figure(self) -> tuple[Any, Any]:
-        return self.plt.subplots(figsize=(10.5 if self.crowded else 7.5, 4.5))
-
-    def by_epoch(self, axes: Any, xlabel: str, ylabel: str, title: str) -> None:
-        from matplotlib.ticker import MaxNLocator
-
-        axes.set_xlabel(xlabel)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_ylabel(ylabel)
-        axes.set_title(title)
-        axes.grid(alpha=0.3)
-        if self.crowded:
-            axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-        else:
-            axes.legend(fontsize=8, loc="best")
-
-    def save(self, figure: Any, title: str, name: str) -> None:
-        figure.tight_layout()
-        figure.savefig(self.out_dir / name, dpi=110)
-        self.plt.close(figure)
-        self.made.append((title, name))
-
-    def lines(self, column: str, ylabel: str, title: str, name: str, *, extra: str | None = None) -> None:
-        """One curve per group (mean over its runs, the runs' range shaded); ``extra`` dashed."""
-        figure, axes = self.new_figure()
-        for index, group in enumerate(self.groups):
-            epochs, mean, low, high = group.series(column)
-            axes.plot(epochs, mean, marker="o", markersize=3, color=self.color(index), label=group.label)
-            if len(group.runs) > 1:
-                axes.fill_between(epochs, low, high, color=self.color(index), alpha=0.15, linewidth=0)
-            if extra:
-                epochs, mean, _, _ = group.series(extra)
-                axes.plot(epochs, mean, linestyle="--", color=self.color(index), linewidth=1)
-        self.by_epoch(axes, "epoch", ylabel, title)
-        self.save(figure, title, name)
-
-    def bytes_moved(self) -> None:
-        title = "Data moved per rank per epoch (store mode)"
-        figure, axes = self.new_figure()
-        for index, group in enumerate(self.groups):
-            world = group.runs[0].epochs[0].get("world_size", 1) or 1
-            epochs, mean, _, _ = group.series("bytes_planned")
-            axes.plot(epochs, [m / world / 1e6 for m in mean], marker="o", markersize=3,
-                      color=self.color(index), label=group.label)  # fmt: skip
-        self.by_epoch(axes, "epoch (data moved after it)", "MB sent per rank", title)
-        self.save(figure, title, "bytes.png")
-
-    def time_breakdown(self) -> None:
-        parts = [("io_s", "I/O wait"), ("exchange_exposed_s", "exposed exchange"), ("fw_bw_s", "FW+BW"),
-                 ("ge_wu_s", "GE+WU")]  # fmt: skip
-        groups = self.groups
-        figure, axes = self.plt.subplots(figsize=(7.5, 4.5))
-        bottoms = [0.0] * len(groups)
-        for column, name in parts:
-            heights = []
-            for group in groups:
-                values = group.per_run(column, "mean")
-                heights.append(statistics.fmean(values) if values else 0.0)
-            axes.bar(range(len(groups)), heights, bottom=bottoms, label=name)
-            bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-        if not any(bottoms):
-            axes.text(0.5, 0.5, "not measured (virtual ranks run in one process)", transform=axes.transAxes,
-                      ha="center", va="center")  # fmt: skip
-        axes.set_ylim(bottom=0)
-        axes.set_xticks(range(len(groups)), [g.label for g in groups], rotation=20, ha="right", fontsize=8)
-        axes.set_ylabel("seconds per epoch (mean over ranks)")
-        axes.set_title("Epoch time breakdown (empty for virtual ranks)")
-        axes.legend(fontsize=8)
-        axes.grid(alpha=0.3, axis="y")
-        self.save(figure, "Epoch time breakdown", "time_breakdown.png")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,6 +18,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -60,9 +62,10 @@ def launch(
         return _report(train_virtual(config, system, run_dir, resume=resume), run_dir)
     nproc = nproc or config.dist.nproc
     config = dataclasses.replace(config, dist=dataclasses.replace(config.dist, nproc=nproc))  # as run
-    if distributed.launched_by_torchrun() or nproc == 1:
+    if distributed.launched_by_torchrun() or nproc == 1:  # errors come as one line from here already
         summary = _train(config, system, run_dir, resume)
         return _report(summary, run_dir) if int(os.environ.get("RANK", "0")) == 0 else 0  # said once
+    preflight(config, system, run_dir, resume)
     if system.backend == "auto" and (advice := distributed.idle_gpu_advice(nproc, _gpus())):
         warnings.warn(advice, ConfigWarning, stacklevel=2)  # one line, before the ranks start
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -83,7 +86,8 @@ def launch(
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     started = time.time()
     try:
-        results = elastic_launch(launch_config, _worker)(to_mapping(config), to_mapping(system), resume)
+        with _quiet_agent():  # the agent logs every rank's traceback; the line below says what failed
+            results = elastic_launch(launch_config, _worker)(to_mapping(config), to_mapping(system), resume)
     except ChildFailedError as failed:
         print(
             f"reshuffle: error: {root_failure(failed.failures, run_dir / 'logs', started).line(run_dir)}",
@@ -91,6 +95,41 @@ def launch(
         )
         return 1
     return _report(results[0], run_dir)
+
+
+def preflight(config: RunConfig, system: SystemConfig, run_dir: Path, resume: bool) -> None:
+    """The checks every rank would make first, made once before any rank starts, so that a config
+    error is one line in a second, not a failed job: the dataset and its transforms are known, a
+    new run does not reuse a run directory with checkpoints, a resume matches its checkpoint."""
+    import torch
+
+    from reshuffle.data.dataset import transform_for
+    from reshuffle.train import state
+
+    transform_for(config.data, "train", system)  # names an unknown dataset or transform
+    checkpoints = state.checkpoints_of(run_dir, config, resume)
+    saved = state.load(checkpoints, config) if resume else None
+    if saved and saved[state.STEP] and len(saved[state.RNG]["torch"]) != config.dist.nproc:
+        state.set_rng(saved[state.RNG], 0, config.dist.nproc, torch.device("cpu"), step=saved[state.STEP])
+
+
+@contextlib.contextmanager
+def _quiet_agent() -> Iterator[None]:
+    """PyTorch's elastic agent and its process context log each failed rank's traceback at ERROR;
+    the launcher prints the root cause in one line and the rank's log file holds the traceback."""
+    loggers = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing"))
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 CAUSED_BY = re.compile(r"caused by rank (\d+): (.*)$")  # how a PeerError names the rank whose error it was

@@ -1,0 +1,167 @@
+"""The trainer against a minimal loop: ``reshuffle run`` at the speed of 30 lines of PyTorch?
+
+The minimal loop is what a user writes by hand: the training images resident on the device
+(normalised once), a ``randperm`` per epoch, index a batch, forward, backward, step; no metrics,
+no time breakdown. ``reshuffle run`` trains the same model (small CNN, width 16, BatchNorm) on the
+same data with the same batch and optimiser (SGD Nesterov, momentum 0.9, weight decay 5e-4), one
+rank, global shuffling in index mode, and reports its time breakdown as usual. Both run in this
+job, interleaved, ``--repeats`` times; each figure is the median over repeats of samples/s over
+the epochs after the first (epoch 0 warms up: allocator, cuDNN autotuning). Rows: every batch
+size x precision (fp32; bf16 autocast + channels_last where the device has fast bf16, CUDA).
+The target (issue 20) is ratio >= 0.9 in every row.
+
+Data: Fashion-MNIST when installed (``--train-samples`` of it), synthetic of the same shape
+otherwise. Run: ``.venv/bin/python bench/gpu.py [--batches 256 1024] [--epochs 3] [--repeats 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine, write_results
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST's, as in configs/system.yaml
+
+
+def load_images(train_samples: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """uint8 images (N, 1, 28, 28), int64 labels, and the overrides that give ``reshuffle run``
+    the same data."""
+    if FMNIST.exists():
+        from reshuffle.data.fashion_mnist import load_fashion_mnist
+
+        source = load_fashion_mnist("train", path=str(FMNIST.parent))
+        data = ["data.name=fashion-mnist", f"data.train_limit={train_samples}"]
+    else:
+        from reshuffle.data.synthetic import load_synthetic
+
+        source = load_synthetic("train", num_samples=train_samples)
+        data = ["data.name=synthetic", f"data.synthetic.num_samples={train_samples}"]
+    images = torch.from_numpy(source.images[:train_samples]).reshape(-1, 1, 28, 28)
+    return images, torch.from_numpy(source.targets[:train_samples]).long(), data
+
+
+def minimal_loop(
+    images: torch.Tensor, labels: torch.Tensor, batch: int, bf16: bool, epochs: int, device: torch.device
+) -> float:
+    """Samples/s of the hand-written loop over epochs 1.. (the loop a user would write)."""
+    from reshuffle.config.schema import ModelConfig
+    from reshuffle.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="small-cnn", norm="batch", width=16), (1, 28, 28), 10).to(device)
+    x = ((images.to(device).float() / 255 - MEAN) / STD).contiguous()
+    y = labels.to(device)
+    if bf16:
+        model, x = (
+            model.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * batch / 256, momentum=0.9, nesterov=True,
+                                weight_decay=5e-4)  # fmt: skip
+    criterion = nn.CrossEntropyLoss()
+    rates = []
+    for _ in range(epochs):
+        _sync(device)
+        started = time.perf_counter()
+        order = torch.randperm(len(x), device=device)
+        for at in range(0, len(x), batch):
+            index = order[at : at + batch]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = criterion(model(x[index]), y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        _sync(device)
+        rates.append(len(x) / (time.perf_counter() - started))
+    return statistics.fmean(rates[1:] or rates)
+
+
+def reshuffle_run(tmp: Path, name: str, data: list[str], batch: int, bf16: bool, epochs: int) -> dict:
+    """Samples/s of ``reshuffle run`` (epochs 1..) and its time breakdown per epoch."""
+    command = [
+        sys.executable, "-m", "reshuffle", "run", str(ROOT / "configs" / "fashion-mnist.yaml"),
+        "--nproc", "1",
+        f"name={name}", f"log.dir={tmp}", f"train.epochs={epochs}", f"train.batch_size={batch}",
+        "train.reference_batch=256", "shuffle.strategy=global", "shuffle.fraction=0", "log.tensorboard=false",
+        "log.every_steps=0", "log.progress=lines", "train.checkpoint_every=0", "train.warmup_epochs=0",
+        f"train.amp={'bf16' if bf16 else 'off'}", f"train.channels_last={str(bf16).lower()}", *data,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, env={**os.environ})
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    with open(tmp / name / "metrics" / "epochs.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[1:]
+    mean = lambda key: statistics.fmean(float(row[key]) for row in rows)  # noqa: E731
+    return {"samples_per_s": mean("samples_per_s"), **{k: mean(k) for k in ("io_s", "fw_bw_s", "ge_wu_s")}}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--train-samples", type=int, default=60_000)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images, labels, data = load_images(args.train_samples)
+    precisions = [False, True] if device.type == "cuda" else [False]  # bf16 autocast is slow on CPUs
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in args.batches:
+            for bf16 in precisions:
+                loops, runs = [], []
+                for repeat in range(args.repeats):
+                    loops.append(minimal_loop(images, labels, batch, bf16, args.epochs, device))
+                    runs.append(reshuffle_run(Path(tmp), f"b{batch}-{bf16}-{repeat}", data, batch, bf16,
+                                              args.epochs))  # fmt: skip
+                ratios = [r["samples_per_s"] / loop for r, loop in zip(runs, loops, strict=True)]
+                row = {
+                    "batch": batch, "precision": "bf16 + channels_last" if bf16 else "fp32",
+                    "loop samples/s": statistics.median(loops),
+                    "run samples/s": statistics.median(r["samples_per_s"] for r in runs),
+                    "ratio": statistics.median(ratios),
+                    "ratio min-max": f"{min(ratios):.2f}-{max(ratios):.2f}",
+                    **{f"run {k} per epoch": statistics.median(r[k] for r in runs)
+                       for k in ("io_s", "fw_bw_s", "ge_wu_s")},
+                }  # fmt: skip
+                rows.append(row)
+                print(row, flush=True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    headers = list(rows[0])
+    table = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    table += ["| " + " | ".join(_cell(row[h]) for h in headers) + " |" for row in rows]
+    markdown = "\n".join([
+        f"## The trainer vs a minimal loop (`bench/gpu.py`), on {device.type}", "",
+        f"Machine: {where}; {machine()}. {args.train_samples} training samples, {args.epochs} epochs "
+        f"(epochs 1.. timed), {args.repeats} repeats interleaved; ratio = `reshuffle run` samples/s / the "
+        "minimal loop's, median over repeats (min-max). The run's time-breakdown columns are seconds per "
+        "epoch.",
+        "", *table,
+    ])  # fmt: skip
+    write_results(f"gpu-{device.type}", {"device": where, "rows": rows}, markdown)
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    main()
