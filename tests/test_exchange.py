@@ -269,3 +269,15 @@ def test_arrivals_are_checked_and_written_whatever_the_chunking(tmp_path):
         receive(bytes(wire[:-100]))  # headers and announced size disagree
     with pytest.raises(ExchangeError, match="ids the plan does not send"):
         receive(bytes(wire), expected=ids + 1)
+
+
+def test_rounds_fill_the_pipeline_but_never_exceed_the_chunk():
+    """Enough rounds for packing, transfer and landing to overlap (8 where each still moves
+    1 MiB per peer), never more bytes per round than the chunk allows, none for nothing."""
+    from reshuffle.store.exchange import MIN_ROUND_BYTES, PIPELINE_ROUNDS, rounds_for
+
+    assert rounds_for(0, 32 << 20) == 0
+    assert rounds_for(100, 32 << 20) == 1  # a small stream: one round
+    assert rounds_for(3 * MIN_ROUND_BYTES, 32 << 20) == 3
+    assert rounds_for(64 << 20, 32 << 20) == PIPELINE_ROUNDS  # was 2: nothing overlapped
+    assert rounds_for(1 << 30, 32 << 20) == 32  # memory bound: 32 MiB per peer per round

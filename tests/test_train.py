@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from reshuffle.config import ConfigError, dataset_entry, load_run_config, load_system_config
 from reshuffle.data.source import DataNotFoundError
@@ -349,10 +350,15 @@ def test_a_run_resumes_with_another_number_of_ranks_at_an_epoch_boundary(tmp_pat
     mid = run_cli(tmp_path, "--nproc", "2", "name=mid", "train.epochs=2", small, "train.max_steps=3")
     assert mid.returncode == 0, mid.stderr[-2000:]
     refused = run_cli(tmp_path, "--nproc", "3", "name=mid", "train.epochs=2", small, "--resume")
+    assert refused.returncode == 2, refused.stderr[-2000:]  # a config error, found before any rank starts
     assert (
-        refused.returncode == 1
-        and "written mid-epoch (step 3) by 2 ranks and this job has 3" in refused.stderr
-    )
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "reshuffle: error: --resume: the checkpoint was written mid-epoch (step 3) by 2 ranks and this "
+            "job has 3"
+        )
+    ), refused.stderr[-2000:]
 
 
 @pytest.mark.parametrize("command", ["run", "compare"])
@@ -410,3 +416,26 @@ def test_resume_takes_the_runs_saved_config_and_names_a_key_that_cannot_change(t
     capsys.readouterr()
     assert main(["run", *base, "train.epochs=3", "shuffle.strategy=global", "--resume"]) == 2
     assert "shuffle.strategy cannot change on a resume" in capsys.readouterr().err
+
+
+def test_epoch_totals_are_read_from_the_device_once_and_match_step_by_step_sums():
+    """Losses and hits stay on the device until ``settle`` (to_numbers); the totals equal the sums
+    a per-step read-back gives, and the step marks add up to the time breakdown."""
+    from reshuffle.train.metrics import EpochStats
+
+    stats = EpochStats(label_counts=[0] * 3)
+    generator = torch.Generator().manual_seed(0)
+    expected_loss, expected_hits, t = 0.0, 0, 0.0
+    for _ in range(5):
+        logits = torch.randn(8, 3, generator=generator)
+        labels = torch.randint(0, 3, (8,), generator=generator)
+        per_sample = torch.rand(8, generator=generator)
+        expected_loss += float(per_sample.sum())
+        expected_hits += int((logits.argmax(1) == labels).sum())
+        stats.add_step((t, t + 0.1, t + 0.3, t + 0.6), per_sample, logits, labels, torch.arange(8))
+        t += 1.0
+    assert stats.loss_sum == 0.0 and stats.correct == 0  # nothing read back yet
+    numbers = stats.to_numbers()
+    assert numbers[:4] == [5, 40, pytest.approx(expected_loss), expected_hits]
+    assert numbers[4:7] == [pytest.approx(0.5), pytest.approx(1.0), pytest.approx(1.5)]
+    assert sum(stats.label_counts) == 40 and stats.to_numbers()[:4] == numbers[:4]  # settled once

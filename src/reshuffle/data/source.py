@@ -8,6 +8,7 @@ dataset is a :class:`SampleSource`: ``raw(i)`` gives the bytes, ``decode(raw)`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -117,8 +118,8 @@ class PixelDecoder:
     def __call__(self, raw: bytes) -> torch.Tensor:
         if len(raw) != self.sample_bytes:
             raise ValueError(f"a {self.name} sample is {self.sample_bytes} bytes, got {len(raw)}")
-        pixels = np.frombuffer(raw, dtype=np.uint8, count=int(np.prod(self.shape)))
-        return torch.from_numpy(pixels.reshape(self.shape).copy())
+        pixels = np.frombuffer(raw, dtype=np.uint8, count=math.prod(self.shape)).reshape(self.shape)
+        return torch.from_numpy(pixels.copy())  # raw may be a view of a store's pack: copied out
 
     def batch(self, raw: np.ndarray) -> np.ndarray:
         """Many samples' bytes, one per row (B, sample_bytes) -> uint8 images (B, *shape)."""
@@ -126,7 +127,7 @@ class PixelDecoder:
             raise ValueError(
                 f"a {self.name} sample is {self.sample_bytes} bytes, got rows of {raw.shape[1:]}"
             )
-        return raw[:, : int(np.prod(self.shape))].reshape(raw.shape[0], *self.shape)
+        return raw[:, : math.prod(self.shape)].reshape(raw.shape[0], *self.shape)
 
 
 class DataNotFoundError(FileNotFoundError):

@@ -41,6 +41,17 @@ from reshuffle.store.upkeep import Background
 from reshuffle.store.wire import ExchangeError, IncomingStream, OutgoingStream, PeerError, describe_failure
 
 MIN_PEER_CHUNK = 1 << 16
+PIPELINE_ROUNDS = 8  # rounds enough for packing, transfer and landing to overlap
+MIN_ROUND_BYTES = 1 << 20  # per peer: below this a round's fixed cost outweighs the overlap
+
+
+def rounds_for(largest: int, peer_chunk: int) -> int:
+    """Payload rounds for a rank whose largest stream (to or from one peer) is ``largest`` bytes:
+    at most ``peer_chunk`` per peer per round, and at least ``PIPELINE_ROUNDS`` where each round
+    still moves ``MIN_ROUND_BYTES`` per peer, so that the pipeline (pack round r+1, transfer r,
+    land r-1) fills: with one or two rounds its parts would run one after another."""
+    by_memory = -(-largest // peer_chunk)
+    return max(by_memory, min(PIPELINE_ROUNDS, largest // MIN_ROUND_BYTES))
 
 
 @dataclass
@@ -343,7 +354,7 @@ class Exchanger:
             for src, ids in receives.items()
         }
         largest = max(int(send_sizes.max()), int(recv_sizes.max()))
-        rounds = torch.tensor([-(-largest // self.peer_chunk)], dtype=torch.int64, device=self.device)
+        rounds = torch.tensor([rounds_for(largest, self.peer_chunk)], dtype=torch.int64, device=self.device)
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=self.group)
         stats.rounds = int(rounds.item())
         self._rounds.run(

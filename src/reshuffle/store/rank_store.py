@@ -158,10 +158,10 @@ class RankStore:
     def position(self, sample_ids: NDArray[np.int64] | int) -> NDArray[np.int64]:
         """Positions of ``sample_ids`` in :attr:`records`; KeyError for ids not held."""
         ids = np.atleast_1d(np.asarray(sample_ids, dtype=np.int64))
-        where = np.searchsorted(self.records["id"], ids)
-        where = np.minimum(where, max(0, self.records.size - 1))
-        if self.records.size == 0 or np.any(self.records["id"][where] != ids):
-            missing = ids[self.records.size == 0 or self.records["id"][where] != ids]
+        held = self.reader.ids  # records["id"], contiguous (the reader is rebuilt with the records)
+        where = np.minimum(held.searchsorted(ids), max(0, held.size - 1))
+        if held.size == 0 or not np.array_equal(held[where], ids):
+            missing = ids[held.size == 0 or held[where] != ids]
             raise KeyError(
                 f"rank {self.rank} does not hold sample(s) {missing[:10].tolist()} at epoch {self.epoch}"
             )

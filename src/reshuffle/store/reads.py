@@ -48,6 +48,20 @@ class PackReader:
         self.labels = records["label"].astype(np.int64)
         self.crcs = records["crc"].astype(np.int64)
         self._maps: dict[int, mmap.mmap | bytes] = {}
+        self._rows: dict[tuple[int, int], tuple[np.ndarray, int]] = {}  # (pack, length) -> window, size
+        uniform = self.lengths.size and self.lengths.min() == self.lengths.max()
+        self._uniform_length = int(self.lengths[0]) if uniform else None  # every sample's, if equal
+        self._one_pack = bool(self.packs.size) and self.packs.min() == self.packs.max()
+
+    def _window(self, sequence: int, length: int, sample_id: int) -> tuple[np.ndarray, int]:
+        """Pack ``sequence`` as a read-only (offsets, ``length``) view: row ``o`` is the bytes at
+        ``o .. o + length``, so a batch is one fancy-index copy (kept for this state's life)."""
+        data = np.frombuffer(self._maps.get(sequence) or self._map(sequence, sample_id), dtype=np.uint8)
+        rows = np.lib.stride_tricks.as_strided(
+            data, shape=(max(0, data.size - length + 1), length), strides=(1, 1), writeable=False
+        )
+        self._rows[(sequence, length)] = rows, data.size
+        return rows, data.size
 
     def where(self, sample_id: int) -> int:
         where = int(self.ids.searchsorted(sample_id))
@@ -77,25 +91,25 @@ class PackReader:
         """``(bytes, labels)`` at positions ``where`` as a (B, L) uint8 array gathered from the
         mapped packs in one vectorised step per pack, when all B samples are L bytes long;
         ``None`` when their lengths differ."""
-        lengths = self.lengths[where]
-        if lengths.size == 0 or np.any(lengths != lengths[0]):
+        if where.size == 0:
             return None
-        length = int(lengths[0])
+        length = self._uniform_length
+        if length is None:  # lengths differ in this state: this batch may still be uniform
+            lengths = self.lengths[where]
+            if np.any(lengths != lengths[0]):
+                return None
+            length = int(lengths[0])
         out = np.empty((where.size, length), dtype=np.uint8)
         packs, offsets = self.packs[where], self.offsets[where]
-        single = packs.min() == packs.max()
+        single = self._one_pack or packs.min() == packs.max()
         for sequence in [int(packs[0])] if single else np.unique(packs).tolist():
             chosen = slice(None) if single else packs == sequence
-            data = self._maps.get(sequence) or self._map(sequence, int(self.ids[where[chosen]][0]))
-            data = np.frombuffer(data, dtype=np.uint8)
-            beyond = offsets[chosen] + length > data.size
-            if np.any(beyond):
-                first = int(self.ids[where[chosen]][beyond][0])
-                raise self._damaged(first, sequence, f"its pack is truncated ({data.size} bytes)")
-            # row o of this read-only window view is data[o : o + length]: one row copy per sample
-            rows = np.lib.stride_tricks.as_strided(
-                data, shape=(max(0, data.size - length + 1), length), strides=(1, 1), writeable=False
+            rows, size = self._rows.get((sequence, length)) or self._window(
+                sequence, length, int(self.ids[where[chosen]][0])
             )
+            if int(offsets[chosen].max()) >= rows.shape[0]:
+                first = int(self.ids[where[chosen]][offsets[chosen] >= rows.shape[0]][0])
+                raise self._damaged(first, sequence, f"its pack is truncated ({size} bytes)")
             out[chosen] = rows[offsets[chosen]]
         if self.verify:
             crcs = self.crcs[where]
@@ -151,6 +165,7 @@ class PackReader:
         return self._maps.setdefault(sequence, data)
 
     def close(self) -> None:
+        self._rows = {}  # the window views hold the maps' buffers
         maps, self._maps = self._maps, {}
         for data in maps.values():
             if isinstance(data, mmap.mmap):
@@ -160,5 +175,5 @@ class PackReader:
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers started with spawn get a copy without the open maps.
         state = self.__dict__.copy()
-        state["_maps"] = {}
+        state["_maps"], state["_rows"] = {}, {}
         return state

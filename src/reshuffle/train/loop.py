@@ -197,24 +197,21 @@ class Run:
         self.step_rows: list[dict[str, Any]] = []
         batches = iter(loader)
         for at in range(first_step, self.steps_per_epoch):
-            tick = distributed.now(ctx.device)
+            tick = metrics.mark(ctx.device)  # never waits for the device: it runs ahead of the host
             images, labels, ids = next(batches)
             images = images.to(ctx.device, non_blocking=True)
-            labels = labels.to(ctx.device, non_blocking=True)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            loaded = distributed.now(ctx.device)
+            loaded = metrics.mark(ctx.device)
             loss, per_sample, logits, computed = self.step(epoch, at, images, labels)
-            updated = distributed.now(ctx.device)
-            stats.add_step(
-                (loaded - tick, computed - loaded, updated - computed), per_sample, logits, labels, ids
-            )
+            marks = (tick, loaded, computed, metrics.mark(ctx.device))
+            stats.add_step(marks, per_sample, logits, labels, ids)
             self.data.record_losses(ids, per_sample)
             if self.config.log.step_losses:
                 mean_loss = loss.detach().float().clone()
                 dist.all_reduce(mean_loss)
                 self.step_rows.append({"epoch": epoch, "step": at, "loss": float(mean_loss) / ctx.world_size})
-            self.progress.step(at, float(loss.detach()))
+            self.progress.step(at, loss.detach())  # read back only on the steps it prints
             self.total_steps += 1
             due = bool(cfg.checkpoint_steps) and (at + 1) % cfg.checkpoint_steps == 0
             if (self.reached_max_steps() or due) and at + 1 < self.steps_per_epoch:
@@ -235,11 +232,12 @@ class Run:
         with step.gradient_sync(self.ddp, self.config):
             with amp:
                 logits, per_sample = step.forward_loss(
-                    self.forward, self.criterion, images, labels, self.config, epoch, at, self.ctx.rank
-                )
+                    self.forward, self.criterion, images, labels.to(self.ctx.device, non_blocking=True),
+                    self.config, epoch, at, self.ctx.rank,
+                )  # fmt: skip
             loss = per_sample.mean()
             step.backward(loss, self.scaler)
-        computed = distributed.now(self.ctx.device)
+        computed = metrics.mark(self.ctx.device)
         if cfg.grad_sync == "explicit":
             step.all_reduce_gradients(self.model, self.ctx.world_size)
         step.optimizer_step(self.optimizer, self.scaler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -40,24 +41,47 @@ class EpochStats:
     order_hash: int = 0  # rolling hash of the ids trained on, in order (52 bits: exact in float64)
     label_counts: list[int] = dataclasses.field(default_factory=list)
 
+    # what the device still holds: loss and hit sums, and the step marks (CUDA events) not yet read
+    _on_device: list[torch.Tensor] = dataclasses.field(default_factory=list, repr=False, compare=False)
+    _marks: list[tuple[Any, ...]] = dataclasses.field(default_factory=list, repr=False, compare=False)
+
     def add_step(
-        self, seconds: tuple[float, float, float], per_sample: torch.Tensor, logits: torch.Tensor,
+        self, marks: tuple[Any, Any, Any, Any], per_sample: torch.Tensor, logits: torch.Tensor,
         labels: torch.Tensor, ids: torch.Tensor,
     ) -> None:  # fmt: skip
-        """One step's timings (io, fw+bw, ge+wu), losses, hits, labels and ids."""
-        self.io_s, self.fw_bw_s, self.ge_wu_s = (
-            a + b for a, b in zip((self.io_s, self.fw_bw_s, self.ge_wu_s), seconds, strict=True)
-        )
+        """One step: its marks (start, loaded, computed, updated: from ``mark``), losses and hits
+        (kept on the device, read once in ``settle``), and the labels and ids the loader gave
+        (host tensors: counted here without waiting for the device)."""
+        self._marks.append(marks)
         self.steps += 1
         self.samples += labels.shape[0]
-        self.loss_sum += float(per_sample.detach().float().sum())
-        self.correct += int((logits.detach().argmax(1) == labels).sum())
+        sums = torch.stack([per_sample.detach().float().sum(), (logits.detach().argmax(1) == labels.to(
+            logits.device, non_blocking=True)).sum().float()])  # fmt: skip
+        if self._on_device:
+            self._on_device[0] += sums
+        else:
+            self._on_device.append(sums.double())
         counts = torch.bincount(labels.cpu(), minlength=len(self.label_counts))
         self.label_counts = [a + int(b) for a, b in zip(self.label_counts, counts, strict=True)]
         self.order_hash = order_hash(ids.tolist(), self.order_hash)
 
+    def settle(self) -> None:
+        """Fold what the device holds into the totals: one wait for the device, not one per step."""
+        if self._marks and not isinstance(self._marks[-1][-1], float):
+            self._marks[-1][-1].synchronize()  # CUDA events: elapsed times are known once the last is
+        for start, loaded, computed, updated in self._marks:
+            self.io_s += seconds_between(start, loaded)
+            self.fw_bw_s += seconds_between(loaded, computed)
+            self.ge_wu_s += seconds_between(computed, updated)
+        self._marks.clear()
+        if self._on_device:
+            loss_sum, correct = self._on_device.pop().tolist()
+            self.loss_sum += loss_sum
+            self.correct += round(correct)
+
     def to_numbers(self) -> list[float]:
         """Every field as exact float64 values, for a tensor all-gather."""
+        self.settle()
         head = [self.steps, self.samples, self.loss_sum, self.correct, self.io_s, self.fw_bw_s, self.ge_wu_s]
         return [float(v) for v in [*head, self.order_hash]] + [float(c) for c in self.label_counts]
 
@@ -68,6 +92,21 @@ class EpochStats:
             int(steps), int(samples), loss_sum, int(correct), io_s, fw_bw_s, ge_wu_s, int(hashed),
             [int(c) for c in labels],
         )  # fmt: skip
+
+
+def mark(device: torch.device) -> Any:
+    """A point in a step's time line: ``time.perf_counter()`` on the CPU; on CUDA an event recorded
+    in the current stream, so that marking never makes the host wait for the GPU."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds_between(start: Any, end: Any) -> float:
+    """Seconds between two ``mark`` s: the host's clock, or the GPU's time line between events."""
+    return end - start if isinstance(start, float) else start.elapsed_time(end) / 1000
 
 
 def order_hash(ids: list[int], value: int = 0) -> int:

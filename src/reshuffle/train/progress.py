@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
 from tqdm import tqdm
 
 log = logging.getLogger("reshuffle")
+BAR_EVERY = 25  # steps between the bar's loss read-backs
 
 
 class Progress:
@@ -26,14 +28,17 @@ class Progress:
                 total=total, initial=done, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True
             )
 
-    def step(self, step: int, loss: float) -> None:
+    def step(self, step: int, loss: torch.Tensor | float) -> None:
+        """``loss`` may live on the GPU: it is read back (a wait for the device) only on the steps
+        that show it, every ``every_steps`` (the bar: every ``BAR_EVERY``)."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if (step + 1) % BAR_EVERY == 0:
+                self._bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
         elif self.every_steps and (step + 1) % self.every_steps == 0:
-            log.info("epoch %d step %d/%d loss %.4f", self._epoch, step + 1, self._total, loss)
+            log.info("epoch %d step %d/%d loss %.4f", self._epoch, step + 1, self._total, float(loss))
 
     def finish(self) -> None:
         if self._bar is not None:
