@@ -123,7 +123,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels, data = load_images(args.train_samples)
     precisions = [False, True] if device.type == "cuda" else [False]  # bf16 autocast is slow on CPUs
-    rows = []
+    rows, repeats = [], []  # repeats: every repeat's figures, kept in the JSON
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batches:
             for bf16 in precisions:
@@ -143,7 +143,8 @@ def main() -> None:
                        for k in ("io_s", "fw_bw_s", "ge_wu_s")},
                 }  # fmt: skip
                 rows.append(row)
-                print(row, flush=True)
+                repeats.append({"batch": batch, "bf16": bf16, "loops": loops, "runs": runs, "ratios": ratios})
+                print(row, repeats[-1], flush=True)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     headers = list(rows[0])
     table = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
@@ -156,7 +157,7 @@ def main() -> None:
         "epoch.",
         "", *table,
     ])  # fmt: skip
-    write_results(f"gpu-{device.type}", {"device": where, "rows": rows}, markdown)
+    write_results(f"gpu-{device.type}", {"device": where, "rows": rows, "repeats": repeats}, markdown)
 
 
 def _cell(value: object) -> str:

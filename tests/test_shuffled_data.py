@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from reshuffle import ShuffledData, ShufflePlanner
 from reshuffle.data.items import ItemError, decode_item, encode_item
-from reshuffle.store import verify_store
+from reshuffle.store import RankStore, verify_store
 from spawn import launch, run_ranks
 
 NUM = 203  # not a multiple of any world size used here
@@ -211,3 +211,84 @@ def test_recorded_losses_are_per_epoch():
         data.end_epoch()
         seen, mean = data.losses()
         assert seen.numel() == NUM and torch.allclose(mean, torch.full((NUM,), loss)), (epoch, mean[:3])
+
+
+class NotReadAgain(Pictures):
+    """The same dataset, but reading an item fails: a resized job must not restage from it."""
+
+    def __getitem__(self, index: int):
+        raise AssertionError(f"sample {index} was read from the source")
+
+
+def _epochs_then_save(rank, world, root, checkpoint, epochs, source_readable):
+    """A trainer-like loop: resume from ``checkpoint`` when it exists, train ``epochs`` epochs
+    (reading every item through the store), end each epoch (the exchange into the next one is
+    prepared everywhere) and save the state on rank 0. Returns per epoch the ids and whether every
+    item was intact."""
+    data = ShuffledData(
+        Pictures() if source_readable else NotReadAgain(), root, strategy="partial", fraction=0.25,
+        partition="label-sorted", seed=11, epochs=6, chunk_mb=0.001,
+    )  # fmt: skip
+    start = 0
+    if os.path.exists(checkpoint):
+        data.load_state_dict(torch.load(checkpoint, weights_only=True))
+        start = data.epoch + 1
+    seen = {}
+    for epoch in range(start, start + epochs):
+        data.set_epoch(epoch)
+        ids = [int(i) for i in data.sampler]
+        items = [data.dataset[i] for i in ids]
+        intact = all(
+            item["caption"] == f"#{i}" and label == i % 7 for i, (item, label) in zip(ids, items, strict=True)
+        )
+        data.end_epoch()
+        seen[epoch] = (ids, intact)
+        state = data.state_dict()
+        if rank == 0:
+            torch.save(state, checkpoint + ".tmp")
+            os.replace(checkpoint + ".tmp", checkpoint)
+    data.close()
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(4, 2), (2, 3)])
+def test_stores_resized_to_another_number_of_ranks_through_the_exchange(tmp_path, before, after):
+    """A store-mode job of ``before`` ranks trains 2 epochs; it resumes with ``after`` ranks into a
+    new store_dir: the new stores are filled from the old ones through the exchange (reading the
+    source again fails), every sample is held by exactly one rank, intact, and the next epochs
+    train the plan ``after`` ranks would have had, their exchanges included. The old stores are
+    left as they were."""
+    old, new, checkpoint = tmp_path / "old", tmp_path / "new", str(tmp_path / "state.pt")
+    run_ranks(_epochs_then_save, before, str(old), checkpoint, 2, True, timeout=240)
+    resumed = run_ranks(_epochs_then_save, after, str(new), checkpoint, 2, False, timeout=240)
+    planner = ShufflePlanner(
+        NUM, after, strategy="partial", fraction=0.25, partition="label-sorted", labels=Pictures().targets,
+        seed=11,
+    )  # fmt: skip
+    for rank in range(after):
+        assert sorted(resumed[rank]) == [2, 3]
+        for epoch in (2, 3):
+            ids, intact = resumed[rank][epoch]
+            assert intact and ids == planner.plan(epoch).indices(rank).tolist()
+    # left as they were: committed at epoch 1 with the exchange into epoch 2 prepared; likewise
+    # the new ones, whose last end_epoch prepared epoch 4 (a next set_epoch would commit it)
+    for root, pending in ((old, 2), (new, 4)):
+        problems = verify_store(root)
+        assert problems and all(f"exchange into epoch {pending} was interrupted" in p for p in problems)
+    for root, world in ((new, after), (old, before)):
+        held = np.concatenate([RankStore.open(root, r).ids for r in range(world)])
+        assert np.array_equal(np.sort(held), np.arange(NUM))  # every sample exactly once
+
+
+@pytest.mark.slow
+def test_a_resize_whose_old_stores_no_rank_sees_is_refused_by_name(tmp_path):
+    """The old stores moved away (a node-local store_dir on a node that is gone): every rank
+    fails with an error naming the old ranks nobody sees, and nothing is written."""
+    old, new, checkpoint = tmp_path / "old", tmp_path / "new", str(tmp_path / "state.pt")
+    run_ranks(_epochs_then_save, 2, str(old), checkpoint, 1, True, timeout=240)
+    (old / "rank-00001").rename(tmp_path / "elsewhere")
+    outcomes = launch(_epochs_then_save, 3, str(new), checkpoint, 1, False, timeout=240)
+    assert all(not outcome.ok for outcome in outcomes)
+    assert "no rank of this job sees the old store(s) of rank(s) [1]" in (outcomes[0].error or "")
+    assert not list(new.glob("rank-*/manifest.json"))

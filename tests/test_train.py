@@ -371,20 +371,23 @@ def test_nproc_below_one_is_refused_before_anything_runs(tmp_path, command):
 
 
 @pytest.mark.slow
-def test_store_mode_resumes_with_another_number_of_ranks_by_restaging(tmp_path):
-    """Store mode, 2 ranks for 2 epochs, then 3 ranks: the old stores hold 2 ranks' shares, so the
-    same store_dir is refused by name; a new one is staged afresh for 3 ranks at the next epoch."""
+def test_store_mode_resumes_with_another_number_of_ranks_through_the_exchange(tmp_path):
+    """Store mode, 2 ranks for 2 epochs, then 3 ranks for a third: the same store_dir is refused by
+    name (it holds the old stores until the new ones are complete); a new one is filled from the
+    2 old stores through the exchange (the log says so) and verifies clean."""
     small = ["data.synthetic.num_samples=512", "shuffle.mode=store", "name=grow"]
     first = run_cli(tmp_path, "--nproc", "2", "train.epochs=2", *small)
     assert first.returncode == 0, first.stderr[-2000:]
     same = run_cli(tmp_path, "--nproc", "3", "train.epochs=3", *small, "--resume")
     assert same.returncode == 1, same.stderr[-2000:]
-    assert "point shuffle.store_dir at an empty directory to restage" in same.stderr
+    assert "with 3 ranks needs a new store_dir" in same.stderr
     new_store = f"shuffle.store_dir={tmp_path / 's3'}"
     fresh = run_cli(tmp_path, "--nproc", "3", "train.epochs=3", *small, new_store, "--resume")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     epochs = rows(tmp_path / "grow" / "metrics" / "epochs.csv")
     assert [(r["epoch"], r["world_size"]) for r in epochs] == [("0", "2"), ("1", "2"), ("2", "3")]
+    logged = (tmp_path / "grow" / "logs" / "rank-0.log").read_text()
+    assert "resized the stores of 2 ranks to 3" in logged, logged[-2000:]
     verify = subprocess.run([sys.executable, "-m", "reshuffle", "verify", str(tmp_path / "s3")],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert verify.returncode == 0, verify.stdout

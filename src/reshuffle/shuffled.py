@@ -39,15 +39,17 @@ from numpy.typing import ArrayLike
 from torch.utils.data import Dataset
 
 from reshuffle.data.dataset import KeyedAugmentation, SourceDataset
-from reshuffle.data.items import DatasetSource
+from reshuffle.data.items import DatasetSource, source_of
 from reshuffle.data.source import SampleSource
 from reshuffle.data.transforms import Transform
 from reshuffle.losses import LossTracker
 from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.plan.partitions import PARTITIONS
+from reshuffle.resize import saved_planner
 from reshuffle.sampler import ShuffleSampler, rank_and_world
 from reshuffle.store import Exchanger, ExchangeStats, RankStore, new_exchange_group, open_or_stage
 from reshuffle.store.dataset import StoreDataset, StoreItems
+from reshuffle.store.resize import resize_stores
 
 log = logging.getLogger("reshuffle")
 
@@ -91,6 +93,7 @@ class ShuffledData:
     STATE_SAMPLER = "sampler"
     STATE_LOSSES = "losses"
     STATE_ENDED = "ended"  # end_epoch ran for the saved epoch (its losses are in the plan state)
+    STATE_STORE_DIR = "store_dir"  # store mode: the stores' directory, absolute
 
     def __init__(
         self,
@@ -123,7 +126,7 @@ class ShuffledData:
         self.group = group
         needs_labels = partition in PARTITIONS and PARTITIONS[partition].requires_labels
         name = dataset_id if isinstance(dataset_id, str) else None
-        self.source = _source(
+        self.source = source_of(
             dataset, labels, name, transform, read_labels=needs_labels or self.mode == "store"
         )
         self.planner = ShufflePlanner(
@@ -161,6 +164,7 @@ class ShuffledData:
         self.last_exchange: ExchangeStats | None = None  # the exchange the last end_epoch finished
         self._ended: int | None = None  # the epoch end_epoch ran for
         self._synchronized = False  # store mode: stores agreed and at the selected epoch
+        self._resize_from: tuple[ShufflePlanner, Path] | None = None  # (old planner, old store_dir)
 
     def _dataset(self, dataset: Any, transform: Transform | None) -> Dataset:
         if isinstance(self.source, SampleSource) and not isinstance(self.source, DatasetSource):
@@ -275,10 +279,17 @@ class ShuffledData:
                     "torch.distributed.init_process_group first (one rank: init_process_group('gloo', "
                     "store=torch.distributed.HashStore(), rank=0, world_size=1)), or use mode='index'"
                 )
-            self.store, message = open_or_stage(
-                self.store_dir, self.rank, self.source, self.planner, epoch, dataset=self.dataset_id,
-                device=self.device, group=self.group,
-            )  # fmt: skip
+            if self._resize_from is None:
+                self.store, message = open_or_stage(
+                    self.store_dir, self.rank, self.source, self.planner, epoch, dataset=self.dataset_id,
+                    device=self.device, group=self.group,
+                )  # fmt: skip
+            else:  # another number of ranks: the old stores re-partitioned through the exchange
+                self.store, message = resize_stores(
+                    self._resize_from[1], self.store_dir, self.rank, self.source, self._resize_from[0],
+                    self.planner, epoch, dataset=self.dataset_id, device=self.device, group=self.group,
+                    chunk_bytes=self.chunk_bytes,
+                )  # fmt: skip
             log.info("%s", message)
             self.exchanger = Exchanger(
                 self.store, self.planner, group=self.group or new_exchange_group(self.timeout_s),
@@ -315,6 +326,8 @@ class ShuffledData:
             self.STATE_SAMPLER: sampler,
             self.STATE_ENDED: ended,
         }
+        if self.mode == "store" and self.store_dir is not None:  # where a resized job finds the stores
+            state[self.STATE_STORE_DIR] = str(self.store_dir.resolve())
         if self.tracker is not None and not ended:
             if self.world_size > 1:
                 state[self.STATE_LOSSES] = self.tracker.summed(device=self.device)
@@ -327,14 +340,24 @@ class ShuffledData:
         :meth:`set_epoch` of the saved epoch continues at the saved position; of the next epoch,
         starts it. In store mode that call also recovers the stores (collective). A state saved at
         another world size loads too (elastic, see :mod:`reshuffle.resize`); in store mode only at
-        an epoch boundary, into a new ``store_dir`` that the next set_epoch stages afresh."""
-        saved_world = state[self.STATE_SAMPLER][ShuffleSampler.STATE_CONFIG].get("world_size")
-        if self.mode == "store" and saved_world != self.world_size and not state.get(self.STATE_ENDED):
-            raise ValueError(
-                f"store mode resumes a state of {saved_world} ranks with {self.world_size} only at an epoch "
-                f"boundary (this one was saved mid-epoch): resume with {saved_world} ranks to the epoch's end"
-            )
-        self.sampler.load_state_dict(state[self.STATE_SAMPLER])
+        an epoch boundary, into a new ``store_dir`` that the next set_epoch fills from the old
+        stores through the exchange (:mod:`reshuffle.store.resize`)."""
+        sampler = state[self.STATE_SAMPLER]
+        self._resize_from = None
+        if self.mode == "store" and sampler[ShuffleSampler.STATE_CONFIG].get("world_size") != self.world_size:
+            old = saved_planner(self.planner, sampler[ShuffleSampler.STATE_CONFIG], sampler["planner"])
+            if (
+                not state.get(self.STATE_ENDED)
+                and 0 < sampler[ShuffleSampler.STATE_POSITION] < old.samples_per_rank
+            ):
+                raise ValueError(
+                    f"store mode resumes a state of {old.world_size} ranks with {self.world_size} only at an "
+                    f"epoch boundary (this one was saved mid-epoch): resume with {old.world_size} ranks to "
+                    "the epoch's end"
+                )
+            if state.get(self.STATE_STORE_DIR):  # an older state names none: staged from the source
+                self._resize_from = (old, Path(state[self.STATE_STORE_DIR]))
+        self.sampler.load_state_dict(sampler)
         if self.tracker is not None:
             self.tracker.reset()
             if state.get(self.STATE_LOSSES) is not None and self.rank == 0:  # summed: counted once
@@ -372,20 +395,3 @@ def _device(group: dist.ProcessGroup | None) -> torch.device:
     if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _source(
-    dataset: Any,
-    labels: ArrayLike | None,
-    name: str | None,
-    transform: Transform | None,
-    *,
-    read_labels: bool,
-) -> SampleSource:
-    if isinstance(dataset, SampleSource):
-        if transform is None:
-            raise ValueError(
-                f"a reshuffle sample source ({dataset.name}) needs transform= (reshuffle.data.transform_for)"
-            )
-        return dataset
-    return DatasetSource(dataset, labels, name=name, read_labels=read_labels)

@@ -36,6 +36,7 @@ import torch
 from numpy.typing import ArrayLike, NDArray
 
 from reshuffle.data.source import SampleSource
+from reshuffle.data.transforms import Transform
 
 MAGIC = b"RSI1"
 SUPPORTED = "torch tensors, numpy arrays, PIL images, bytes, str, int, float, bool, None, and tuples, lists "
@@ -302,3 +303,22 @@ def _item_label(item: Any) -> int:
         if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
             return int(label)
     return 0
+
+
+def source_of(
+    dataset: Any,
+    labels: ArrayLike | None,
+    name: str | None,
+    transform: Transform | None,
+    *,
+    read_labels: bool,
+) -> SampleSource:
+    """``dataset`` as a sample source: reshuffle's own as they are, any other map-style dataset
+    through :class:`DatasetSource` (labels from ``labels`` or ``dataset.targets``)."""
+    if isinstance(dataset, SampleSource):
+        if transform is None:
+            raise ValueError(
+                f"a reshuffle sample source ({dataset.name}) needs transform= (reshuffle.data.transform_for)"
+            )
+        return dataset
+    return DatasetSource(dataset, labels, name=name, read_labels=read_labels)

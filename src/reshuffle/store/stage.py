@@ -38,6 +38,24 @@ def store_meta(
     )
 
 
+def prepare_root(root: Path, meta: StoreMeta) -> None:
+    """``root`` as a store directory of ``meta``'s job: created with its ``store.json``, or
+    checked against the one it holds (StoreError: another job's store, or not writable)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / fmt.STORE_FILE).is_file():
+            written = read_meta(root)
+            if why := meta.mismatch(written):
+                raise fmt.StoreError(f"store {root}: {why}")
+        else:
+            fmt.write_json(root / fmt.STORE_FILE, meta.to_json())
+    except OSError as error:  # a file in the way, a read-only disk, no permission
+        raise fmt.StoreError(
+            f"cannot use {root} as a store directory ({error.strerror}: {error.filename or root}); set "
+            "shuffle.store_dir (or store_dir=) to a writable directory on a node-local disk"
+        ) from error
+
+
 def stage(
     root: str | Path,
     rank: int,
@@ -61,19 +79,7 @@ def stage(
             f"the source has {len(source)} samples but the plan is for {planner.num_samples}"
         )
     meta = store_meta(source, planner, dataset)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if (root / fmt.STORE_FILE).is_file():
-            written = read_meta(root)
-            if why := meta.mismatch(written):
-                raise fmt.StoreError(f"store {root}: {why}")
-        else:
-            fmt.write_json(root / fmt.STORE_FILE, meta.to_json())
-    except OSError as error:  # a file in the way, a read-only disk, no permission
-        raise fmt.StoreError(
-            f"cannot use {root} as a store directory ({error.strerror}: {error.filename or root}); set "
-            "shuffle.store_dir (or store_dir=) to a writable directory on a node-local disk"
-        ) from error
+    prepare_root(root, meta)
     store = RankStore(root, rank, meta)
     lock = fmt.lock_directory(store.directory)  # held for the life of this process (the job)
     if (store.directory / fmt.MANIFEST).is_file():
@@ -115,16 +121,16 @@ def open_or_stage(
     has a store). Then every rank learns whether every rank opened its store: a rank that failed
     raises its own error, the others a ``PeerError`` naming it, at once (not after a timeout in
     the next collective)."""
-    mine = _committed_epoch(Path(root), rank)
-    epochs = _gather_ints(mine, device, group)
+    mine = committed_epoch(Path(root), rank)
+    epochs = gather_ints([mine], device, group)[:, 0]
     existing = epochs[epochs >= 0]
     epoch = int(existing.max()) if existing.size else target_epoch
     try:
         opened = stage(root, rank, source, planner, epoch, dataset=dataset)
     except Exception as error:
-        _gather_errors(f"{type(error).__name__}: {error}", group)
+        gather_errors(f"{type(error).__name__}: {error}", group)
         raise
-    failed = [(r, why) for r, why in enumerate(_gather_errors("", group)) if why]
+    failed = [(r, why) for r, why in enumerate(gather_errors("", group)) if why]
     if failed:
         first, why = failed[0]
         raise PeerError(
@@ -134,7 +140,7 @@ def open_or_stage(
     return opened
 
 
-def _committed_epoch(root: Path, rank: int) -> int:
+def committed_epoch(root: Path, rank: int) -> int:
     """The epoch of ``rank``'s committed store under ``root``; -1 when it has none (or unreadable)."""
     path = root / fmt.rank_dir_name(rank) / fmt.MANIFEST
     try:
@@ -143,18 +149,21 @@ def _committed_epoch(root: Path, rank: int) -> int:
         return -1
 
 
-def _gather_errors(mine: str, group: dist.ProcessGroup | None) -> list[str]:
+def gather_errors(mine: str, group: dist.ProcessGroup | None) -> list[str]:
     """Every rank's error line ("" for none), collective."""
     everyone: list[str] = [""] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     return everyone
 
 
-def _gather_ints(value: int, device: torch.device | None, group: dist.ProcessGroup | None) -> np.ndarray:
-    mine = torch.tensor([value], dtype=torch.int64, device=device)
+def gather_ints(
+    values: list[int], device: torch.device | None, group: dist.ProcessGroup | None
+) -> np.ndarray:
+    """Every rank's ``values`` (the same count on each), one row per rank (collective)."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
-    return torch.cat(everyone).cpu().numpy()
+    return torch.stack(everyone).cpu().numpy()
 
 
 def check_labels(store: RankStore, labels: np.ndarray) -> None:

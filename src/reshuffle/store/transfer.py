@@ -43,7 +43,7 @@ class Rounds:
         recv_sizes: list[int],
         outgoing: dict[int, OutgoingStream],
         incoming: dict[int, IncomingStream],
-        writer: PackWriter,
+        writer: PackWriter | None,
         on_round: Callable[[], None],
     ) -> None:
         """The payload rounds, pipelined: while round i+1 is on the wire, a sink thread checks
@@ -102,7 +102,7 @@ class Rounds:
 class _Sink:
     """A thread that feeds received rounds to their streams, one buffer at a time."""
 
-    def __init__(self, incoming: dict[int, IncomingStream], writer: PackWriter) -> None:
+    def __init__(self, incoming: dict[int, IncomingStream], writer: PackWriter | None) -> None:
         self.incoming = incoming
         self.writer = writer
         self.free = [threading.Event(), threading.Event()]
@@ -134,7 +134,8 @@ class _Sink:
                         if size:
                             self.incoming[src].feed(data[cursor : cursor + size])
                             cursor += size
-                    self.writer.sync()
+                    if self.writer is not None:  # None: this rank receives nothing
+                        self.writer.sync()
             except BaseException as error:  # handed to the exchange thread
                 self.error = error
             finally:
