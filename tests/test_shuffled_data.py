@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -292,3 +293,30 @@ def test_a_resize_whose_old_stores_no_rank_sees_is_refused_by_name(tmp_path):
     assert all(not outcome.ok for outcome in outcomes)
     assert "no rank of this job sees the old store(s) of rank(s) [1]" in (outcomes[0].error or "")
     assert not list(new.glob("rank-*/manifest.json"))
+
+
+@pytest.mark.slow
+def test_a_resize_cut_short_is_redone_for_the_ranks_whose_new_store_never_committed(tmp_path):
+    """A resize from 2 to 3 ranks after which one new rank's store is lost (as if that rank died
+    before its first commit): resuming from the same state again rebuilds that store from the old
+    ones, keeps the two that committed, and trains the 3-rank plan with every sample intact."""
+    old, new, checkpoint = tmp_path / "old", tmp_path / "new", str(tmp_path / "state.pt")
+    run_ranks(_epochs_then_save, 2, str(old), checkpoint, 2, True, timeout=240)
+    saved = Path(checkpoint).read_bytes()
+    run_ranks(_epochs_then_save, 3, str(new), checkpoint, 1, False, timeout=240)
+    Path(checkpoint).write_bytes(saved)
+    shutil.rmtree(new / "rank-00001")
+    again = run_ranks(_epochs_then_save, 3, str(new), checkpoint, 2, False, timeout=240)
+    planner = ShufflePlanner(
+        NUM,
+        3,
+        strategy="partial",
+        fraction=0.25,
+        partition="label-sorted",
+        labels=Pictures().targets,
+        seed=11,
+    )
+    for rank in range(3):
+        for epoch in (2, 3):
+            ids, intact = again[rank][epoch]
+            assert intact and ids == planner.plan(epoch).indices(rank).tolist()
