@@ -99,6 +99,50 @@ def test_syncbn_prices_pytorchs_collectives_per_layer_and_step():
     assert allgather_s(NET, 1, 100) == allreduce_s(NET, 1, 100) == 0
 
 
+def test_grouped_syncbn_is_priced_on_the_nodes_links_when_a_group_stays_inside_a_node():
+    """SyncBatchNorm among a node's 8 workers costs what 8 workers' collectives cost on the intra-node
+    link, whatever the scale; groups of 16 span nodes and pay the network at 16 workers."""
+    workload = Workload(
+        name="w", num_samples=100_000, sample_bytes=10, batch_size=10, iteration_s=0.1, bn_channels=(16, 32)
+    )
+    cluster = NET.with_(node_workers=8, intra_bandwidth_Bps=50e9, intra_latency_s=2e-7)
+    link = NET.with_(bandwidth_Bps=50e9, latency_s=2e-7, node_workers=1)  # priced as a network
+    inside = syncbn_step_s(workload, link, 8)
+    for workers in (64, 4096):
+        assert syncbn_step_s(workload, cluster, workers, "node") == pytest.approx(inside)
+        assert syncbn_step_s(workload, cluster, workers, 8) == pytest.approx(inside)
+        assert syncbn_step_s(workload, cluster, workers) == pytest.approx(
+            syncbn_step_s(workload, NET, workers)
+        )
+    assert syncbn_step_s(workload, cluster, 4096, 16) == pytest.approx(syncbn_step_s(workload, NET, 16))
+    grouped = predict(workload, cluster, 4096, Strategy("local", sync_bn=True, sync_group="node"))
+    assert grouped.strategy == "local+syncbn:node" and grouped.syncbn_s == pytest.approx(
+        grouped.iterations * inside
+    )
+    assert parse_strategy("local+syncbn:node") == Strategy("local", sync_bn=True, sync_group="node")
+    assert parse_strategy("partial:0.1+syncbn:4").sync_group == 4
+    with pytest.raises(ConfigError, match="a group is node or a worker count"):
+        parse_strategy("local+syncbn:rack")
+
+
+def test_the_cheapest_fix_within_5_percent_of_compute_per_scale():
+    """ImageNet on the default cluster: SyncBatchNorm over all workers never fits in 5% of compute
+    at scale; a hidden partial exchange (or node-grouped SyncBatchNorm where cheaper) does."""
+    from reshuffle.simulate.model import FIXES, cheapest_fix
+
+    workload, cluster = WORKLOADS["imagenet"], CLUSTERS["abci"]
+    for workers in (256, 4096):
+        fix, extra = cheapest_fix(workload, cluster, workers)
+        base = predict(workload, cluster, workers, Strategy("local"))
+        assert extra <= 0.05 * base.compute_s
+        costs = {f.label: predict(workload, cluster, workers, f).epoch_s - base.epoch_s for f in FIXES}
+        assert extra == pytest.approx(min(costs.values())) and costs["local+syncbn"] > 0.05 * base.compute_s
+    slow = cluster.with_(implementation="per-sample", per_sample_s=1.0)  # moving data priced out
+    assert cheapest_fix(workload, slow, 4096) is None  # node-grouped SyncBN: 7% of compute
+    fix, extra = cheapest_fix(workload, slow, 4096, budget=0.10)
+    assert fix.label == "local+syncbn:node" and extra / predict(workload, slow, 4096, fix).compute_s > 0.05
+
+
 def test_resnet50_has_53_batchnorm_layers():
     channels = resnet50_bn_channels()
     assert len(channels) == 53 and channels[0] == 64 and max(channels) == 2048

@@ -338,7 +338,7 @@ def test_env_json_records_the_system_config_that_was_given(tmp_path):
 @pytest.mark.slow
 def test_a_run_resumes_with_another_number_of_ranks_at_an_epoch_boundary(tmp_path):
     """Elastic resume through the CLI (index mode): 2 ranks for 2 epochs, then --nproc 3 for a third;
-    a mid-epoch checkpoint refuses another number of ranks by name."""
+    in store mode a mid-epoch checkpoint refuses another number of ranks by name."""
     small = "data.synthetic.num_samples=512"
     first = run_cli(tmp_path, "--nproc", "2", "name=elastic", "train.epochs=2", small)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -347,18 +347,38 @@ def test_a_run_resumes_with_another_number_of_ranks_at_an_epoch_boundary(tmp_pat
     epochs = rows(tmp_path / "elastic" / "metrics" / "epochs.csv")
     assert [(r["epoch"], r["world_size"]) for r in epochs] == [("0", "2"), ("1", "2"), ("2", "3")]
     assert load_run_config(tmp_path / "elastic" / "config.yaml").dist.nproc == 3  # as run, not the config's
-    mid = run_cli(tmp_path, "--nproc", "2", "name=mid", "train.epochs=2", small, "train.max_steps=3")
-    assert mid.returncode == 0, mid.stderr[-2000:]
-    refused = run_cli(tmp_path, "--nproc", "3", "name=mid", "train.epochs=2", small, "--resume")
+    store = ["name=midstore", "shuffle.mode=store", "train.epochs=2", small]
+    assert run_cli(tmp_path, "--nproc", "2", *store, "train.max_steps=3").returncode == 0
+    refused = run_cli(tmp_path, "--nproc", "3", *store, "--resume")
     assert refused.returncode == 2, refused.stderr[-2000:]  # a config error, found before any rank starts
     assert (
         refused.stderr.strip()
         .splitlines()[-1]
         .startswith(
             "reshuffle: error: --resume: the checkpoint was written mid-epoch (step 3) by 2 ranks and this "
-            "job has 3"
+            "job has 3; store mode changes the number of ranks only at an epoch boundary"
         )
     ), refused.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_run_resumes_mid_epoch_with_another_number_of_ranks(tmp_path):
+    """Index mode, 2 ranks stopped after 3 of 8 steps of epoch 0; resumed with 3 ranks, stopped
+    again inside the resized epoch, then finished: the rest of epoch 0 is dealt over the 3 ranks,
+    so the epoch trains every sample once (512, padded to equal shares: at most 2 repeats), its
+    totals include the steps before the resize, and epoch 1 is the 3-rank plan."""
+    run = ["name=mid", "train.epochs=2", "data.synthetic.num_samples=512", "train.batch_size=32"]
+    assert run_cli(tmp_path, "--nproc", "2", *run, "train.max_steps=3").returncode == 0
+    # 3 ranks: 6 steps per epoch, the rest (320 samples, 107 each) takes 4: epoch 0 resumes at step 2
+    again = run_cli(tmp_path, "--nproc", "3", *run, "train.max_steps=4", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    done = run_cli(tmp_path, "--nproc", "3", *run, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    epochs = rows(tmp_path / "mid" / "metrics" / "epochs.csv")
+    assert [(r["epoch"], r["world_size"]) for r in epochs] == [("0", "3"), ("1", "3")]
+    assert 512 <= int(epochs[0]["samples"]) <= 514 and int(epochs[1]["samples"]) == 3 * 171
+    logged = (tmp_path / "mid" / "logs" / "rank-0.log").read_text()
+    assert "--resume with 3 ranks instead of 2 mid-epoch (step 3)" in logged
 
 
 @pytest.mark.parametrize("command", ["run", "compare"])

@@ -72,19 +72,19 @@ def test_rank_dropout_draws_each_slice_from_that_ranks_stream():
 # ----------------------------------------------------------------------------- equivalence with real DDP
 
 
-def _real(tmp_path: Path, world: int, norm: str) -> Path:
+def _real(tmp_path: Path, world: int, norm: str, *extra: str) -> Path:
     name = f"real-{world}-{norm}"
     result = subprocess.run(
         [sys.executable, "-m", "reshuffle", "run", str(CONFIGS / "smoke.yaml"), f"log.dir={tmp_path}",
-         f"name={name}", "--nproc", str(world), f"model.norm={norm}", *SMALL],
+         f"name={name}", "--nproc", str(world), f"model.norm={norm}", *SMALL, *extra],
         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return tmp_path / name
 
 
-def _virtual(tmp_path: Path, world: int, norm: str, *extra: str) -> Path:
-    name = f"virtual-{world}-{norm}"
+def _virtual(tmp_path: Path, world: int, norm: str, *extra: str, name: str = "") -> Path:
+    name = name or f"virtual-{world}-{norm}"
     config = load_run_config(
         CONFIGS / "smoke.yaml",
         [
@@ -128,13 +128,60 @@ def test_virtual_ranks_reproduce_real_ddp(tmp_path, world, norm):
         assert float(epochs_real[-1][key]) == pytest.approx(float(epochs_virtual[-1][key]), abs=1e-4), key
 
 
+def _same_training(a: Path, b: Path) -> None:
+    steps_a, steps_b = rows(a / "metrics" / "steps.csv"), rows(b / "metrics" / "steps.csv")
+    assert len(steps_a) == len(steps_b) > 10
+    for x, y in zip(steps_a, steps_b, strict=True):
+        assert float(x["loss"]) == pytest.approx(float(y["loss"]), rel=1e-4, abs=1e-5)
+    params_a, params_b = final_parameters(a), final_parameters(b)
+    for key, value in params_a.items():
+        assert torch.allclose(value.float(), params_b[key].float(), rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_grouped_sync_batchnorm_in_virtual_ranks_matches_real_ranks(tmp_path):
+    """model.sync_group=2 over 4 ranks: BatchNorm statistics per pair of ranks. Virtual ranks
+    (forwarded 2 ranks at a time: whole groups) train exactly as 4 real gloo ranks with process
+    groups; sync_group=node with 2 ranks per node is the same; all-rank sync differs."""
+    grouped = ["model.sync_group=2"]
+    real = _real(tmp_path, 4, "sync-batch", *grouped)
+    virtual = _virtual(tmp_path, 4, "sync-batch", *grouped, "dist.virtual_batch_limit=16")
+    _same_training(real, virtual)
+    node = _virtual(tmp_path, 4, "sync-batch", "model.sync_group=node", "dist.ranks_per_node=2", name="node")
+    _same_training(virtual, node)
+    everyone = _virtual(tmp_path, 4, "sync-batch", name="all")
+    assert (
+        rows(everyone / "metrics" / "steps.csv")[-1]["loss"]
+        != rows(virtual / "metrics" / "steps.csv")[-1]["loss"]
+    )
+
+
+def test_sync_groups_must_divide_the_ranks_and_node_needs_its_size():
+    from reshuffle.config import ConfigError
+    from reshuffle.models.sync_batchnorm import sync_group_size
+
+    assert sync_group_size("all", 8, None) == 8 and sync_group_size(4, 8, None) == 4
+    assert sync_group_size("node", 8, 2) == 2
+    with pytest.raises(ConfigError, match="groups of 3 ranks do not divide 8 ranks"):
+        sync_group_size(3, 8, None)
+    with pytest.raises(ConfigError, match=r"set dist\.ranks_per_node"):
+        sync_group_size("node", 8, None)
+    model = virtualize(
+        nn.Sequential(nn.BatchNorm1d(2)), norm="sync-batch", dropout_seeds=[0], statistics_ranks=2
+    )
+    with pytest.raises(ValueError, match="split a group of 2 ranks"):
+        set_groups(model, 3, 0)
+
+
 def test_chunked_forwards_give_the_same_result(tmp_path):
     whole = _virtual(tmp_path / "a", 4, "batch")
     chunked = _virtual(tmp_path / "b", 4, "batch", "dist.virtual_batch_limit=16")  # 2 ranks per forward
+    single = _virtual(tmp_path / "c", 4, "batch", "dist.virtual_batch_limit=8")  # 1: rank 0's buffers only
     for key, value in final_parameters(whole).items():
-        assert torch.allclose(value.float(), final_parameters(chunked)[key].float(), rtol=1e-4, atol=1e-6), (
-            key
-        )
+        for other in (chunked, single):
+            assert torch.allclose(
+                value.float(), final_parameters(other)[key].float(), rtol=1e-4, atol=1e-6
+            ), key
 
 
 @pytest.mark.slow

@@ -5,16 +5,19 @@ Examples::
     reshuffle simulate --preset imagenet --workers 16 256 1024 2048 \\
         --strategies global local partial:0.1 --batch-size 32 --csv out.csv
     reshuffle simulate --preset imagenet --workers 256 1024 2048 4096 \\
-        --strategies partial:0.1 local+syncbn --implementation batched per-sample --plot epoch.png
+        --strategies partial:0.1 local+syncbn local+syncbn:node --implementation batched per-sample \\
+        --plot epoch.png
     reshuffle simulate --calibrate bench/recorded/this-machine.json --workers 2 \\
         --strategies global partial:0.1
 
 A strategy is ``global``, ``local``, ``partial:Q``, ``importance[:INTERVAL]``, each optionally
-with ``+syncbn`` (SyncBatchNorm's collectives priced on every step). Per worker and epoch it
+with ``+syncbn`` (SyncBatchNorm's collectives priced on every step), ``+syncbn:node`` (among a
+node's workers, on its links) or ``+syncbn:G`` (groups of G workers). Per worker and epoch it
 reports: storage needed vs available, bytes exchanged or read from the shared file system,
 iterations, the exchange time against the compute that can hide it, the exposed time, SyncBatchNorm
 time and the epoch time; and, from the real planner, rank 0's churn, coverage and mixing. Then, per
-scale, whether moving data (partial) or SyncBatchNorm costs less. The model and its assumptions:
+scale, whether moving data (partial) or SyncBatchNorm costs less, and the cheapest fix that stays
+within 5% of compute. The model and its assumptions:
 ``reshuffle.simulate.model``; docs/simulate.md.
 """
 
@@ -26,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from reshuffle.config import ConfigError
-from reshuffle.simulate.model import Prediction, Strategy, crossover, predict
+from reshuffle.simulate.model import Prediction, Strategy, cheapest_fix, crossover, predict
 from reshuffle.simulate.presets import CLUSTERS, DEFAULT_CLUSTER, WORKLOADS, calibrated, load_record
 from reshuffle.simulate.quality import Quality, planner_quality
 from reshuffle.text_table import format_table
@@ -85,6 +88,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     cluster.add_argument("--pfs-gbs", type=float, help="shared file system aggregate GB/s")
     cluster.add_argument("--store-write-gbs", type=float, help="node-local store write GB/s (with fsync)")
     cluster.add_argument("--per-sample-ms", type=float, help="per-sample exchange: software ms per sample")
+    cluster.add_argument("--node-workers", type=int, help="workers (GPUs) per node")
+    cluster.add_argument("--intra-gbs", type=float, help="GB/s per worker between the workers of a node")
+    cluster.add_argument("--intra-latency-us", type=float, help="one hop inside a node, microseconds")
     parser.add_argument(
         "--quality-epochs",
         type=int,
@@ -97,11 +103,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def parse_strategy(spec: str) -> Strategy:
-    """``partial:0.1+syncbn`` -> Strategy("partial", 0.1, sync_bn=True)."""
+    """``partial:0.1+syncbn`` -> Strategy("partial", 0.1, sync_bn=True); ``local+syncbn:node`` ->
+    SyncBatchNorm among a node's workers."""
     head, *flags = spec.split("+")
-    unknown = [f for f in flags if f != "syncbn"]
+    unknown = [f for f in flags if f.partition(":")[0] != "syncbn"]
     if unknown:
-        raise ConfigError(f"--strategies: unknown suffix +{unknown[0]} in {spec!r}; the only one is +syncbn")
+        raise ConfigError(
+            f"--strategies: unknown suffix +{unknown[0]} in {spec!r}; the only one is +syncbn (or "
+            "+syncbn:node, +syncbn:G for groups of G workers)"
+        )
+    group: int | str | None = flags[0].partition(":")[2] or None if flags else None
+    if group not in (None, "node"):
+        if not str(group).isdigit() or int(group) < 1:
+            raise ConfigError(f"--strategies: +syncbn:{group} in {spec!r}: a group is node or a worker count")
+        group = int(group)
     name, _, value = head.partition(":")
     if name not in ("global", "local", "partial", "importance"):
         raise ConfigError(
@@ -115,16 +130,17 @@ def parse_strategy(spec: str) -> Strategy:
             fraction = float(value)
             if not 0.0 <= fraction <= 1.0:
                 raise ConfigError(f"--strategies: fraction {fraction} in {spec!r} is outside [0, 1]")
-            return Strategy("partial", fraction, sync_bn=sync_bn)
+            return Strategy("partial", fraction, sync_bn=sync_bn, sync_group=group)
         if name == "importance":
-            return Strategy("importance", interval=int(value) if value else 10, sync_bn=sync_bn)
+            interval = int(value) if value else 10
+            return Strategy("importance", interval=interval, sync_bn=sync_bn, sync_group=group)
     except ConfigError:
         raise
     except ValueError as error:
         raise ConfigError(f"--strategies: {spec!r}: {error}") from None
     if value:
         raise ConfigError(f"--strategies: {name} takes no value ({spec!r})")
-    return Strategy(name, sync_bn=sync_bn)
+    return Strategy(name, sync_bn=sync_bn, sync_group=group)
 
 
 def _setup(args: argparse.Namespace):
@@ -155,8 +171,12 @@ def _setup(args: argparse.Namespace):
         ("pfs_Bps", args.pfs_gbs, 1e9),
         ("store_write_Bps", args.store_write_gbs, 1e9),
         ("per_sample_s", args.per_sample_ms, 1e-3),
+        ("intra_bandwidth_Bps", args.intra_gbs, 1e9),
+        ("intra_latency_s", args.intra_latency_us, 1e-6),
     )
     cluster = replace(cluster, **{key: value * unit for key, value, unit in scaled if value is not None})
+    if args.node_workers is not None:
+        cluster = replace(cluster, node_workers=args.node_workers)
     return workload, cluster
 
 
@@ -249,6 +269,17 @@ def _print_crossover(workload, cluster, args, strategies) -> None:
                 f"cheaper fix per epoch, {strategy.label} ({implementation}) vs local+syncbn: "
                 + "; ".join(parts)
             )
+    chosen = []
+    for m in args.workers:
+        best = cheapest_fix(workload, cluster, m)
+        base = predict(workload, cluster, m, Strategy("local")).compute_s
+        chosen.append(
+            f"{m}: {best[0].label} (+{best[1]:.3g} s, {100 * best[1] / base:.1f}%)" if best else f"{m}: none"
+        )
+    print(
+        "cheapest fix within 5% of compute (of partial-0.01, partial-0.1, local+syncbn, local+syncbn:node; "
+        f"{cluster.node_workers} workers per node): " + "; ".join(chosen)
+    )
 
 
 def _write_csv(path: Path, rows) -> None:

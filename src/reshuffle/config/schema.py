@@ -83,6 +83,9 @@ class ModelConfig:
     # Normalisation layers: batch (BatchNorm; DDP broadcasts rank 0's running statistics),
     # sync-batch (SyncBatchNorm: statistics over all ranks), group (GroupNorm), none.
     norm: Literal["batch", "sync-batch", "group", "none"] = "batch"
+    # sync-batch: which ranks share statistics: all, node (dist.ranks_per_node ranks, consecutive),
+    # or an integer G (groups of G consecutive ranks; G divides the number of ranks)
+    sync_group: Literal["all", "node"] | int = "all"
     width: int = 32  # channels of the first layer; later layers scale from it
     dropout: float = 0.0  # dropout before the classifier
 
@@ -144,6 +147,7 @@ class DistConfig:
     timeout_s: float = 300.0  # a collective that waits longer than this ends the job with an error
     virtual_ranks: int = 0  # > 0: one process trains as this many DDP ranks (reshuffle run --virtual-ranks)
     virtual_batch_limit: int = 8192  # virtual ranks: at most this many samples per forward (ranks chunked)
+    ranks_per_node: int | None = None  # null: torchrun's LOCAL_WORLD_SIZE (local launch: all ranks)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,9 +16,62 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
+from reshuffle.config import ConfigError
+
+
+def sync_group_size(spec: str | int, world: int, ranks_per_node: int | None) -> int:
+    """Ranks per SyncBatchNorm group for ``model.sync_group`` = ``spec``: ``all`` (``world``),
+    ``node`` (``ranks_per_node``) or an integer; the groups are consecutive ranks and equal, so the
+    size must divide ``world``."""
+    if spec == "all":
+        return world
+    if spec == "node":
+        if not ranks_per_node:
+            raise ConfigError(
+                "model.sync_group=node needs the ranks per node: set dist.ranks_per_node (virtual ranks, or "
+                "a launcher that does not set LOCAL_WORLD_SIZE)"
+            )
+        size = ranks_per_node
+    else:
+        size = int(spec)
+    if size < 1 or world % size:
+        raise ConfigError(
+            f"model.sync_group: groups of {size} ranks do not divide {world} ranks into equal groups; use a "
+            f"divisor of {world}"
+        )
+    return size
+
+
+def sync_group(size: int, rank: int, world: int) -> dist.ProcessGroup | None:
+    """This rank's SyncBatchNorm process group: groups of ``size`` consecutive ranks (collective:
+    every rank creates every group). None: all ranks (the default group)."""
+    if size == world:
+        return None
+    groups = [dist.new_group(list(range(first, first + size))) for first in range(0, world, size)]
+    return groups[rank // size]
+
+
+def sync_ranks(
+    module: nn.Module,
+    device: torch.device,
+    spec: str | int,
+    rank: int,
+    world: int,
+    ranks_per_node: int | None,
+) -> nn.Module:
+    """``model.norm=sync-batch`` for ``rank`` of ``world`` (collective): BatchNorm statistics over
+    the rank's group (``model.sync_group`` = ``spec``); groups of one rank keep plain BatchNorm."""
+    size = sync_group_size(spec, world, ranks_per_node)
+    if size == 1:
+        return module
+    return convert_sync_batchnorm(module, device, sync_group(size, rank, world))
+
 
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over (N, C, ...) inputs whose training statistics span every rank."""
+    """BatchNorm over (N, C, ...) inputs whose training statistics span every rank of ``group``
+    (all ranks when None)."""
+
+    group: dist.ProcessGroup | None = None
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -26,7 +79,12 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        synced = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        synced = (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.group) > 1
+        )
         if not synced:
             return super().forward(input)
         dims = [d for d in range(input.dim()) if d != 1]
@@ -35,7 +93,7 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
             (input.shape[1],), input.numel() / input.shape[1], dtype=torch.float64, device=input.device
         )
         stats = torch.stack([count, x.sum(dims), (x * x).sum(dims)])
-        stats = dist_fn.all_reduce(stats)
+        stats = dist_fn.all_reduce(stats, group=self.group or dist.group.WORLD)
         total = stats[0]
         mean = stats[1] / total
         var = (stats[2] / total - mean * mean).clamp_min(0)
@@ -57,14 +115,17 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
         return normalised
 
 
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm in ``module`` -> cross-rank BatchNorm (PyTorch's on CUDA, ours on CPU)."""
+def convert_sync_batchnorm(
+    module: nn.Module, device: torch.device, group: dist.ProcessGroup | None = None
+) -> nn.Module:
+    """Every BatchNorm in ``module`` -> cross-rank BatchNorm over ``group`` (all ranks when None):
+    PyTorch's on CUDA, ours on CPU."""
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _convert(module)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=group)
+    return _convert(module, group)
 
 
-def _convert(module: nn.Module) -> nn.Module:
+def _convert(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossRankBatchNorm):
         converted = CrossRankBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
@@ -78,10 +139,11 @@ def _convert(module: nn.Module) -> nn.Module:
             converted.running_var.copy_(module.running_var)
             converted.num_batches_tracked.copy_(module.num_batches_tracked)
         converted.train(module.training)
+        converted.group = group
         return converted
     for name, child in module.named_children():
-        setattr(module, name, _convert(child))
+        setattr(module, name, _convert(child, group))
     return module
 
 
-__all__ = ["CrossRankBatchNorm", "convert_sync_batchnorm"]
+__all__ = ["CrossRankBatchNorm", "convert_sync_batchnorm", "sync_group", "sync_group_size", "sync_ranks"]

@@ -14,7 +14,8 @@ know the slices:
   CPU stream and moved: the same distribution as a GPU rank's dropout, not its exact numbers.
 
 ``model.norm=sync-batch`` needs nothing: statistics over all ranks' samples are ordinary
-BatchNorm over the whole virtual batch. ``group`` and ``none`` work per sample anyway.
+BatchNorm over the whole virtual batch; with ``model.sync_group`` G, :class:`GhostBatchNorm`
+slices the batch into groups of G ranks. ``group`` and ``none`` work per sample anyway.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from torch import nn
 class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm with per-slice statistics and rank-0 running statistics (see the module doc)."""
 
-    groups = 1  # set by :func:`set_groups` before each forward
-    first = 0  # the rank of slice 0: only a chunk starting at rank 0 updates the running statistics
+    groups = 1  # set by :func:`set_groups` before each forward: slices in the batch
+    first = 0  # the index of slice 0: only a chunk starting at rank 0 updates the running statistics
+    ranks_per_slice = 1  # ranks that share statistics: 1 for BatchNorm, G for grouped SyncBatchNorm
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -36,8 +38,10 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.groups
-        if not self.training or groups == 1:
+        if not self.training or (groups == 1 and self.first == 0):
             return super().forward(x)
+        if groups == 1:  # one slice of a later chunk: its own statistics, rank 0's buffers untouched
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         if x.shape[0] % groups:
             raise ValueError(f"a virtual batch of {x.shape[0]} does not split into {groups} equal ranks")
         update = self.track_running_stats and self.first == 0
@@ -99,27 +103,38 @@ class RankDropout(nn.Module):
         return torch.cat(outputs)
 
 
-def virtualize(model: nn.Module, *, norm: str, dropout_seeds: list[int]) -> nn.Module:
-    """Swap ``model``'s BatchNorm (for ``norm=batch``) and Dropout layers for the virtual kinds, in
-    place, keeping their parameters and buffers; returns ``model``. The new layers are built on the
-    CPU: virtualize before moving the model to its device."""
+def virtualize(
+    model: nn.Module, *, norm: str, dropout_seeds: list[int], statistics_ranks: int | None = None
+) -> nn.Module:
+    """Swap ``model``'s BatchNorm and Dropout layers for the virtual kinds, in place, keeping their
+    parameters and buffers; returns ``model``. BatchNorm becomes :class:`GhostBatchNorm` for
+    ``norm=batch`` (statistics per rank) and for ``norm=sync-batch`` with ``statistics_ranks`` G
+    (grouped SyncBatchNorm: statistics per group of G consecutive ranks, running statistics of
+    rank 0's group, as DDP broadcasts rank 0's buffers). The new layers are built on the CPU:
+    virtualize before moving the model to its device."""
+    per_slice = 1 if norm == "batch" else statistics_ranks if norm == "sync-batch" else None
     for name, child in list(model.named_children()):
-        if norm == "batch" and isinstance(child, nn.modules.batchnorm._BatchNorm):
+        if per_slice and isinstance(child, nn.modules.batchnorm._BatchNorm):
             ghost = GhostBatchNorm(
                 child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )
             ghost.load_state_dict(child.state_dict())
+            ghost.ranks_per_slice = per_slice
             setattr(model, name, ghost)
         elif isinstance(child, nn.Dropout):
             setattr(model, name, RankDropout(child.p, dropout_seeds))
         else:
-            virtualize(child, norm=norm, dropout_seeds=dropout_seeds)
+            virtualize(child, norm=norm, dropout_seeds=dropout_seeds, statistics_ranks=statistics_ranks)
     return model
 
 
 def set_groups(model: nn.Module, groups: int, first_rank: int = 0) -> None:
     """Tell the virtual layers that the next forward holds ``groups`` ranks from ``first_rank``."""
     for module in model.modules():
-        if isinstance(module, (GhostBatchNorm, RankDropout)):
-            module.groups = groups
-            module.first = first_rank
+        if isinstance(module, RankDropout):
+            module.groups, module.first = groups, first_rank
+        elif isinstance(module, GhostBatchNorm):
+            per_slice = module.ranks_per_slice if groups > 1 else 1  # 1: back to one plain batch
+            if groups % per_slice or first_rank % per_slice:
+                raise ValueError(f"ranks {first_rank}.. ({groups}) split a group of {per_slice} ranks")
+            module.groups, module.first = groups // per_slice, first_rank // per_slice

@@ -82,11 +82,16 @@ class Cluster:
     implementation: Literal["batched", "per-sample"] = "batched"
     per_sample_s: float = 1e-3  # per-sample: software cost of one message (pickle, Python, send)
     reference_plan_s_per_sample: float = 1e-6  # per-sample: O(N) plan per epoch, per sample of N
+    node_workers: int = 8  # workers (GPUs) per node: they share its storage and its fast links
+    intra_bandwidth_Bps: float = 100e9  # between workers of a node (NVLink, shared memory), per worker
+    intra_latency_s: float = 5e-6  # one hop between workers of a node
 
     def __post_init__(self) -> None:
-        for name in ("bandwidth_Bps", "pfs_Bps", "store_write_Bps", "chunk_bytes"):
+        for name in ("bandwidth_Bps", "pfs_Bps", "store_write_Bps", "chunk_bytes", "intra_bandwidth_Bps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.node_workers < 1:
+            raise ValueError(f"node_workers must be at least 1, got {self.node_workers}")
         if self.implementation not in ("batched", "per-sample"):
             raise ValueError(f"implementation must be batched or per-sample, got {self.implementation!r}")
 
@@ -97,17 +102,20 @@ class Cluster:
 @dataclass(frozen=True)
 class Strategy:
     """What a worker does: ``global``, ``local``, ``partial`` (fraction Q) or ``importance``
-    (re-partition every ``interval`` epochs), optionally with SyncBatchNorm."""
+    (re-partition every ``interval`` epochs), optionally with SyncBatchNorm over all workers or
+    over groups (``sync_group``: workers per group; ``"node"``: a node's workers)."""
 
     name: str
     fraction: float = 0.0
     interval: int = 10
     sync_bn: bool = False
+    sync_group: int | str | None = None  # None: all workers
 
     @property
     def label(self) -> str:
         base = f"{self.name}-{self.fraction:g}" if self.name == "partial" else self.name
-        return base + ("+syncbn" if self.sync_bn else "")
+        group = f":{self.sync_group}" if self.sync_group is not None else ""
+        return base + (f"+syncbn{group}" if self.sync_bn else "")
 
 
 @dataclass(frozen=True)
@@ -160,12 +168,20 @@ def allreduce_s(cluster: Cluster, workers: int, nbytes: float) -> float:
     )
 
 
-def syncbn_step_s(workload: Workload, cluster: Cluster, workers: int) -> float:
+def syncbn_step_s(
+    workload: Workload, cluster: Cluster, workers: int, group: int | str | None = None
+) -> float:
     """SyncBatchNorm's collectives in one step: per layer, forward all-gather of ``2C + 1`` floats
-    per worker (mean, inverse std, count) and backward all-reduce of ``2C`` floats."""
+    per worker (mean, inverse std, count) and backward all-reduce of ``2C`` floats, among the
+    ``group`` workers that share statistics (all by default; ``"node"``: a node's). A group inside a
+    node runs on the node's links (``intra_*``), a larger one on the network."""
+    size = workers if group is None else cluster.node_workers if group == "node" else int(group)
+    size = max(1, min(size, workers))
+    link = cluster
+    if size <= cluster.node_workers and cluster.node_workers % size == 0:  # groups never span nodes
+        link = cluster.with_(bandwidth_Bps=cluster.intra_bandwidth_Bps, latency_s=cluster.intra_latency_s)
     return sum(
-        allgather_s(cluster, workers, (2 * c + 1) * FLOAT_BYTES)
-        + allreduce_s(cluster, workers, 2 * c * FLOAT_BYTES)
+        allgather_s(link, size, (2 * c + 1) * FLOAT_BYTES) + allreduce_s(link, size, 2 * c * FLOAT_BYTES)
         for c in workload.bn_channels
     )
 
@@ -203,7 +219,11 @@ def predict(workload: Workload, cluster: Cluster, workers: int, strategy: Strate
     per_worker = math.ceil(n_total / workers)
     iterations = math.ceil(per_worker / workload.batch_size)
     compute = iterations * workload.iteration_s
-    syncbn = iterations * syncbn_step_s(workload, cluster, workers) if strategy.sync_bn else 0.0
+    syncbn = (
+        iterations * syncbn_step_s(workload, cluster, workers, strategy.sync_group)
+        if strategy.sync_bn
+        else 0.0
+    )
     moved = remote = work = exposed = 0.0
     storage = per_worker * size
     extra: dict[str, float] = {}
@@ -267,3 +287,27 @@ def crossover(
         sync = predict(workload, cluster, m, Strategy("local", sync_bn=True)).epoch_s - base
         rows.append((m, move, sync))
     return rows
+
+
+FIXES = (
+    Strategy("partial", 0.01), Strategy("partial", 0.1), Strategy("local", sync_bn=True),
+    Strategy("local", sync_bn=True, sync_group="node"),
+)  # fmt: skip
+
+
+def cheapest_fix(
+    workload: Workload, cluster: Cluster, workers: int, fixes: tuple[Strategy, ...] = FIXES,
+    budget: float = 0.05,
+) -> tuple[Strategy, float] | None:  # fmt: skip
+    """The fix for non-IID partitions that costs least over ``local`` at ``workers`` workers, with
+    its extra seconds per epoch, if that stays within ``budget`` of the epoch's compute; None if
+    none does."""
+    base = predict(workload, cluster, workers, Strategy("local"))
+    costs = sorted(
+        (
+            (predict(workload, cluster, workers, fix).epoch_s - base.epoch_s, index)
+            for index, fix in enumerate(fixes)
+        ),
+    )
+    extra, index = costs[0]
+    return (fixes[index], extra) if extra <= budget * base.compute_s else None

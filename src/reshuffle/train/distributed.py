@@ -26,6 +26,7 @@ class DistContext:
     local_rank: int
     backend: str  # gloo or nccl
     device: torch.device
+    local_world: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -94,7 +95,7 @@ def setup(backend: str, timeout_s: float) -> DistContext:
         device_id=device if device.type == "cuda" else None,
         **rendezvous,
     )
-    return DistContext(rank, world, local_rank, backend, device)
+    return DistContext(rank, world, local_rank, backend, device, local_world)
 
 
 def teardown() -> None:

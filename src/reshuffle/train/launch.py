@@ -101,16 +101,19 @@ def preflight(config: RunConfig, system: SystemConfig, run_dir: Path, resume: bo
     """The checks every rank would make first, made once before any rank starts, so that a config
     error is one line in a second, not a failed job: the dataset and its transforms are known, a
     new run does not reuse a run directory with checkpoints, a resume matches its checkpoint."""
-    import torch
-
     from reshuffle.data.dataset import transform_for
     from reshuffle.train import state
 
     transform_for(config.data, "train", system)  # names an unknown dataset or transform
     checkpoints = state.checkpoints_of(run_dir, config, resume)
     saved = state.load(checkpoints, config) if resume else None
-    if saved and saved[state.STEP] and len(saved[state.RNG]["torch"]) != config.dist.nproc:
-        state.set_rng(saved[state.RNG], 0, config.dist.nproc, torch.device("cpu"), step=saved[state.STEP])
+    written_by = len(saved[state.RNG]["torch"]) if saved else config.dist.nproc
+    if saved and saved[state.STEP] and written_by != config.dist.nproc and config.shuffle.mode == "store":
+        raise ConfigError(
+            f"--resume: the checkpoint was written mid-epoch (step {saved[state.STEP]}) by {written_by} "
+            f"ranks and this job has {config.dist.nproc}; store mode changes the number of ranks only at "
+            f"an epoch boundary: resume with {written_by} ranks (--nproc {written_by}) to the epoch's end"
+        )
 
 
 @contextlib.contextmanager

@@ -23,16 +23,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from reshuffle.config import RunConfig, SystemConfig, planner_settings
-from reshuffle.data import open_source, transform_for
+from reshuffle.config import RunConfig, SystemConfig
 from reshuffle.data.dataset import collate
 from reshuffle.data.source import SampleSource
 from reshuffle.ddp import settle_buckets
 from reshuffle.models import build_model
-from reshuffle.models.sync_batchnorm import convert_sync_batchnorm
+from reshuffle.models.sync_batchnorm import sync_ranks
 from reshuffle.plan.quality import js_distance
+from reshuffle.sampler import ShuffleSampler
 from reshuffle.shuffled import ShuffledData
-from reshuffle.train import distributed, heartbeat, metrics, run_files, state, step
+from reshuffle.train import distributed, heartbeat, inputs, metrics, run_files, state, step
 from reshuffle.train.checkpoint import Checkpoints
 from reshuffle.train.outputs import MetricsFiles
 from reshuffle.train.progress import Progress
@@ -66,7 +66,7 @@ def _train(
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    data, source = _data(config, system, run_dir, ctx)
+    data, source = inputs.shuffled_data(config, system, run_dir, ctx)
     checkpoints = state.checkpoints_of(run_dir, config, resume, ctx)
     saved = state.load_agreed(checkpoints, config, ctx.rank, ctx.device) if resume else None
     start_epoch, start_step = (int(saved[state.EPOCH]), int(saved[state.STEP])) if saved else (0, 0)
@@ -77,14 +77,14 @@ def _train(
         data.load_state_dict(saved[state.DATA])
     data.set_epoch(start_epoch)  # stages (or reopens and recovers) a store before anything is timed
     run = Run.build(config, system, run_dir, ctx, data, source, checkpoints, saved, resume, start_epoch)
-    run.total_steps = start_epoch * run.steps_per_epoch + start_step
+    run.total_steps = start_epoch * run.steps_per_epoch + run.first_step()
     last_row: dict[str, Any] = {}
     for epoch in range(start_epoch, config.train.epochs):
         epoch_started = time.perf_counter()
         data.set_epoch(epoch)  # commits the exchange into this epoch, starts the next one
         commit_s = time.perf_counter() - epoch_started if epoch > start_epoch else 0.0
-        first_step = start_step if epoch == start_epoch else 0
-        partial = saved[state.PARTIAL][ctx.rank] if saved and first_step else None
+        first_step = run.first_step()  # > 0 in a resumed epoch (of another world size: its rest, dealt)
+        partial = state.partial_of(saved, ctx.rank, ctx.world_size) if saved and start_step else None
         stats, finished = run.train_epoch(epoch, first_step, partial)
         if not finished:
             log.info("stopped at train.max_steps=%d (a checkpoint holds it)", config.train.max_steps)
@@ -95,23 +95,6 @@ def _train(
         saved = None
     data.close()  # an exchange in flight and the last commit's upkeep end with the job
     return run_files.finish(run_dir, config, ctx.world_size, last_row, time.time() - started, run.outputs)
-
-
-def _data(
-    config: RunConfig, system: SystemConfig, run_dir: Path, ctx: distributed.DistContext
-) -> tuple[ShuffledData, SampleSource]:
-    """The public data path over the training set, index or store mode as configured."""
-    source = open_source(config.data, "train", system)
-    shuffle = config.shuffle
-    data = ShuffledData(
-        source, shuffle.store_dir or run_dir / "store", mode=shuffle.mode, partition=shuffle.partition,
-        labels=source.targets, seed=config.seed, drop_last=shuffle.drop_last, epochs=config.train.epochs,
-        rank=ctx.rank, world_size=ctx.world_size,
-        transform=transform_for(config.data, "train", system), track_losses=config.train.track_losses,
-        chunk_mb=shuffle.exchange_chunk_mb, timeout_s=config.dist.timeout_s,
-        dataset_id=run_files.dataset_identity(config), **planner_settings(shuffle),
-    )  # fmt: skip
-    return data, source
 
 
 @dataclasses.dataclass
@@ -137,6 +120,7 @@ class Run:
     sample_bytes: float  # mean bytes per stored sample (for the bytes_planned and storage columns)
     dataset_labels: np.ndarray  # samples per class in the whole training set
     total_steps: int = 0
+    _resumed_at: tuple[int, int] = (0, 0)  # (first step, samples consumed) of the selected epoch
 
     @classmethod
     def build(
@@ -148,7 +132,8 @@ class Run:
         torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP checks them)
         model = build_model(config.model, source.shape, source.num_classes).to(ctx.device)
         if config.model.norm == "sync-batch" and ctx.world_size > 1:
-            model = convert_sync_batchnorm(model, ctx.device)
+            per_node = config.dist.ranks_per_node or ctx.local_world
+            model = sync_ranks(model, ctx.device, config.model.sync_group, ctx.rank, ctx.world_size, per_node)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         devices = None if ctx.device.type == "cpu" else [ctx.local_rank]
@@ -175,6 +160,14 @@ class Run:
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(self.data.planner.samples_per_rank / self.config.train.batch_size)
+
+    def first_step(self) -> int:
+        """The step the selected epoch starts at: the steps its samples already trained take (after
+        an elastic resume mid-epoch, the rest is dealt over this job's ranks and ends the epoch)."""
+        remaining = math.ceil(len(self.data.sampler) / self.config.train.batch_size)
+        consumed = self.data.sampler.state_dict()[ShuffleSampler.STATE_POSITION]
+        self._resumed_at = (self.steps_per_epoch - remaining, consumed)
+        return self._resumed_at[0]
 
     def reached_max_steps(self) -> bool:
         return bool(self.config.train.max_steps) and self.total_steps >= self.config.train.max_steps
@@ -287,7 +280,8 @@ class Run:
         """Every rank contributes its RNG state and epoch totals; rank 0 writes (collective)."""
         ctx = self.ctx
         # mid-epoch, the position is what training consumed (the loader's workers run ahead)
-        position = None if partial is None else at_step * self.config.train.batch_size
+        first, consumed = self._resumed_at
+        position = None if partial is None else consumed + (at_step - first) * self.config.train.batch_size
         totals = metrics.gather_numbers(partial.to_numbers(), ctx.device, ctx.world_size) if partial else None
         checkpoint = state.build(
             epoch, at_step, self.config, self.model, self.optimizer, self.scaler,

@@ -14,6 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -203,22 +204,33 @@ def gather_rng(device: torch.device, world_size: int) -> dict[str, list[torch.Te
     return gathered
 
 
+def partial_of(saved: dict[str, Any], rank: int, world_size: int) -> list[float]:
+    """This rank's running totals of the epoch a mid-epoch checkpoint resumes. Written by another
+    number of ranks (elastic): every rank takes the old ranks' step count and mean times, rank 0
+    also their summed samples, losses, hits and label counts (the epoch's totals stay exact), and
+    the order hash restarts (it covers the steps after the resize)."""
+    totals = saved[PARTIAL]
+    if len(totals) == world_size:
+        return totals[rank]
+    rows = np.asarray(totals, dtype=np.float64)  # EpochStats.to_numbers of each old rank
+    merged = rows.mean(axis=0)
+    counts = rows.sum(axis=0) if rank == 0 else np.zeros_like(merged)
+    merged[0], merged[7] = rows[0, 0], 0.0  # steps (equal on every rank), order hash
+    merged[1:4], merged[8:] = counts[1:4], counts[8:]  # samples, loss sum, hits; label counts
+    return merged.tolist()
+
+
 def set_rng(
     rng: dict[str, list[torch.Tensor]], rank: int, world_size: int, device: torch.device, *, step: int = 0
 ) -> None:
-    """This rank's random streams from the checkpoint. Another number of ranks (elastic resume)
-    is allowed at an epoch boundary: the streams then start afresh, seeded from the saved ones."""
+    """This rank's random streams from the checkpoint. With another number of ranks (elastic
+    resume) the streams start afresh, seeded from the saved ones."""
     saved = len(rng["torch"])
     if saved != world_size:
-        if step:
-            raise ConfigError(
-                f"--resume: the checkpoint was written mid-epoch (step {step}) by {saved} ranks and this job "
-                f"has {world_size}. Resume with {saved} ranks (--nproc {saved}) and change the number at an "
-                "epoch boundary, or resume from a checkpoint written at one"
-            )
         log.warning(
-            "--resume with %d ranks instead of %d: every rank's random streams start afresh (dropout and "
-            "augmentation draws differ from a run that kept %d ranks)", world_size, saved, saved,
+            "--resume with %d ranks instead of %d%s: every rank's random streams start afresh (dropout and "
+            "augmentation draws differ from a run that kept %d ranks)", world_size, saved,
+            f" mid-epoch (step {step})" if step else "", saved,
         )  # fmt: skip
         torch.manual_seed(int(rng["torch"][0].double().sum().item()) * 1_000_003 + rank)
         return

@@ -39,6 +39,7 @@ from reshuffle.data.dataset import collate
 from reshuffle.losses import LossTracker
 from reshuffle.models import build_model
 from reshuffle.models.norm import batchnorms
+from reshuffle.models.sync_batchnorm import sync_group_size
 from reshuffle.models.virtual import set_groups, virtualize
 from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.plan.planner import plain
@@ -119,17 +120,27 @@ def _train(
 
 
 def _check(config: RunConfig) -> None:
-    world, batch = config.dist.virtual_ranks, config.train.batch_size
+    batch = config.train.batch_size
     if config.shuffle.mode != "index":
         raise ConfigError(
             "dist.virtual_ranks: virtual ranks share one process and read the dataset directly; "
             "use shuffle.mode=index (store mode needs real ranks)"
         )
-    if config.model.norm == "sync-batch" and world * batch > config.dist.virtual_batch_limit:
+    shared = statistics_ranks(config)
+    if shared * batch > config.dist.virtual_batch_limit:
         raise ConfigError(
-            f"model.norm=sync-batch with {world} virtual ranks x batch {batch} needs all "
-            f"{world * batch} samples in one forward; raise dist.virtual_batch_limit"
+            f"model.norm=sync-batch over {shared} virtual ranks x batch {batch} needs "
+            f"{shared * batch} samples in one forward; raise dist.virtual_batch_limit"
         )
+
+
+def statistics_ranks(config: RunConfig) -> int:
+    """Ranks whose samples one BatchNorm normalises together: a forward keeps them in one piece
+    (``sync-batch``: the group, all ranks by default; otherwise 1)."""
+    if config.model.norm != "sync-batch":
+        return 1
+    world = config.dist.virtual_ranks
+    return sync_group_size(config.model.sync_group, world, config.dist.ranks_per_node)
 
 
 @dataclasses.dataclass
@@ -199,10 +210,12 @@ class VirtualRun:
             batch_size=cfg.batch_size * 2, num_workers=cfg.workers, collate_fn=collate,
         )  # fmt: skip
         torch.manual_seed(config.seed)  # the initial weights every real rank starts from
+        shared = statistics_ranks(config)
         model = virtualize(
             build_model(config.model, train_source.shape, train_source.num_classes),
             norm=config.model.norm,
             dropout_seeds=[step.rank_seed(config.seed, r) for r in range(world)],
+            statistics_ranks=shared if shared < world else None,
         ).to(ctx.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -211,7 +224,7 @@ class VirtualRun:
         if saved:
             state.restore(saved, model, optimizer, scaler)
             state.set_rng(saved[state.RNG], 0, 1, ctx.device)
-        chunk = max(1, min(world, config.dist.virtual_batch_limit // cfg.batch_size))
+        chunk = max(shared, min(world, config.dist.virtual_batch_limit // cfg.batch_size) // shared * shared)
         run_files.write_run_files(
             run_dir, config, system, world_size=world, backend=ctx.backend, device=ctx.device, resume=resume,
             hosts=run_files.gather_hosts(ctx.device, 1), virtual_ranks=world, ranks_per_forward=chunk,
