@@ -13,6 +13,7 @@ from reshuffle.data.cifar10 import load_cifar10
 from reshuffle.data.digits import load_digits
 from reshuffle.data.fashion_mnist import load_fashion_mnist
 from reshuffle.data.imagefolder import load_imagefolder
+from reshuffle.data.shards import load_arrow, load_parquet, load_webdataset
 from reshuffle.data.source import ArraySource, DataNotFoundError, SampleSource
 from reshuffle.data.synthetic import load_synthetic
 
@@ -23,6 +24,9 @@ LOADERS: dict[str, Callable[..., SampleSource]] = {
     "cifar10": load_cifar10,
     "digits": load_digits,
     "imagefolder": load_imagefolder,
+    "webdataset": load_webdataset,
+    "parquet": load_parquet,
+    "arrow": load_arrow,
     "synthetic": load_synthetic,
 }
 
