@@ -274,7 +274,7 @@ def test_arrivals_are_checked_and_written_whatever_the_chunking(tmp_path):
 def test_rounds_fill_the_pipeline_but_never_exceed_the_chunk():
     """Enough rounds for packing, transfer and landing to overlap (8 where each still moves
     1 MiB per peer), never more bytes per round than the chunk allows, none for nothing."""
-    from reshuffle.store.exchange import MIN_ROUND_BYTES, PIPELINE_ROUNDS, rounds_for
+    from reshuffle.store.transfer import MIN_ROUND_BYTES, PIPELINE_ROUNDS, rounds_for
 
     assert rounds_for(0, 32 << 20) == 0
     assert rounds_for(100, 32 << 20) == 1  # a small stream: one round

@@ -148,3 +148,51 @@ def test_reshuffle_run_trains_from_shards(fashion_mnist, tmp_path, kind, mode):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final test accuracy" in result.stdout
+
+
+def _stage_counting_reads(rank, world, root, store_root):
+    """One rank: open the shards, stage its store collectively, and report which shards it read."""
+    from reshuffle import ShufflePlanner
+    from reshuffle.store import open_or_stage
+
+    source = load_webdataset("train", path=str(root), image_size=28, channels=1)
+    read_shards = []
+    raw = source.raw
+
+    def counting(index):
+        read_shards.append(int(source.shard_index[index]))
+        return raw(index)
+
+    source.raw = counting
+    planner = ShufflePlanner(len(source), world, strategy="partial", fraction=0.2, partition="label-sorted",
+                             labels=source.targets, seed=3)  # fmt: skip
+    store, message = open_or_stage(store_root, rank, source, planner, 0)
+    return sorted(set(read_shards)), len(read_shards), store.ids.tolist(), message
+
+
+@pytest.mark.slow
+def test_staging_reads_each_shard_once_and_forwards_what_other_ranks_hold(fashion_mnist, tmp_path):
+    """3 ranks stage label-sorted stores from 5 tar shards: shard s is read by rank s mod 3 alone,
+    every sample exactly once over all ranks, and each store holds exactly the plan's samples,
+    their bytes intact. A second staging finds the stores and reads nothing."""
+    from reshuffle import ShufflePlanner
+    from reshuffle.store import RankStore, verify_store
+    from spawn import run_ranks
+
+    root = write_tar_shards(fashion_mnist, tmp_path / "wds")
+    results = run_ranks(_stage_counting_reads, 3, str(root), str(tmp_path / "store"), timeout=240)
+    source = load_webdataset("train", path=str(root), image_size=28, channels=1)
+    planner = ShufflePlanner(len(source), 3, strategy="partial", fraction=0.2, partition="label-sorted",
+                             labels=source.targets, seed=3)  # fmt: skip
+    for rank, (shards, _reads, held, message) in enumerate(results):
+        assert shards == [s for s in range(5) if s % 3 == rank], (rank, shards)
+        assert held == planner.plan(0).holdings(rank).tolist()
+        assert "once and forwarded" in message
+    assert sum(reads for _, reads, _, _ in results) == 600  # every sample read exactly once
+    assert verify_store(tmp_path / "store") == []
+    for rank in range(3):
+        store = RankStore.open(tmp_path / "store", rank)
+        for sample_id in store.ids[:20].tolist():
+            assert store.read(sample_id) == source.raw(sample_id)
+    again = run_ranks(_stage_counting_reads, 3, str(root), str(tmp_path / "store"), timeout=240)
+    assert all(reads == 0 for _, reads, _, _ in again)

@@ -81,6 +81,7 @@ class TarShardSource(_PillowSource):
         if not labels:
             raise DataNotFoundError(f"no samples (<key>.<image> + <key>.cls) in {shards[0].parent}/*.tar")
         self.where = np.asarray(where, dtype=np.int64)  # (N, 3): shard, data offset, size
+        self.shard_index = self.where[:, 0]  # the shard each sample lives in (staging reads by shard)
         self.targets = np.asarray(labels, dtype=np.int64)
         self.num_classes = int(self.targets.max()) + 1
         self._files = threading.local()  # an open file per shard and thread (DataLoader workers)
@@ -173,6 +174,9 @@ class ParquetSource(_PillowSource):
             raise DataNotFoundError(f"no rows in {files[0]}")
         self.num_classes = int(self.targets.max()) + 1
         self.groups = np.asarray(groups, dtype=np.int64)  # (G, 3)
+        self.shard_index = np.repeat(
+            np.arange(len(groups)), np.diff([*self.groups[:, 2], start])
+        )  # row group
         self._cached: tuple[int, list[bytes]] | None = None
         self._lock = threading.Lock()
 
@@ -230,6 +234,7 @@ class ArrowSource(_PillowSource):
             raise DataNotFoundError(f"no rows in {files[0]}")
         self.num_classes = int(self.targets.max()) + 1
         self.starts = np.cumsum([0] + [len(a) for a in labels])
+        self.shard_index = np.repeat(np.arange(len(files)), [len(a) for a in labels])
 
     def tables(self) -> list:
         """The files' tables, memory-mapped (opened once per process)."""

@@ -36,22 +36,9 @@ from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.store import format as fmt
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
-from reshuffle.store.transfer import Rounds
+from reshuffle.store.transfer import MIN_PEER_CHUNK, Rounds, rounds_for
 from reshuffle.store.upkeep import Background
 from reshuffle.store.wire import ExchangeError, IncomingStream, OutgoingStream, PeerError, describe_failure
-
-MIN_PEER_CHUNK = 1 << 16
-PIPELINE_ROUNDS = 8  # rounds enough for packing, transfer and landing to overlap
-MIN_ROUND_BYTES = 1 << 20  # per peer: below this a round's fixed cost outweighs the overlap
-
-
-def rounds_for(largest: int, peer_chunk: int) -> int:
-    """Payload rounds for a rank whose largest stream (to or from one peer) is ``largest`` bytes:
-    at most ``peer_chunk`` per peer per round, and at least ``PIPELINE_ROUNDS`` where each round
-    still moves ``MIN_ROUND_BYTES`` per peer, so that the pipeline (pack round r+1, transfer r,
-    land r-1) fills: with one or two rounds its parts would run one after another."""
-    by_memory = -(-largest // peer_chunk)
-    return max(by_memory, min(PIPELINE_ROUNDS, largest // MIN_ROUND_BYTES))
 
 
 @dataclass

@@ -38,12 +38,12 @@ from numpy.typing import NDArray
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
-from reshuffle.store.exchange import MIN_PEER_CHUNK, check_holdings, rounds_for
+from reshuffle.store.exchange import check_holdings
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
 from reshuffle.store.stage import committed_epoch, gather_errors, gather_ints, prepare_root, stage, store_meta
-from reshuffle.store.transfer import Rounds
-from reshuffle.store.wire import ExchangeError, IncomingStream, OutgoingStream, PeerError
+from reshuffle.store.transfer import MIN_PEER_CHUNK, Rounds, exchange_streams
+from reshuffle.store.wire import OutgoingStream, PeerError
 
 
 def resize_stores(
@@ -216,38 +216,10 @@ def _stream(
                     ids = old.plan(held_at).holdings(stores[index])
                     if (arriving := ids[holder[ids] == rank]).size:
                         receives[src] = arriving
-        _transfer(rounds, mine, sends, receives, writer, num_classes, peer_chunk, world, device, group)
+        outgoing = {dst: OutgoingStream(mine, ids) for dst, ids in sends.items()} if mine is not None else {}
+        exchange_streams(rounds, outgoing, receives, writer, num_classes, peer_chunk, world, device, group)
 
 
 def _split(ids: NDArray[np.int64], holder: NDArray[np.int64], receiving: NDArray[np.bool_]) -> dict:
     """``ids`` (sorted) by the new rank that holds them, for the ranks still receiving."""
     return {int(dst): ids[holder[ids] == dst] for dst in np.unique(holder[ids]).tolist() if receiving[dst]}
-
-
-def _transfer(
-    rounds: Rounds, store: RankStore | None, sends: dict[int, NDArray[np.int64]],
-    receives: dict[int, NDArray[np.int64]], writer: PackWriter | None, num_classes: int, peer_chunk: int,
-    world: int, device: torch.device | None, group: dist.ProcessGroup | None,
-) -> None:  # fmt: skip
-    """One pass: this rank streams ``sends`` out of ``store`` and lands ``receives`` (collective)."""
-    device = device or torch.device("cpu")
-    outgoing = {dst: OutgoingStream(store, ids) for dst, ids in sends.items()} if store is not None else {}
-    send_sizes = torch.zeros(world, dtype=torch.int64)
-    for dst, stream in outgoing.items():
-        send_sizes[dst] = stream.size
-    recv_sizes = torch.zeros(world, dtype=torch.int64, device=device)
-    dist.all_to_all_single(recv_sizes, send_sizes.to(device), group=group)
-    recv_sizes = recv_sizes.cpu()
-    if unexpected := [src for src in range(world) if src not in receives and int(recv_sizes[src])]:
-        raise ExchangeError(f"rank(s) {unexpected} sent data this rank does not hold in the resized plan")
-    incoming = {
-        src: IncomingStream(src, ids, int(recv_sizes[src]), num_classes, writer)
-        for src, ids in receives.items()
-    }
-    largest = max(int(send_sizes.max()), int(recv_sizes.max()))
-    count = torch.tensor([rounds_for(largest, peer_chunk)], dtype=torch.int64, device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-    rounds.run(int(count.item()), send_sizes.tolist(), recv_sizes.tolist(), outgoing, incoming, writer,
-               lambda: None)  # fmt: skip
-    for stream in incoming.values():
-        stream.finish()

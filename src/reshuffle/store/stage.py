@@ -125,8 +125,17 @@ def open_or_stage(
     epochs = gather_ints([mine], device, group)[:, 0]
     existing = epochs[epochs >= 0]
     epoch = int(existing.max()) if existing.size else target_epoch
+    staged: tuple[RankStore | None, str] = (None, "")
+    if getattr(source, "shard_index", None) is not None and planner.world_size > 1 and (epochs < 0).any():
+        from reshuffle.store.shard_stage import stage_from_shards  # each shard read once, forwarded
+
+        staged = stage_from_shards(
+            root, rank, source, planner, epoch, epochs < 0, dataset=dataset, device=device, group=group
+        )
     try:
-        opened = stage(root, rank, source, planner, epoch, dataset=dataset)
+        opened = (
+            staged if staged[0] is not None else stage(root, rank, source, planner, epoch, dataset=dataset)
+        )
     except Exception as error:
         gather_errors(f"{type(error).__name__}: {error}", group)
         raise

@@ -11,12 +11,28 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from numpy.typing import NDArray
 
 from reshuffle.store.packs import PackWriter
-from reshuffle.store.wire import IncomingStream, OutgoingStream
+from reshuffle.store.wire import ExchangeError, IncomingStream, OutgoingStream
+
+MIN_PEER_CHUNK = 1 << 16
+PIPELINE_ROUNDS = 8  # rounds enough for packing, transfer and landing to overlap
+MIN_ROUND_BYTES = 1 << 20  # per peer: below this a round's fixed cost outweighs the overlap
+
+
+def rounds_for(largest: int, peer_chunk: int) -> int:
+    """Payload rounds for a rank whose largest stream (to or from one peer) is ``largest`` bytes:
+    at most ``peer_chunk`` per peer per round, and at least ``PIPELINE_ROUNDS`` where each round
+    still moves ``MIN_ROUND_BYTES`` per peer, so that the pipeline (pack round r+1, transfer r,
+    land r-1) fills: with one or two rounds its parts would run one after another."""
+    by_memory = -(-largest // peer_chunk)
+    return max(by_memory, min(PIPELINE_ROUNDS, largest // MIN_ROUND_BYTES))
 
 
 class Rounds:
@@ -146,3 +162,34 @@ class _Sink:
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+
+def exchange_streams(
+    rounds: Rounds, outgoing: dict[int, Any], receives: dict[int, NDArray[np.int64]],
+    writer: PackWriter | None, num_classes: int, peer_chunk: int, world: int, device: torch.device | None,
+    group: dist.ProcessGroup | None,
+) -> None:  # fmt: skip
+    """One exchange outside the epoch cycle (collective): this rank sends its ``outgoing`` streams
+    (any object with ``size`` and ``take``, e.g. :class:`OutgoingStream`) and lands the samples
+    ``receives`` names (per source rank, sorted ids) through ``writer``: counts, then pipelined
+    rounds, every arrival checked as in an exchange."""
+    device = device or torch.device("cpu")
+    send_sizes = torch.zeros(world, dtype=torch.int64)
+    for dst, stream in outgoing.items():
+        send_sizes[dst] = stream.size
+    recv_sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    dist.all_to_all_single(recv_sizes, send_sizes.to(device), group=group)
+    recv_sizes = recv_sizes.cpu()
+    if unexpected := [src for src in range(world) if src not in receives and int(recv_sizes[src])]:
+        raise ExchangeError(f"rank(s) {unexpected} sent data this rank is not to hold")
+    incoming = {
+        src: IncomingStream(src, ids, int(recv_sizes[src]), num_classes, writer)
+        for src, ids in receives.items()
+    }
+    largest = max(int(send_sizes.max()), int(recv_sizes.max()))
+    count = torch.tensor([rounds_for(largest, peer_chunk)], dtype=torch.int64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    rounds.run(int(count.item()), send_sizes.tolist(), recv_sizes.tolist(), outgoing, incoming, writer,
+               lambda: None)  # fmt: skip
+    for stream in incoming.values():
+        stream.finish()

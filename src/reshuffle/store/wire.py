@@ -92,6 +92,20 @@ class OutgoingStream:
             filled += used
 
 
+class SampleStream(OutgoingStream):
+    """The byte stream to one peer of samples held in memory, ``(id, label, payload)`` in the
+    order sent (staging from shards: a shard's reader forwards what other ranks hold)."""
+
+    def __init__(self, samples: list[tuple[int, int, bytes]]) -> None:
+        headers = np.zeros(len(samples), dtype=fmt.WIRE_HEADER)
+        for row, (sample_id, label, payload) in enumerate(samples):
+            headers[row] = (sample_id, label, len(payload), zlib.crc32(payload), fmt.WIRE_MAGIC)
+        self.payload_bytes = int(headers["length"].sum())
+        self.size = headers.nbytes + self.payload_bytes
+        self._pieces = iter([memoryview(headers.tobytes()), *(memoryview(p) for _, _, p in samples)])
+        self._pending = None
+
+
 class IncomingStream:
     """The byte stream from one peer, validated against the plan and written to a pack."""
 
