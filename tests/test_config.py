@@ -111,7 +111,8 @@ def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path):
         (["data.synthetic.shape=[1, 28]"], r"data.synthetic.shape must be a list of 3 items"),
         (
             ["shuffle.strategy=sorted"],
-            "shuffle: unknown strategy 'sorted'; choose one of: global, importance, local, partial",
+            "shuffle: unknown strategy 'sorted'; choose one of: corgipile, global, importance, local, "
+            "partial",
         ),
         (["shuffle.partition=by-color"], "shuffle: unknown partition 'by-color'"),
         (["shuffle.fraction=2"], r"shuffle: fraction must be in \[0, 1\] .*got 2.0"),

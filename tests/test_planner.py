@@ -30,6 +30,8 @@ def planners(draw, strategies=tuple(STRATEGIES)):
             "interval_epochs": draw(st.integers(0, 2)),
             "assignment": draw(st.sampled_from(["stripes", "blocks"])),
         }
+    if strategy == "corgipile":
+        options = {"block_size": draw(st.integers(1, 64)), "buffer_blocks": draw(st.integers(1, 4))}
     partition = draw(st.sampled_from(sorted(PARTITIONS)))
     num_classes = draw(st.integers(1, 20))
     labels = np.random.default_rng(num).integers(0, num_classes, size=num)
@@ -235,7 +237,7 @@ def test_label_partitions_read_labels_of_any_integer_form():
         (dict(fraction=0.5, strategy="local"), "has no effect with strategy 'local'; use strategy 'partial'"),
         (
             dict(strategy="sorted"),
-            "unknown strategy 'sorted'; choose one of: global, importance, local, partial",
+            "unknown strategy 'sorted'; choose one of: corgipile, global, importance, local, partial",
         ),
         (dict(partition="by-color"), "unknown partition 'by-color'; choose one of: contiguous, label-sorted"),
         (dict(partition="label-sorted"), "partition 'label-sorted' needs labels: pass labels="),
@@ -270,3 +272,29 @@ def test_state_dict_round_trips_and_refuses_another_configuration():
     other = ShufflePlanner(100, 4, strategy="partial", fraction=0.2, seed=3)
     with pytest.raises(ValueError, match=r"fraction: saved 0.1, this planner has 0.2"):
         other.load_state_dict(state)
+
+
+def test_corgipile_reads_whole_blocks_through_a_buffer():
+    """corgipile keeps each rank's partition (like local); its order visits every block once, in
+    a shuffled order, shuffling samples only among the buffer's blocks: with a cache of
+    buffer_blocks blocks a rank reads each of its blocks exactly once per epoch, where a uniformly
+    random order reads nearly a block per sample. The order differs from epoch to epoch."""
+    from reshuffle.plan.quality import block_reads
+
+    options = {"block_size": 50, "buffer_blocks": 4}
+    corgi = ShufflePlanner(20_000, 4, strategy="corgipile", partition="contiguous", seed=5, **options)
+    local = ShufflePlanner(20_000, 4, strategy="local", partition="contiguous", seed=5)
+    for epoch in (0, 1):
+        for rank in range(4):
+            order, held = corgi.plan(epoch).indices(rank), corgi.plan(epoch).holdings(rank)
+            assert np.array_equal(np.sort(order), held) and np.array_equal(
+                held, local.plan(epoch).holdings(rank)
+            )
+            blocks = np.unique(held // 50).size
+            assert block_reads(order, 50, 4) == blocks == 100
+            assert block_reads(local.plan(epoch).indices(rank), 50, 4) > 0.9 * held.size
+            windows = order.reshape(-1, 200)  # each buffer: 4 whole blocks, shuffled among themselves
+            assert all(np.unique(w // 50).size == 4 for w in windows)
+    assert not np.array_equal(corgi.plan(0).indices(0), corgi.plan(1).indices(0))
+    with pytest.raises(ValueError, match="block_size and buffer_blocks >= 1"):
+        ShufflePlanner(100, 2, strategy="corgipile", block_size=0).plan(0).indices(0)

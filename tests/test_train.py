@@ -161,6 +161,24 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
 
 
 @pytest.mark.slow
+def test_corgipile_trains_its_block_order_in_index_and_store_mode(tmp_path):
+    """corgipile through the trainer: the same per-rank order in both modes, and not local's
+    (the same partitions, another order)."""
+    common = ["--nproc", "2", "shuffle.fraction=0", "shuffle.partition=contiguous", "shuffle.block_size=32",
+              "shuffle.buffer_blocks=2"]  # fmt: skip
+    for name, extra in (("index", []), ("store", ["shuffle.mode=store"])):
+        result = run_cli(tmp_path, *common, f"name={name}", "shuffle.strategy=corgipile", *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert run_cli(tmp_path, *common, "name=local", "shuffle.strategy=local").returncode == 0
+    for rank in (0, 1):
+        index, store, local = (
+            rows(tmp_path / n / "metrics" / f"rank-{rank}.csv") for n in ("index", "store", "local")
+        )
+        assert [r["order_sha"] for r in index] == [r["order_sha"] for r in store]
+        assert [r["order_sha"] for r in index] != [r["order_sha"] for r in local]
+
+
+@pytest.mark.slow
 def test_two_ranks_index_and_store_mode_train_on_identical_per_rank_orders(tmp_path):
     common = ["--nproc", "2", "train.deterministic=true", "shuffle.strategy=partial", "shuffle.fraction=0.2"]
     for mode in ("index", "store"):

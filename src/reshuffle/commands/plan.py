@@ -17,7 +17,7 @@ import numpy as np
 
 from reshuffle.config import ConfigError
 from reshuffle.plan import PARTITIONS, STRATEGIES, ShufflePlanner
-from reshuffle.plan.quality import measure
+from reshuffle.plan.quality import block_reads, measure
 from reshuffle.text_table import format_table
 
 MAX_MEASURED_RANKS = 64
@@ -45,6 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--drop-last", action="store_true")
     parser.add_argument(
         "--ranks", type=int, default=MAX_MEASURED_RANKS, help="measure at most this many ranks, evenly spaced"
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=256,
+        help="ids per block (corgipile's blocks; the block_reads column for every strategy)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--buffer-blocks", type=int, default=8, help="blocks a reader keeps (corgipile's buffer; block_reads)"
     )
     parser.add_argument("--system", help="system config file (dataset paths)")
     parser.set_defaults(run=run)
@@ -85,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
         labels=labels,
         seed=args.seed,
         drop_last=args.drop_last,
+        **(
+            {"block_size": args.block_size, "buffer_blocks": args.buffer_blocks}
+            if args.strategy == "corgipile"
+            else {}
+        ),
     )
     if planner.strategy.uses_losses:
         raise ValueError(
@@ -114,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
             q.label_distance_max,
             q.order_entropy,
             q.order_entropy_max,
+            *_reads(planner, q.epoch, ranks, args.block_size, args.buffer_blocks),
         )
         for q in measure(planner, args.epochs, ranks)
     ]
@@ -127,9 +140,22 @@ def run(args: argparse.Namespace) -> int:
         "label_js_max",
         "order_bits",
         "(max)",
+        "block_reads",
+        "(scan)",
     ]
     print(format_table(headers, rows))
     return 0
+
+
+def _reads(
+    planner: ShufflePlanner, epoch: int, ranks: list[int], block: int, buffer: int
+) -> tuple[float, float]:
+    """Blocks a rank reads in ``epoch``'s order with a cache of ``buffer`` blocks (mean over
+    ``ranks``), and what a sequential scan of its holdings reads: the I/O of data read in runs."""
+    plan = planner.plan(epoch)
+    reads = [block_reads(plan.indices(r), block, buffer) for r in ranks]
+    scans = [np.unique(plan.holdings(r) // block).size for r in ranks]
+    return round(float(np.mean(reads)), 1), round(float(np.mean(scans)), 1)
 
 
 def _fraction(args: argparse.Namespace) -> float:

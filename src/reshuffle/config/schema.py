@@ -92,7 +92,7 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ShuffleConfig:
-    strategy: str = "global"  # global | local | partial | importance (reshuffle.STRATEGIES)
+    strategy: str = "global"  # global | local | partial | importance | corgipile (reshuffle.STRATEGIES)
     fraction: float = 0.0  # Q for partial: share of each partition exchanged per epoch
     select: Literal["random", "importance"] = "random"  # partial: which k samples leave a rank
     warmup_epochs: int = 2  # importance: epochs of global shuffling while losses are tracked
@@ -100,6 +100,8 @@ class ShuffleConfig:
     interval_epochs: int = 0  # importance: re-partition every K epochs (0: once, after warm-up)
     measure: Literal["mean", "variance"] = "mean"  # importance: of each sample's tracked losses
     assignment: Literal["stripes", "blocks"] = "stripes"  # importance: how the sorted ids are dealt out
+    block_size: int = 256  # corgipile: consecutive ids per block (a run of a shard)
+    buffer_blocks: int = 8  # corgipile: blocks shuffled together (the tuple-level shuffle's buffer)
     partition: str = "random"  # random | contiguous | strided | label-sorted | stratified
     mode: Literal["index", "store"] = "index"  # index: read the shared dataset; store: node-local stores
     store_dir: str | None = None  # store mode: directory of the rank stores (null: <run dir>/store)

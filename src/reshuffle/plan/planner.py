@@ -65,13 +65,16 @@ class EpochPlan:
     def indices(self, rank: int) -> NDArray[np.int64]:
         """Global sample ids ``rank`` trains on this epoch, in order; ``samples_per_rank`` long.
 
-        The rank's holdings in a local random order drawn from (seed, epoch, rank); padded with
-        the first ids of that order, or truncated, to ``samples_per_rank``.
+        The rank's holdings in a local random order drawn from (seed, epoch, rank) (or the
+        strategy's own order: ``corgipile``); padded with the first ids of that order, or
+        truncated, to ``samples_per_rank``.
         """
         held = self._slots(rank)
-        order = held[
-            streams.rng(self._planner.seed, streams.Stream.ORDER, self.epoch, rank).permutation(held.size)
-        ]
+        order = self._strategy.order(self.epoch, rank, held)  # a strategy's own (corgipile), or
+        if order is None:  # a uniformly random permutation
+            order = held[
+                streams.rng(self._planner.seed, streams.Stream.ORDER, self.epoch, rank).permutation(held.size)
+            ]
         if order.size < self.samples_per_rank:
             order = np.concatenate([order, order[: self.samples_per_rank - order.size]])
         return order[: self.samples_per_rank]

@@ -135,3 +135,23 @@ def measure(planner: ShufflePlanner, epochs: int, ranks: Sequence[int] | None = 
         )
         previous = plan
     return rows
+
+
+def block_reads(order: NDArray[np.int64], block_size: int, cache_blocks: int) -> int:
+    """Blocks (runs of ``block_size`` consecutive ids) read to train in ``order`` when the reader
+    keeps the last ``cache_blocks`` blocks it read (least recently used first out): the I/O of an
+    order over data read sequentially. A sequential scan reads each block once; a uniformly
+    random order over many blocks reads about one block per sample."""
+    from collections import OrderedDict
+
+    cache: OrderedDict[int, None] = OrderedDict()
+    reads = 0
+    for block in (np.asarray(order) // block_size).tolist():
+        if block in cache:
+            cache.move_to_end(block)
+            continue
+        reads += 1
+        cache[block] = None
+        if len(cache) > cache_blocks:
+            cache.popitem(last=False)
+    return reads

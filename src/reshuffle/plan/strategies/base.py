@@ -72,6 +72,11 @@ class Strategy(abc.ABC):
     def receives(self, epoch: int, rank: int) -> dict[int, NDArray[np.int64]]:
         """``{src: sorted ids}`` that arrive at ``rank`` between ``epoch`` and ``epoch + 1``."""
 
+    def order(self, epoch: int, rank: int, held: NDArray[np.int64]) -> NDArray[np.int64] | None:
+        """``rank``'s training order of its holdings ``held`` in ``epoch`` (a permutation of
+        them), or None for the planner's: a uniformly random permutation."""
+        return None
+
     @classmethod
     def expected_churn(cls, layout: Layout, fraction: float) -> float | None:
         """Expected fraction of a rank's holdings that is new each epoch, if known in closed form."""
