@@ -24,6 +24,8 @@ def planners(draw, strategies=tuple(STRATEGIES)):
     options = {}
     if strategy == "partial":
         options["select"] = draw(st.sampled_from(["random", "importance"]))
+        if options["select"] == "random" and draw(st.booleans()):
+            options.update(unit="block", block_size=draw(st.integers(1, 32)))
     if strategy == "importance":
         options = {
             "warmup_epochs": draw(st.integers(1, 2)),
@@ -79,6 +81,9 @@ def test_partial_moves_exactly_k_in_and_out_of_every_rank(planner):
     if planner.world_size == 1:
         k = 0
     assert moves_per_epoch(planner.layout, planner.fraction) == k
+    if planner.strategy.unit == "block":  # k in whole blocks of block_size
+        k = planner.strategy.k
+        assert k % planner.strategy.block == 0
     for epoch in range(4):
         if planner.strategy.uses_losses:  # select="importance": weighted by (stand-in) losses
             feed_losses(planner, epoch)
@@ -298,3 +303,30 @@ def test_corgipile_reads_whole_blocks_through_a_buffer():
     assert not np.array_equal(corgi.plan(0).indices(0), corgi.plan(1).indices(0))
     with pytest.raises(ValueError, match="block_size and buffer_blocks >= 1"):
         ShufflePlanner(100, 2, strategy="corgipile", block_size=0).plan(0).indices(0)
+
+
+def test_partial_with_block_units_moves_whole_runs_of_consecutive_ids():
+    """unit=block with a contiguous partition: what leaves a rank is whole blocks of block_size
+    consecutive ids (each block to one rank), k rounded to whole blocks; select=importance is
+    refused with it."""
+    planner = ShufflePlanner(
+        10_000,
+        4,
+        strategy="partial",
+        fraction=0.1,
+        partition="contiguous",
+        seed=2,
+        unit="block",
+        block_size=25,
+    )
+    assert planner.strategy.k == 250  # round(0.1 * 2500) = 250: 10 blocks of 25
+    for epoch in (0, 1, 2):
+        for rank in range(4):
+            sends = planner.plan(epoch).sends(rank)
+            assert sum(ids.size for ids in sends.values()) == 250
+            if epoch == 0:
+                for ids in sends.values():
+                    runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)
+                    assert all(run.size % 25 == 0 and run[0] % 25 == 0 for run in runs), runs
+    with pytest.raises(ValueError, match="unit='block' needs block_size >= 1 and select='random'"):
+        ShufflePlanner(100, 2, strategy="partial", fraction=0.5, unit="block", select="importance")

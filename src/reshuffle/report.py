@@ -37,7 +37,8 @@ APPLIES: dict[str, tuple[str, set[Any]]] = {
         f"shuffle.{key}": ("shuffle.strategy", {"importance"})
         for key in ("warmup_epochs", "ignore_epochs", "interval_epochs", "measure", "assignment")
     },
-    "shuffle.block_size": ("shuffle.strategy", {"corgipile"}),
+    "shuffle.block_size": ("shuffle.strategy", {"corgipile", "partial"}),
+    "shuffle.unit": ("shuffle.strategy", {"partial"}),
     "shuffle.buffer_blocks": ("shuffle.strategy", {"corgipile"}),
     "dist.nproc": ("dist.virtual_ranks", {0, None}),
 }

@@ -100,7 +100,8 @@ class ShuffleConfig:
     interval_epochs: int = 0  # importance: re-partition every K epochs (0: once, after warm-up)
     measure: Literal["mean", "variance"] = "mean"  # importance: of each sample's tracked losses
     assignment: Literal["stripes", "blocks"] = "stripes"  # importance: how the sorted ids are dealt out
-    block_size: int = 256  # corgipile: consecutive ids per block (a run of a shard)
+    unit: Literal["sample", "block"] = "sample"  # partial: move single samples, or whole blocks of ids
+    block_size: int = 256  # corgipile, partial with unit=block: consecutive ids per block (a shard's run)
     buffer_blocks: int = 8  # corgipile: blocks shuffled together (the tuple-level shuffle's buffer)
     partition: str = "random"  # random | contiguous | strided | label-sorted | stratified
     mode: Literal["index", "store"] = "index"  # index: read the shared dataset; store: node-local stores

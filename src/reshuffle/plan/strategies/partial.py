@@ -22,6 +22,10 @@ mixing or churn). ``Q = 0`` is exactly ``local``.
 ``S_e`` costs O(k) per epoch to advance and is cached, so consecutive epochs cost O(N/M) each; a
 cold start at epoch ``e`` replays ``e`` epochs of k draws each.
 
+``unit="block"`` (for data read in runs, with a ``contiguous`` partition of shards): the moving
+columns are whole runs of ``block_size`` columns, each run with one shift, so a rank's slots that
+hold consecutive ids leave and arrive as whole blocks; k is rounded to whole blocks.
+
 ``select="importance"`` (beyond the paper): which k samples leave a rank is no longer uniform but
 drawn without replacement with probability proportional to each sample's importance, its most
 recent (rank-reduced) loss, so hard samples circulate. The moving columns and shifts are the same
@@ -52,12 +56,13 @@ def moves_per_epoch(layout: Layout, fraction: float) -> int:
 
 
 SELECTIONS = ("random", "importance")
+UNITS = ("sample", "block")
 
 
 class PartialStrategy(Strategy):
     name = "partial"
     uses_fraction = True
-    option_defaults: ClassVar[Mapping[str, Any]] = {"select": "random"}
+    option_defaults: ClassVar[Mapping[str, Any]] = {"select": "random", "unit": "sample", "block_size": 256}
 
     def __init__(self, context: PlanContext) -> None:
         super().__init__(context)
@@ -70,6 +75,17 @@ class PartialStrategy(Strategy):
                 f"partial: unknown select {self.select!r}; choose one of {', '.join(SELECTIONS)}"
             )
         self.uses_losses = self.select == "importance"  # type: ignore[misc]
+        self.unit, self.block = (
+            context.options.get("unit", "sample"),
+            int(context.options.get("block_size", 256)),
+        )
+        if self.unit not in UNITS:
+            raise ValueError(f"partial: unknown unit {self.unit!r}; choose one of {', '.join(UNITS)}")
+        if self.unit == "block":
+            if self.block < 1 or self.uses_losses:
+                raise ValueError("partial with unit='block' needs block_size >= 1 and select='random'")
+            blocks = self.layout.min_size // self.block  # whole blocks of columns; the rest never moves
+            self.k = min(blocks, round(self.k / self.block) or (1 if self.k else 0)) * self.block
         self._latest = np.full(self.layout.num_samples, np.nan)  # select=importance: last loss per id
         self._weights: dict[int, NDArray[np.float64]] = {}  # move t -> losses known before epoch t
         self._tables: dict[int, NDArray[np.int64]] = {}  # epoch -> (M, floor(N/M)) ids by column
@@ -79,6 +95,12 @@ class PartialStrategy(Strategy):
     def moves(self, epoch: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """The columns that move between ``epoch`` and ``epoch + 1`` and their rank shifts."""
         rng = streams.rng(self.context.seed, streams.Stream.PARTIAL, epoch)
+        if self.unit == "block":  # runs of block_size columns move together, each with one shift
+            count = self.k // self.block
+            first = rng.choice(self.layout.min_size // self.block, size=count, replace=False) * self.block
+            columns = (first[:, None] + np.arange(self.block)[None, :]).reshape(-1)
+            shifts = np.repeat(rng.integers(1, self.layout.world_size, size=count), self.block)
+            return columns.astype(np.int64), shifts.astype(np.int64)
         columns = rng.choice(self.layout.min_size, size=self.k, replace=False)
         shifts = rng.integers(1, self.layout.world_size, size=self.k)
         return columns.astype(np.int64), shifts.astype(np.int64)
