@@ -12,8 +12,8 @@ their shards once, reading only what labels need, never an image:
   column (``image``: bytes, or a struct with a ``bytes`` field as Hugging Face writes it) and an
   integer label column (``label``); options ``image_column`` / ``label_column`` rename them.
   Indexing reads the label column only (Parquet stores columns apart); a sample's raw bytes come
-  from its row group, the last one read kept in memory, so reading ids in order reads each row
-  group once.
+  from its row group, the last ``cache_groups`` (8) read kept in memory, so reading ids in order,
+  or in ``corgipile``'s order with a buffer of up to 8 row groups, reads each row group once.
 
 * ``arrow``: a Hugging Face dataset saved with ``save_to_disk`` (``<path>/<split>/data-*.arrow``,
   Arrow stream files; no ``datasets`` package and no hub access needed), columns as for
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import tarfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,7 @@ class ParquetSource(_PillowSource):
 
     def __init__(
         self, files: list[Path], split: str, image_size: int, channels: int, image_column: str,
-        label_column: str,
+        label_column: str, cache_groups: int = 8,
     ) -> None:  # fmt: skip
         import pyarrow.parquet as pq
 
@@ -177,15 +178,20 @@ class ParquetSource(_PillowSource):
         self.shard_index = np.repeat(
             np.arange(len(groups)), np.diff([*self.groups[:, 2], start])
         )  # row group
-        self._cached: tuple[int, list[bytes]] | None = None
+        self.cache_groups = cache_groups
+        self._cached: OrderedDict[int, list[bytes]] = OrderedDict()  # the last row groups read
         self._lock = threading.Lock()
 
     def raw(self, index: int) -> bytes:
         at = int(np.searchsorted(self.groups[:, 2], index, side="right")) - 1
         with self._lock:
-            if self._cached is None or self._cached[0] != at:
-                self._cached = (at, self._read_group(at))
-            rows = self._cached[1]
+            rows = self._cached.get(at)
+            if rows is None:
+                rows = self._cached[at] = self._read_group(at)
+                if len(self._cached) > self.cache_groups:
+                    self._cached.popitem(last=False)
+            else:
+                self._cached.move_to_end(at)
         return rows[index - int(self.groups[at, 2])]
 
     def _read_group(self, at: int) -> list[bytes]:
@@ -200,7 +206,7 @@ class ParquetSource(_PillowSource):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_cached"], state["_lock"] = None, None
+        state["_cached"], state["_lock"] = OrderedDict(), None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -285,7 +291,7 @@ def load_webdataset(
 
 def load_parquet(
     split: str, *, path: str | None = None, download: bool = False, image_size: int = 32, channels: int = 3,
-    image_column: str = "image", label_column: str = "label",
+    image_column: str = "image", label_column: str = "label", cache_groups: int = 8,
 ) -> ParquetSource:  # fmt: skip
     """The ``split`` of the Parquet files under ``path``."""
     _needs_pillow("parquet")
@@ -294,7 +300,7 @@ def load_parquet(
     except ImportError as error:
         raise ImportError("the parquet loader needs pyarrow: pip install 'reshuffle[formats]'") from error
     files = _shard_files(path, split, ".parquet", "parquet")
-    return ParquetSource(files, split, image_size, channels, image_column, label_column)
+    return ParquetSource(files, split, image_size, channels, image_column, label_column, cache_groups)
 
 
 def _needs_pillow(loader: str) -> None:
