@@ -480,3 +480,32 @@ def test_epoch_totals_are_read_from_the_device_once_and_match_step_by_step_sums(
     assert numbers[:4] == [5, 40, pytest.approx(expected_loss), expected_hits]
     assert numbers[4:7] == [pytest.approx(0.5), pytest.approx(1.0), pytest.approx(1.5)]
     assert sum(stats.label_counts) == 40 and stats.to_numbers()[:4] == numbers[:4]  # settled once
+
+
+def test_a_resident_training_set_trains_exactly_as_the_loader_and_resumes_exactly(tmp_path):
+    """train.resident=on (the set decoded and normalised once, batches gathered on the device):
+    the same ids, per-step losses and final weights as the DataLoader path; stopped mid-epoch and
+    resumed, the same again. A random augmentation is refused by name."""
+    common = ("train.epochs=2", "train.deterministic=true", "log.step_losses=true")
+    loader = run_in_process(tmp_path, *common, "train.resident=off", name="loader")
+    resident = run_in_process(tmp_path, *common, "train.resident=on", name="resident")
+    run_in_process(tmp_path, *common, "train.resident=on", "train.max_steps=5", name="stopped")
+    stopped = run_in_process(tmp_path, *common, "train.resident=on", name="stopped", resume=True)
+    for other in (resident, stopped):
+        assert [r["order_sha"] for r in rows(loader / "metrics" / "rank-0.csv")] == [
+            r["order_sha"] for r in rows(other / "metrics" / "rank-0.csv")
+        ]
+        losses = [r["loss"] for r in rows(other / "metrics" / "steps.csv")]  # a resume: from step 5 on
+        assert [r["loss"] for r in rows(loader / "metrics" / "steps.csv")][-len(losses) :] == losses
+        a = Checkpoints.load(Checkpoints(loader / "checkpoints", 2).latest())["model"]
+        b = Checkpoints.load(Checkpoints(other / "checkpoints", 2).latest())["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), other
+    system = tmp_path / "system.yaml"
+    system.write_text(
+        "datasets:\n  synthetic:\n    loader: synthetic\n    train_transforms: [horizontal-flip, normalize]\n"
+    )
+    config = load_run_config(
+        CONFIGS / "smoke.yaml", [*TINY, f"log.dir={tmp_path}", "name=flip", "train.resident=on"]
+    )
+    with pytest.raises(ConfigError, match="no random augmentation in the train transforms"):
+        train(config, load_system_config(system), tmp_path / "flip")

@@ -137,6 +137,10 @@ class TrainConfig:
     bn_recalibrate_batches: int = 8  # batches of each rank's own data used for recalibration
     workers: int = 0  # DataLoader worker processes per rank
     pin_memory: bool = False
+    # resident: keep the training set decoded and transformed on the device and gather batches there
+    # (index mode, pixels in memory, no random augmentation); auto: on a GPU when it fits in 1/4 of
+    # the free memory; on: also on the CPU (or an error saying why it cannot)
+    resident: Literal["auto", "on", "off"] = "auto"
     deterministic: bool = False  # deterministic algorithms and seeded workers (exact resume on CPU)
     checkpoint_every: int = 1  # save a checkpoint every K epochs (0: only at the end)
     checkpoint_steps: int = 0  # also save every K steps within an epoch (0: never)

@@ -77,6 +77,7 @@ def _train(
         data.load_state_dict(saved[state.DATA])
     data.set_epoch(start_epoch)  # stages (or reopens and recovers) a store before anything is timed
     run = Run.build(config, system, run_dir, ctx, data, source, checkpoints, saved, resume, start_epoch)
+    run.resident = inputs.resident_copy(data, ctx.device, config.train.resident)
     run.total_steps = start_epoch * run.steps_per_epoch + run.first_step()
     last_row: dict[str, Any] = {}
     for epoch in range(start_epoch, config.train.epochs):
@@ -121,6 +122,7 @@ class Run:
     dataset_labels: np.ndarray  # samples per class in the whole training set
     total_steps: int = 0
     _resumed_at: tuple[int, int] = (0, 0)  # (first step, samples consumed) of the selected epoch
+    resident: tuple[torch.Tensor, torch.Tensor] | None = None  # train.resident: the set on the device
 
     @classmethod
     def build(
@@ -179,10 +181,9 @@ class Run:
         cfg, ctx = self.config.train, self.ctx
         stats = metrics.EpochStats.from_numbers(partial) if partial else None
         stats = stats or metrics.EpochStats(label_counts=[0] * self.source.num_classes)
-        loader = DataLoader(
-            self.data.dataset, batch_size=cfg.batch_size, sampler=self.data.sampler, num_workers=cfg.workers,
-            collate_fn=collate, pin_memory=cfg.pin_memory,
-            generator=torch.Generator().manual_seed(step.rank_seed(self.config.seed, ctx.rank) + epoch),
+        loader = inputs.epoch_batches(
+            self.data, self.resident, cfg.batch_size, cfg.workers, cfg.pin_memory,
+            step.rank_seed(self.config.seed, ctx.rank) + epoch,
         )  # fmt: skip
         distributed.check_equal_batches(self.steps_per_epoch - first_step, len(loader), ctx.device)
         self.model.train()
