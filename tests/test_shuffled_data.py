@@ -221,14 +221,15 @@ class NotReadAgain(Pictures):
         raise AssertionError(f"sample {index} was read from the source")
 
 
-def _epochs_then_save(rank, world, root, checkpoint, epochs, source_readable):
+def _epochs_then_save(rank, world, root, checkpoint, epochs, source_readable, strategy="partial"):
     """A trainer-like loop: resume from ``checkpoint`` when it exists, train ``epochs`` epochs
     (reading every item through the store), end each epoch (the exchange into the next one is
     prepared everywhere) and save the state on rank 0. Returns per epoch the ids and whether every
     item was intact."""
+    options = {"fraction": 0.25} if strategy == "partial" else {}
     data = ShuffledData(
-        Pictures() if source_readable else NotReadAgain(), root, strategy="partial", fraction=0.25,
-        partition="label-sorted", seed=11, epochs=6, chunk_mb=0.001,
+        Pictures() if source_readable else NotReadAgain(), root, strategy=strategy, partition="label-sorted",
+        seed=11, epochs=6, chunk_mb=0.001, **options,
     )  # fmt: skip
     start = 0
     if os.path.exists(checkpoint):
@@ -253,20 +254,22 @@ def _epochs_then_save(rank, world, root, checkpoint, epochs, source_readable):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("before", "after"), [(4, 2), (2, 3)])
-def test_stores_resized_to_another_number_of_ranks_through_the_exchange(tmp_path, before, after):
+@pytest.mark.parametrize(
+    ("before", "after", "strategy"), [(4, 2, "partial"), (2, 3, "partial"), (3, 2, "local"), (2, 3, "global")]
+)
+def test_stores_resized_to_another_number_of_ranks_through_the_exchange(tmp_path, before, after, strategy):
     """A store-mode job of ``before`` ranks trains 2 epochs; it resumes with ``after`` ranks into a
     new store_dir: the new stores are filled from the old ones through the exchange (reading the
     source again fails), every sample is held by exactly one rank, intact, and the next epochs
     train the plan ``after`` ranks would have had, their exchanges included. The old stores are
     left as they were."""
     old, new, checkpoint = tmp_path / "old", tmp_path / "new", str(tmp_path / "state.pt")
-    run_ranks(_epochs_then_save, before, str(old), checkpoint, 2, True, timeout=240)
-    resumed = run_ranks(_epochs_then_save, after, str(new), checkpoint, 2, False, timeout=240)
+    run_ranks(_epochs_then_save, before, str(old), checkpoint, 2, True, strategy, timeout=240)
+    resumed = run_ranks(_epochs_then_save, after, str(new), checkpoint, 2, False, strategy, timeout=240)
+    options = {"fraction": 0.25} if strategy == "partial" else {}
     planner = ShufflePlanner(
-        NUM, after, strategy="partial", fraction=0.25, partition="label-sorted", labels=Pictures().targets,
-        seed=11,
-    )  # fmt: skip
+        NUM, after, strategy=strategy, partition="label-sorted", labels=Pictures().targets, seed=11, **options
+    )
     for rank in range(after):
         assert sorted(resumed[rank]) == [2, 3]
         for epoch in (2, 3):
