@@ -89,7 +89,9 @@ def minimal_loop(
     return statistics.fmean(rates[1:] or rates)
 
 
-def reshuffle_run(tmp: Path, name: str, data: list[str], batch: int, bf16: bool, epochs: int) -> dict:
+def reshuffle_run(
+    tmp: Path, name: str, data: list[str], batch: int, bf16: bool, epochs: int, resident: str = "auto"
+) -> dict:
     """Samples/s of ``reshuffle run`` (epochs 1..) and its time breakdown per epoch."""
     command = [
         sys.executable, "-m", "reshuffle", "run", str(ROOT / "configs" / "fashion-mnist.yaml"),
@@ -97,7 +99,8 @@ def reshuffle_run(tmp: Path, name: str, data: list[str], batch: int, bf16: bool,
         f"name={name}", f"log.dir={tmp}", f"train.epochs={epochs}", f"train.batch_size={batch}",
         "train.reference_batch=256", "shuffle.strategy=global", "shuffle.fraction=0", "log.tensorboard=false",
         "log.every_steps=0", "log.progress=lines", "train.checkpoint_every=0", "train.warmup_epochs=0",
-        f"train.amp={'bf16' if bf16 else 'off'}", f"train.channels_last={str(bf16).lower()}", *data,
+        f"train.amp={'bf16' if bf16 else 'off'}", f"train.channels_last={str(bf16).lower()}",
+        f"train.resident={resident}", *data,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800, env={**os.environ})
     if result.returncode != 0:
@@ -127,23 +130,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batches:
             for bf16 in precisions:
-                loops, runs = [], []
+                loops, runs, residents = [], [], []
                 for repeat in range(args.repeats):
                     loops.append(minimal_loop(images, labels, batch, bf16, args.epochs, device))
                     runs.append(reshuffle_run(Path(tmp), f"b{batch}-{bf16}-{repeat}", data, batch, bf16,
                                               args.epochs))  # fmt: skip
+                    residents.append(reshuffle_run(Path(tmp), f"r{batch}-{bf16}-{repeat}", data, batch, bf16,
+                                                   args.epochs, "on"))  # fmt: skip
                 ratios = [r["samples_per_s"] / loop for r, loop in zip(runs, loops, strict=True)]
                 row = {
                     "batch": batch, "precision": "bf16 + channels_last" if bf16 else "fp32",
                     "loop samples/s": statistics.median(loops),
                     "run samples/s": statistics.median(r["samples_per_s"] for r in runs),
                     "ratio": statistics.median(ratios),
+                    "resident ratio": statistics.median(
+                        r["samples_per_s"] / loop for r, loop in zip(residents, loops, strict=True)
+                    ),
                     "ratio min-max": f"{min(ratios):.2f}-{max(ratios):.2f}",
+                    "loop spread": f"{(max(loops) - min(loops)) / statistics.median(loops):.0%}",
                     **{f"run {k} per epoch": statistics.median(r[k] for r in runs)
                        for k in ("io_s", "fw_bw_s", "ge_wu_s")},
                 }  # fmt: skip
                 rows.append(row)
-                repeats.append({"batch": batch, "bf16": bf16, "loops": loops, "runs": runs, "ratios": ratios})
+                repeats.append(
+                    {
+                        "batch": batch,
+                        "bf16": bf16,
+                        "loops": loops,
+                        "runs": runs,
+                        "ratios": ratios,
+                        "residents": residents,
+                    }
+                )
                 print(row, repeats[-1], flush=True)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     headers = list(rows[0])
@@ -153,8 +171,11 @@ def main() -> None:
         f"## The trainer vs a minimal loop (`bench/gpu.py`), on {device.type}", "",
         f"Machine: {where}; {machine()}. {args.train_samples} training samples, {args.epochs} epochs "
         f"(epochs 1.. timed), {args.repeats} repeats interleaved; ratio = `reshuffle run` samples/s / the "
-        "minimal loop's, median over repeats (min-max). The run's time-breakdown columns are seconds per "
-        "epoch.",
+        "minimal loop's, median over repeats (min-max); *resident ratio*: the same with `train.resident=on` "
+        "(the set decoded on the device, batches gathered there; `auto` turns it on on a GPU). "
+        "*loop spread*: how much the minimal loop alone varies between repeats ((max - min) / median): the "
+        "machine's noise, against which a ratio's min-max must be read. The run's time-breakdown columns are seconds per "
+        "epoch (default settings).",
         "", *table,
     ])  # fmt: skip
     write_results(f"gpu-{device.type}", {"device": where, "rows": rows, "repeats": repeats}, markdown)

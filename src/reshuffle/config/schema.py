@@ -138,7 +138,7 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes per rank
     pin_memory: bool = False
     # resident: keep the training set decoded and transformed on the device and gather batches there
-    # (index mode, pixels in memory, no random augmentation); auto: on a GPU when it fits in 1/4 of
+    # (index mode, no random augmentation; decoded once); auto: on a GPU when it fits in 1/4 of
     # the free memory; on: also on the CPU (or an error saying why it cannot)
     resident: Literal["auto", "on", "off"] = "auto"
     deterministic: bool = False  # deterministic algorithms and seeded workers (exact resume on CPU)

@@ -63,17 +63,17 @@ def resident_copy(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The training set decoded, transformed and on ``device`` (``train.resident``: ``on``, or
     ``auto``: on a GPU when it takes at most a quarter of the free memory), or None: store mode,
-    a source that is not held as pixels, random augmentation, or not worth it."""
+    random augmentation, or not worth it. Any source works (decoded once, in slices)."""
     dataset = data.dataset
     if mode == "off" or data.mode != "index" or not isinstance(dataset, SourceDataset):
         return None
     source, transform = dataset.source, dataset.transform
-    if transform.random or not hasattr(source, "images"):
+    if transform.random:
         if mode == "on":
             raise ConfigError(
-                "train.resident=on keeps the training set decoded on the device: it needs index mode, a "
-                "source held as pixels (fashion-mnist, cifar10, digits, synthetic) and no random "
-                "augmentation in the train transforms; use train.resident=auto or off"
+                "train.resident=on keeps the training set decoded and transformed on the device: it "
+                "needs index mode and no random augmentation in the train transforms; use "
+                "train.resident=auto or off"
             )
         return None
     floats = len(source) * int(np.prod(source.shape)) * 4
