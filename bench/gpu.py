@@ -174,8 +174,8 @@ def main() -> None:
         "minimal loop's, median over repeats (min-max); *resident ratio*: the same with `train.resident=on` "
         "(the set decoded on the device, batches gathered there; `auto` turns it on on a GPU). "
         "*loop spread*: how much the minimal loop alone varies between repeats ((max - min) / median): the "
-        "machine's noise, against which a ratio's min-max must be read. The run's time-breakdown columns are seconds per "
-        "epoch (default settings).",
+        "machine's noise, against which a ratio's min-max must be read. The run's time-breakdown columns are "
+        "seconds per epoch (default settings).",
         "", *table,
     ])  # fmt: skip
     write_results(f"gpu-{device.type}", {"device": where, "rows": rows, "repeats": repeats}, markdown)
