@@ -159,12 +159,7 @@ class ParquetSource(_PillowSource):
         for number, file in enumerate(files):
             reader = pq.ParquetFile(file)
             names = reader.schema_arrow.names
-            for column in (image_column, label_column):
-                if column not in names:
-                    raise DataNotFoundError(
-                        f"{file} has no column {column!r} (it has {', '.join(names)}); set the loader's "
-                        "options image_column / label_column"
-                    )
+            _check_columns(file, names, (image_column, label_column))
             for group in range(reader.num_row_groups):
                 column = reader.read_row_group(group, columns=[label_column]).column(0)
                 labels.append(np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64))
@@ -228,12 +223,7 @@ class ArrowSource(_PillowSource):
         labels = []
         for file, table in zip(files, self.tables(), strict=True):
             names = table.schema.names
-            for column in (image_column, label_column):
-                if column not in names:
-                    raise DataNotFoundError(
-                        f"{file} has no column {column!r} (it has {', '.join(names)}); set the loader's "
-                        "options image_column / label_column"
-                    )
+            _check_columns(file, names, (image_column, label_column))
             labels.append(np.asarray(table.column(label_column).to_numpy(), dtype=np.int64))
         self.targets = np.concatenate(labels)
         if not self.targets.size:
@@ -279,6 +269,15 @@ def load_arrow(
         raise ImportError("the arrow loader needs pyarrow: pip install 'reshuffle[formats]'") from error
     files = [f for f in _shard_files(path, split, ".arrow", "arrow") if not f.name.startswith("cache-")]
     return ArrowSource(files, split, image_size, channels, image_column, label_column)
+
+
+def _check_columns(file: Path, names: list[str], needed: tuple[str, ...]) -> None:
+    for column in needed:
+        if column not in names:
+            raise DataNotFoundError(
+                f"{file} has no column {column!r} (it has {', '.join(names)}); set the loader's options "
+                "image_column / label_column"
+            )
 
 
 def load_webdataset(

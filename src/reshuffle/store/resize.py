@@ -41,9 +41,17 @@ from reshuffle.store import format as fmt
 from reshuffle.store.exchange import check_holdings
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
-from reshuffle.store.stage import committed_epoch, gather_errors, gather_ints, prepare_root, stage, store_meta
+from reshuffle.store.stage import (
+    agree,
+    committed_epoch,
+    gather_errors,
+    gather_ints,
+    prepare_root,
+    stage,
+    store_meta,
+)
 from reshuffle.store.transfer import MIN_PEER_CHUNK, Rounds, exchange_streams
-from reshuffle.store.wire import OutgoingStream, PeerError
+from reshuffle.store.wire import OutgoingStream
 
 
 def resize_stores(
@@ -80,7 +88,7 @@ def resize_stores(
         error = ""
     except Exception as failure:
         error = f"{type(failure).__name__}: {failure}"
-    _agree(gather_errors(error, group), rank, "open the stores")
+    agree(gather_errors(error, group), rank, "open the stores", "; the old stores are unchanged")
     try:
         held_at = _agreed_epoch(owned, old, epoch, device, group)
         writer = store.pack_writer(max_pack_bytes) if store is not None else None
@@ -95,7 +103,7 @@ def resize_stores(
         if writer is not None:
             writer.abort()
         error = f"{type(failure).__name__}: {failure}"
-    _agree(gather_errors(error, group), rank, "resize the stores")
+    agree(gather_errors(error, group), rank, "resize the stores", "; the old stores are unchanged")
     if store is None:
         store, _ = stage(new_root, rank, source, new, epoch, dataset=dataset)
     size = int(store.records["length"].sum())
@@ -103,21 +111,6 @@ def resize_stores(
         f"rank {rank}: resized the stores of {old.world_size} ranks to {world}: {len(store)} samples "
         f"({size / 2**20:.1f} MiB) for epoch {epoch}, streamed from old store(s) {owners} "
         f"in {time.perf_counter() - started:.1f} s"
-    )
-
-
-def _agree(errors: list[str], rank: int, what: str) -> None:
-    """Raise on every rank once any failed: its own error, or a PeerError naming the first."""
-    failed = [(r, why) for r, why in enumerate(errors) if why]
-    if not failed:
-        return
-    mine = errors[rank]
-    if mine:
-        raise fmt.StoreError(f"rank {rank}: could not {what}: {mine}")
-    first, why = failed[0]
-    raise PeerError(
-        f"rank {rank}: {len(failed)} rank(s) could not {what}; the old stores are unchanged; "
-        f"caused by rank {first}: {why.splitlines()[0]}"
     )
 
 

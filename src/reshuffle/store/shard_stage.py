@@ -31,9 +31,9 @@ from reshuffle.store import format as fmt
 from reshuffle.store.exchange import check_holdings
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
-from reshuffle.store.stage import gather_errors, prepare_root, store_meta
+from reshuffle.store.stage import agree, gather_errors, prepare_root, store_meta
 from reshuffle.store.transfer import MIN_PEER_CHUNK, Rounds, exchange_streams
-from reshuffle.store.wire import PeerError, SampleStream
+from reshuffle.store.wire import SampleStream
 
 
 def stage_from_shards(
@@ -59,7 +59,7 @@ def stage_from_shards(
             store, writer = _new_store(root, rank, source, planner, dataset, max_pack_bytes)
         except Exception as failure:
             error = f"{type(failure).__name__}: {failure}"
-    _agree(gather_errors(error, group), rank, "open their stores")
+    agree(gather_errors(error, group), rank, "open their stores")
     rounds, read = Rounds(group, device or torch.device("cpu")), 0
     try:
         for index in range(math.ceil(len(members) / world)):
@@ -72,7 +72,7 @@ def stage_from_shards(
                 error = ""
             except Exception as failure:
                 error = f"{type(failure).__name__} reading shard {shard}: {failure}"
-            _agree(gather_errors(error, group), rank, "read their shards")
+            agree(gather_errors(error, group), rank, "read their shards")
             receives = {}
             if writer is not None:
                 for src in range(world):
@@ -128,13 +128,3 @@ def _read(
             )
             count += 1
     return {dst: SampleStream(sorted(samples)) for dst, samples in by_rank.items()}, count
-
-
-def _agree(errors: list[str], rank: int, what: str) -> None:
-    failed = [(r, why) for r, why in enumerate(errors) if why]
-    if not failed:
-        return
-    if errors[rank]:
-        raise fmt.StoreError(f"rank {rank}: {errors[rank]}")
-    first, why = failed[0]
-    raise PeerError(f"rank {rank}: {len(failed)} rank(s) could not {what}; caused by rank {first}: {why}")

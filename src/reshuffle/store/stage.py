@@ -158,6 +158,21 @@ def committed_epoch(root: Path, rank: int) -> int:
         return -1
 
 
+def agree(errors: list[str], rank: int, what: str, note: str = "") -> None:
+    """After :func:`gather_errors`: raise on every rank once any failed, this rank's own error, or
+    on the others a ``PeerError`` naming the first that failed (``note``: what is left as it was)."""
+    failed = [(r, why) for r, why in enumerate(errors) if why]
+    if not failed:
+        return
+    if errors[rank]:
+        raise fmt.StoreError(f"rank {rank}: could not {what}: {errors[rank]}")
+    first, why = failed[0]
+    raise PeerError(
+        f"rank {rank}: {len(failed)} rank(s) could not {what}{note}; "
+        f"caused by rank {first}: {why.splitlines()[0]}"
+    )
+
+
 def gather_errors(mine: str, group: dist.ProcessGroup | None) -> list[str]:
     """Every rank's error line ("" for none), collective."""
     everyone: list[str] = [""] * dist.get_world_size(group)
