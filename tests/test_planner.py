@@ -16,7 +16,7 @@ from reshuffle.plan.strategies.partial import moves_per_epoch
 
 
 @st.composite
-def planners(draw, strategies=tuple(STRATEGIES)):
+def planners(draw, strategies=tuple(STRATEGIES), nodes=False):
     world = draw(st.integers(1, 64))
     num = draw(st.integers(world, 5000))
     strategy = draw(st.sampled_from(strategies))
@@ -37,6 +37,8 @@ def planners(draw, strategies=tuple(STRATEGIES)):
     partition = draw(st.sampled_from(sorted(PARTITIONS)))
     num_classes = draw(st.integers(1, 20))
     labels = np.random.default_rng(num).integers(0, num_classes, size=num)
+    if nodes and strategy != "corgipile":  # node-aware: R ranks per node, R a divisor of the world
+        options["ranks_per_node"] = draw(st.sampled_from([r for r in range(1, world + 1) if world % r == 0]))
     return ShufflePlanner(
         num,
         world,
@@ -53,6 +55,23 @@ def planners(draw, strategies=tuple(STRATEGIES)):
 @given(planners())
 def test_every_plan_keeps_the_guarantees(planner):
     assert check_planner(planner, epochs=3) == []
+
+
+@given(planners(nodes=True))
+def test_every_node_aware_plan_keeps_the_guarantees(planner):
+    assert check_planner(planner, epochs=3) == []
+
+
+@given(planners(nodes=True))
+def test_locate_inverts_the_slots(planner):
+    strategy = planner.strategy
+    if strategy.uses_losses:
+        feed_losses(planner, 0)
+    for epoch in (0, 1):
+        for rank in range(planner.world_size):
+            held = strategy.slots(epoch, rank)
+            ranks, slots = strategy.locate(epoch, held)
+            assert (ranks == rank).all() and np.array_equal(slots, np.arange(held.size))
 
 
 @given(planners())

@@ -47,6 +47,10 @@ class InitialPartition:
         """Id in slot ``slots[i]`` of rank ``ranks[i]`` (arrays of one shape)."""
         raise NotImplementedError
 
+    def locate(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """The inverse of :meth:`lookup`: (rank, slot) of each id in ``ids``."""
+        raise NotImplementedError
+
     def rank_ids(self, rank: int) -> NDArray[np.int64]:
         """All ids of ``rank`` in slot order, shape ``(layout.size(rank),)``."""
         slots = np.arange(self.layout.size(rank), dtype=np.int64)
@@ -63,6 +67,9 @@ class RandomPartition(InitialPartition):
     def lookup(self, ranks: NDArray[np.int64], slots: NDArray[np.int64]) -> NDArray[np.int64]:
         return self._permutation.forward(self.layout.offsets[ranks] + slots)
 
+    def locate(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        return _block_of(self.layout, self._permutation.inverse(ids))
+
 
 class ContiguousPartition(InitialPartition):
     name = "contiguous"
@@ -70,12 +77,19 @@ class ContiguousPartition(InitialPartition):
     def lookup(self, ranks: NDArray[np.int64], slots: NDArray[np.int64]) -> NDArray[np.int64]:
         return (self.layout.offsets[ranks] + slots).astype(np.int64)
 
+    def locate(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        return _block_of(self.layout, np.asarray(ids, dtype=np.int64))
+
 
 class StridedPartition(InitialPartition):
     name = "strided"
 
     def lookup(self, ranks: NDArray[np.int64], slots: NDArray[np.int64]) -> NDArray[np.int64]:
         return (ranks + slots * self.layout.world_size).astype(np.int64)
+
+    def locate(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        slots, ranks = np.divmod(np.asarray(ids, dtype=np.int64), self.layout.world_size)
+        return ranks, slots
 
 
 class _LabelPartition(InitialPartition):
@@ -89,6 +103,8 @@ class _LabelPartition(InitialPartition):
         )
         # Stable sort of a random order by label: sorted by class, random within a class.
         self._class_order = shuffled[np.argsort(labels[shuffled], kind="stable")]
+        self._position = np.empty_like(self._class_order)  # id -> its place in the class order
+        self._position[self._class_order] = np.arange(layout.num_samples, dtype=np.int64)
 
 
 class LabelSortedPartition(_LabelPartition):
@@ -103,6 +119,9 @@ class LabelSortedPartition(_LabelPartition):
     def lookup(self, ranks: NDArray[np.int64], slots: NDArray[np.int64]) -> NDArray[np.int64]:
         return self._class_order[self.layout.offsets[ranks] + slots]
 
+    def locate(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        return _block_of(self.layout, self._position[ids])
+
 
 class StratifiedPartition(_LabelPartition):
     """Every M-th sample of the class-sorted order: rank ``r`` holds ``floor(n_c / M)`` or
@@ -112,6 +131,16 @@ class StratifiedPartition(_LabelPartition):
 
     def lookup(self, ranks: NDArray[np.int64], slots: NDArray[np.int64]) -> NDArray[np.int64]:
         return self._class_order[ranks + slots * self.layout.world_size]
+
+    def locate(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        slots, ranks = np.divmod(self._position[ids], self.layout.world_size)
+        return ranks, slots
+
+
+def _block_of(layout: Layout, positions: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(rank, slot) of positions of the concatenated block order ``0 .. N-1``."""
+    ranks = layout.rank_of(positions)
+    return ranks, positions - layout.offsets[ranks]
 
 
 PARTITIONS: dict[str, type[InitialPartition]] = {

@@ -25,6 +25,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from reshuffle.plan import streams
 from reshuffle.plan.layout import Layout
+from reshuffle.plan.nodes import node_level
 from reshuffle.plan.partitions import PARTITIONS
 from reshuffle.plan.strategies import STRATEGIES, PlanContext, Strategy
 
@@ -105,6 +106,10 @@ class ShufflePlanner:
         labels: one integer class per sample; needed by the label partitions.
         seed: non-negative integer; all randomness derives from it.
         drop_last: truncate every rank to ``floor(N/M)`` instead of padding to ``ceil(N/M)``.
+        ranks_per_node: R > 1 plans at the node level (:mod:`reshuffle.plan.nodes`): the strategy
+            and the initial partition apply to ``M / R`` nodes, and each node deals its samples
+            afresh among its R ranks (``n * R .. n * R + R - 1``) every epoch. 1: every rank is
+            its own storage island.
         **options: strategy-specific options (a strategy's ``option_defaults`` lists them).
 
     Raises:
@@ -122,6 +127,7 @@ class ShufflePlanner:
         labels: ArrayLike | None = None,
         seed: int = 0,
         drop_last: bool = False,
+        ranks_per_node: int = 1,
         **options: Any,
     ) -> None:
         self.num_samples = _whole_number("num_samples", num_samples, minimum=1)
@@ -139,15 +145,19 @@ class ShufflePlanner:
         self.strategy_name = strategy
         self.partition_name = partition
         self.samples_per_rank = self.layout.min_size if self.drop_last else self.layout.max_size
+        self.ranks_per_node = _ranks_per_node(ranks_per_node, self.world_size)
+        nodes = Layout(self.num_samples, self.world_size // self.ranks_per_node)
         context = PlanContext(
-            layout=self.layout,
-            partition=partition_cls(self.layout, self.seed, self.labels),
+            layout=nodes,
+            partition=partition_cls(nodes, self.seed, self.labels),
             seed=self.seed,
             fraction=self.fraction,
             labels=self.labels,
             options=self.options,
         )
         self.strategy: Strategy = strategy_cls(context)
+        if self.ranks_per_node > 1:
+            self.strategy = node_level(self.strategy, self.layout, self.ranks_per_node)
 
     def plan(self, epoch: int) -> EpochPlan:
         """The plan of ``epoch`` (a non-negative integer)."""
@@ -173,6 +183,7 @@ class ShufflePlanner:
             "drop_last": self.drop_last,
             "labels_sha256": labels,
             "options": dict(self.options),
+            **({"ranks_per_node": self.ranks_per_node} if self.ranks_per_node > 1 else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -206,6 +217,16 @@ def _whole_number(name: str, value: Any, *, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return int(value)
+
+
+def _ranks_per_node(value: Any, world_size: int) -> int:
+    per_node = _whole_number("ranks_per_node", value, minimum=1)
+    if world_size % per_node:
+        raise ValueError(
+            f"ranks_per_node={per_node} does not divide the {world_size} ranks into whole nodes; "
+            "give the ranks each node runs (torchrun's --nproc-per-node), or 1 for rank-level plans"
+        )
+    return per_node
 
 
 def _choose(name: str, value: Any, registry: Mapping[str, Any]) -> Any:

@@ -19,6 +19,7 @@ class Stream(enum.IntEnum):
     ORDER = 3  # a rank's local training order in an epoch
     PARTIAL = 4  # which slots move, and where, between two epochs under `partial`
     IMPORTANCE = 5  # importance-weighted choices (partial with select='importance')
+    DEAL = 6  # node-aware plans: how a node deals its samples among its ranks in an epoch
 
 
 def key(seed: int, stream: Stream, epoch: int = 0, rank: int = 0) -> tuple[int, int, int, int]:

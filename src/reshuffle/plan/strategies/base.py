@@ -52,6 +52,7 @@ class Strategy(abc.ABC):
     def __init__(self, context: PlanContext) -> None:
         self.context = context
         self.layout = context.layout
+        self._where: dict[int, tuple[NDArray[np.int64], NDArray[np.int64]]] = {}  # locate()'s tables
 
     @abc.abstractmethod
     def slots(self, epoch: int, rank: int) -> NDArray[np.int64]:
@@ -71,6 +72,24 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def receives(self, epoch: int, rank: int) -> dict[int, NDArray[np.int64]]:
         """``{src: sorted ids}`` that arrive at ``rank`` between ``epoch`` and ``epoch + 1``."""
+
+    def locate(self, epoch: int, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """(rank, slot) holding each of ``ids`` in ``epoch``: the inverse of :meth:`slots`.
+
+        This default tabulates every rank's slots of the epoch (O(N), the two latest epochs
+        kept); strategies that can invert their slots pointwise override it.
+        """
+        if epoch not in self._where:
+            owner = np.empty(self.layout.num_samples, dtype=np.int64)
+            slot = np.empty(self.layout.num_samples, dtype=np.int64)
+            for rank in range(self.layout.world_size):
+                held = self.slots(epoch, rank)
+                owner[held], slot[held] = rank, np.arange(held.size, dtype=np.int64)
+            self._where[epoch] = (owner, slot)
+            for old in sorted(self._where)[:-2]:
+                del self._where[old]
+        owner, slot = self._where[epoch]
+        return owner[ids], slot[ids]
 
     def order(self, epoch: int, rank: int, held: NDArray[np.int64]) -> NDArray[np.int64] | None:
         """``rank``'s training order of its holdings ``held`` in ``epoch`` (a permutation of

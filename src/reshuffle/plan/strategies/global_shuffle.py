@@ -29,6 +29,11 @@ class GlobalStrategy(Strategy):
         start, stop = self.layout.offsets[rank], self.layout.offsets[rank + 1]
         return self._permutation(epoch).forward(np.arange(start, stop, dtype=np.int64))
 
+    def locate(self, epoch: int, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        positions = self._permutation(epoch).inverse(ids)
+        ranks = self.layout.rank_of(positions)
+        return ranks, positions - self.layout.offsets[ranks]
+
     def sends(self, epoch: int, rank: int) -> dict[int, NDArray[np.int64]]:
         ids = self.held(epoch, rank)
         owners = self.layout.rank_of(self._permutation(epoch + 1).inverse(ids))

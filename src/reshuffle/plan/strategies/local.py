@@ -19,6 +19,9 @@ class LocalStrategy(Strategy):
     def slots(self, epoch: int, rank: int) -> NDArray[np.int64]:
         return self.context.partition.rank_ids(rank)
 
+    def locate(self, epoch: int, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        return self.context.partition.locate(ids)
+
     def sends(self, epoch: int, rank: int) -> dict[int, NDArray[np.int64]]:
         return {}
 

@@ -247,6 +247,15 @@ class PartialStrategy(Strategy):
             ids = np.concatenate([ids, extra])
         return ids
 
+    def locate(self, epoch: int, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        if self.uses_losses:
+            return super().locate(epoch, ids)
+        origin, slots = self.context.partition.locate(ids)
+        moving = slots < self.layout.min_size  # the extra slot never moves
+        ranks = origin.copy()
+        ranks[moving] = (origin[moving] + self.column_shift(epoch)[slots[moving]]) % self.layout.world_size
+        return ranks, slots
+
     def sends(self, epoch: int, rank: int) -> dict[int, NDArray[np.int64]]:
         columns, shifts = self.moves(epoch)
         if self.uses_losses:
