@@ -127,3 +127,23 @@ def test_plan_help_and_errors_name_the_cli_flags(capsys):
     assert "--partition label-sorted needs labels: add --labels-from DATASET" in capsys.readouterr().err
     assert main(["simulate", "--workers", "8", "--strategies", "partial:2"]) == 2
     assert capsys.readouterr().err.count("--strategies:") == 1
+
+
+def test_plan_shows_what_each_node_holds_and_what_crosses_nodes(capsys):
+    """Per-node table: a rank-level local plan on label-sorted partitions moves nothing and its
+    nodes keep their skew; a node-level partial plan moves Q of each node's samples across nodes
+    and re-deals within the node, so a rank's churn is about 1 - (1 - Q) / R."""
+    common = ["plan", "--num-samples", "4000", "--world-size", "8", "--ranks-per-node", "4", "--epochs", "3"]
+    assert main([*common, "--strategy", "local"]) == 0
+    out = capsys.readouterr().out
+    nodes = table_rows(out.split("per node (2 nodes of 4 ranks):")[1])
+    assert [row[-1] for row in nodes] == ["0", "0", "0"]
+    assert main([*common, "--strategy", "partial", "--fraction", "0.2", "--level", "node"]) == 0
+    out = capsys.readouterr().out
+    ranks, nodes = out.split("per node (2 nodes of 4 ranks):")
+    assert [float(row[-1]) for row in table_rows(nodes)] == [0.2, 0.2, 0.2]
+    assert [row[1] for row in table_rows(nodes)] == ["-", "0.2", "0.2"]
+    churn = float(table_rows(ranks)[1][1])
+    assert churn == pytest.approx(1 - 0.8 / 4, abs=0.03) and float(table_rows(ranks)[1][2]) == 0.8
+    assert main(["plan", "--num-samples", "100", "--world-size", "4", "--level", "node"]) == 2
+    assert "--level node needs --ranks-per-node R" in capsys.readouterr().err

@@ -207,3 +207,19 @@ def test_only_true_and_false_are_booleans():
 
 def test_parse_overrides_nests_keys():
     assert parse_overrides(["a.b.c=1", "a.d=x", "e=[1, 2]"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["shuffle.level=node", "dist.virtual_ranks=8"], "shuffle.level=node needs the ranks per node"),
+        (["shuffle.level=node", "dist.virtual_ranks=8", "dist.ranks_per_node=3"], "divide the ranks"),
+        (["shuffle.level=node", "shuffle.strategy=corgipile"], "keeps its own training order"),
+        (["shuffle.level=nodes"], "shuffle.level"),
+    ],
+)
+def test_node_level_settings_are_checked_when_the_config_loads(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(CONFIGS / "smoke.yaml", overrides)
+    fine = ["shuffle.level=node", "dist.virtual_ranks=8", "dist.ranks_per_node=4"]
+    assert load_run_config(CONFIGS / "smoke.yaml", fine).shuffle.level == "node"

@@ -125,6 +125,31 @@ def test_grouped_syncbn_is_priced_on_the_nodes_links_when_a_group_stays_inside_a
         parse_strategy("local+syncbn:rack")
 
 
+def test_node_level_plans_price_the_network_and_the_nodes_links_apart():
+    """local+node re-deals (R-1)/R of a worker's samples over the node's links into the stores and
+    sends nothing over the network; partial:Q+node sends Q of a node's samples across nodes,
+    1/R of that per worker; a store holds its samples plus what arrives."""
+    from reshuffle.simulate.model import exchange_s
+
+    cluster = NET.with_(node_workers=4, intra_bandwidth_Bps=50e9, intra_latency_s=2e-7)
+    links = cluster.with_(bandwidth_Bps=50e9, latency_s=2e-7)
+    local = predict(SMALL, cluster, 16, Strategy("local", node=True))
+    assert local.strategy == "local+node" and local.bytes_per_worker == 0
+    assert local.extra["within_node_bytes"] == 469 * 1000  # round(3/4 * 625)
+    assert local.exchange_s == pytest.approx(exchange_s(links, 4, 469, 1000, 10_000))
+    assert local.storage_needed_bytes == (625 + 469) * 1000 and local.exposed_s == 0
+    partial = predict(SMALL, cluster, 16, Strategy("partial", 0.2, node=True))
+    assert partial.extra["samples_moved"] == 125 and partial.bytes_per_worker == 125 * 1000  # 0.2 * 2500 / 4
+    assert partial.exchange_s == pytest.approx(
+        exchange_s(cluster, 16, 125, 1000, 10_000) + exchange_s(links, 4, 375, 1000, 10_000)
+    )
+    assert parse_strategy("partial:0.1+node+syncbn:node") == Strategy(
+        "partial", 0.1, sync_bn=True, sync_group="node", node=True
+    )
+    with pytest.raises(ConfigError, match="node-level plans are local"):
+        parse_strategy("global+node")
+
+
 def test_the_cheapest_fix_within_5_percent_of_compute_per_scale():
     """ImageNet on the default cluster: SyncBatchNorm over all workers never fits in 5% of compute
     at scale; a hidden partial exchange (or node-grouped SyncBatchNorm where cheaper) does."""

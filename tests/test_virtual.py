@@ -156,6 +156,32 @@ def test_grouped_sync_batchnorm_in_virtual_ranks_matches_real_ranks(tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_node_aware_plans_train_alike_in_store_mode_and_virtual_ranks(tmp_path):
+    """shuffle.level=node, 2 nodes of 2 ranks: 4 real ranks in store mode (the re-deal within a
+    node and the cross-node partial exchange move through the stores) train exactly as 4 virtual
+    ranks; only a quarter of the moves cross a node, and the stores verify."""
+    node = ["shuffle.level=node", "dist.ranks_per_node=2"]
+    real = _real(tmp_path, 4, "batch", *node, "shuffle.mode=store", f"shuffle.store_dir={tmp_path / 'st'}")
+    virtual = _virtual(tmp_path, 4, "batch", *node)
+    _same_training(real, virtual)
+    for rank in range(4):
+        a, b = rows(real / "metrics" / f"rank-{rank}.csv"), rows(virtual / "metrics" / f"rank-{rank}.csv")
+        assert [r["order_sha"] for r in a] == [r["order_sha"] for r in b]
+    first_real, first_virtual = (
+        rows(real / "metrics" / "epochs.csv")[0],
+        rows(virtual / "metrics" / "epochs.csv")[0],
+    )
+    for key in ("samples_moved", "bytes_across_nodes"):
+        assert first_real[key] == first_virtual[key], key
+    moved, across = int(first_real["samples_moved"]), int(first_real["bytes_across_nodes"])
+    # per node: Q * 120 = 30 leave the node; the rest of the moves is the re-deal within it
+    assert across == 2 * 30 * float(first_real["bytes_planned"]) / moved and moved > 4 * 30
+    verify = subprocess.run([sys.executable, "-m", "reshuffle", "verify", str(tmp_path / "st")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
 def test_sync_groups_must_divide_the_ranks_and_node_needs_its_size():
     from reshuffle.config import ConfigError
     from reshuffle.models.sync_batchnorm import sync_group_size

@@ -29,7 +29,8 @@ def saved_planner(
     old = ShufflePlanner(
         planner.num_samples, int(config["world_size"]), strategy=planner.strategy_name,
         fraction=planner.fraction, partition=planner.partition_name, labels=planner.labels,
-        seed=planner.seed, drop_last=planner.drop_last, **planner.options,
+        seed=planner.seed, drop_last=planner.drop_last, ranks_per_node=int(config.get("ranks_per_node", 1)),
+        **planner.options,
     )  # fmt: skip
     old.load_state_dict(state)
     return old

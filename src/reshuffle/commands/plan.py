@@ -7,6 +7,9 @@ Example::
 
     reshuffle plan --labels-from fashion-mnist --world-size 8 --strategy partial --fraction 0.1 \\
         --partition label-sorted --epochs 5
+
+With ``--ranks-per-node R`` a second table shows what each node (R consecutive ranks) holds;
+``--level node`` plans at the node level (``shuffle.level=node``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 
 from reshuffle.config import ConfigError
 from reshuffle.plan import PARTITIONS, STRATEGIES, ShufflePlanner
-from reshuffle.plan.quality import block_reads, measure
+from reshuffle.plan.quality import block_reads, measure, measure_nodes
 from reshuffle.text_table import format_table
 
 MAX_MEASURED_RANKS = 64
@@ -53,6 +56,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--buffer-blocks", type=int, default=8, help="blocks a reader keeps (corgipile's buffer; block_reads)"
     )
+    parser.add_argument(
+        "--ranks-per-node", type=int, default=1,
+        help="R ranks share a node's storage: adds a per-node table (churn, label skew, moves across nodes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--level", choices=["rank", "node"], default="rank",
+        help="node: the strategy runs over nodes; each node deals its samples to its ranks afresh per epoch",
+    )  # fmt: skip
     parser.add_argument("--system", help="system config file (dataset paths)")
     parser.set_defaults(run=run)
 
@@ -92,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         labels=labels,
         seed=args.seed,
         drop_last=args.drop_last,
+        ranks_per_node=_ranks_per_node(args),
         **(
             {"block_size": args.block_size, "buffer_blocks": args.buffer_blocks}
             if args.strategy == "corgipile"
@@ -144,7 +156,28 @@ def run(args: argparse.Namespace) -> int:
         "(scan)",
     ]
     print(format_table(headers, rows))
+    if args.ranks_per_node > 1:
+        print(f"\nper node ({args.world_size // args.ranks_per_node} nodes of {args.ranks_per_node} ranks):")
+        node_rows = [
+            (q.epoch, q.churn, q.label_distance, q.label_distance_max, q.moved_across)
+            for q in measure_nodes(planner, args.epochs, args.ranks_per_node)
+        ]
+        print(
+            format_table(
+                ["epoch", "node_churn", "node_label_js", "node_label_js_max", "moved_across"], node_rows
+            )
+        )
     return 0
+
+
+def _ranks_per_node(args: argparse.Namespace) -> int:
+    if args.ranks_per_node < 1 or args.world_size % args.ranks_per_node:
+        raise ConfigError(
+            f"--ranks-per-node {args.ranks_per_node} must divide --world-size {args.world_size}"
+        )
+    if args.level == "node" and args.ranks_per_node == 1:
+        raise ConfigError("--level node needs --ranks-per-node R (R > 1 ranks share a node's storage)")
+    return args.ranks_per_node if args.level == "node" else 1
 
 
 def _reads(

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from reshuffle.config import ConfigError
-from reshuffle.simulate.model import Prediction, Strategy, cheapest_fix, crossover, predict
+from reshuffle.simulate.model import FIXES, Prediction, Strategy, cheapest_fix, crossover, predict
 from reshuffle.simulate.presets import CLUSTERS, DEFAULT_CLUSTER, WORKLOADS, calibrated, load_record
 from reshuffle.simulate.quality import Quality, planner_quality
 from reshuffle.text_table import format_table
@@ -106,11 +106,13 @@ def parse_strategy(spec: str) -> Strategy:
     """``partial:0.1+syncbn`` -> Strategy("partial", 0.1, sync_bn=True); ``local+syncbn:node`` ->
     SyncBatchNorm among a node's workers."""
     head, *flags = spec.split("+")
+    node = "node" in flags
+    flags = [f for f in flags if f != "node"]
     unknown = [f for f in flags if f.partition(":")[0] != "syncbn"]
     if unknown:
         raise ConfigError(
-            f"--strategies: unknown suffix +{unknown[0]} in {spec!r}; the only one is +syncbn (or "
-            "+syncbn:node, +syncbn:G for groups of G workers)"
+            f"--strategies: unknown suffix +{unknown[0]} in {spec!r}; the suffixes are +node (a node-level "
+            "plan) and +syncbn (or +syncbn:node, +syncbn:G for groups of G workers)"
         )
     group: int | str | None = flags[0].partition(":")[2] or None if flags else None
     if group not in (None, "node"):
@@ -123,6 +125,10 @@ def parse_strategy(spec: str) -> Strategy:
             f"--strategies: unknown strategy {name!r}; choose global, local, partial:Q, importance"
         )
     sync_bn = bool(flags)
+    if node and name not in ("local", "partial"):
+        raise ConfigError(
+            f"--strategies: +node in {spec!r}: node-level plans are local+node and partial:Q+node"
+        )
     try:
         if name == "partial":
             if not value:
@@ -130,7 +136,7 @@ def parse_strategy(spec: str) -> Strategy:
             fraction = float(value)
             if not 0.0 <= fraction <= 1.0:
                 raise ConfigError(f"--strategies: fraction {fraction} in {spec!r} is outside [0, 1]")
-            return Strategy("partial", fraction, sync_bn=sync_bn, sync_group=group)
+            return Strategy("partial", fraction, sync_bn=sync_bn, sync_group=group, node=node)
         if name == "importance":
             interval = int(value) if value else 10
             return Strategy("importance", interval=interval, sync_bn=sync_bn, sync_group=group)
@@ -140,7 +146,7 @@ def parse_strategy(spec: str) -> Strategy:
         raise ConfigError(f"--strategies: {spec!r}: {error}") from None
     if value:
         raise ConfigError(f"--strategies: {name} takes no value ({spec!r})")
-    return Strategy(name, sync_bn=sync_bn, sync_group=group)
+    return Strategy(name, sync_bn=sync_bn, sync_group=group, node=node)
 
 
 def _setup(args: argparse.Namespace):
@@ -277,7 +283,7 @@ def _print_crossover(workload, cluster, args, strategies) -> None:
             f"{m}: {best[0].label} (+{best[1]:.3g} s, {100 * best[1] / base:.1f}%)" if best else f"{m}: none"
         )
     print(
-        "cheapest fix within 5% of compute (of partial-0.01, partial-0.1, local+syncbn, local+syncbn:node; "
+        f"cheapest fix within 5% of compute (of {', '.join(fix.label for fix in FIXES)}; "
         f"{cluster.node_workers} workers per node): " + "; ".join(chosen)
     )
 

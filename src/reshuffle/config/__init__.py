@@ -75,7 +75,10 @@ def check_run_config(config: RunConfig) -> RunConfig:
         config = dataclasses.replace(config, shuffle=shuffle)
     try:
         # two samples with labels stand for the data: names and values are what is checked here
-        ShufflePlanner(2, 1, partition=shuffle.partition, labels=[0, 0], **planner_settings(shuffle))
+        # (two ranks on one node when the plan is node-aware)
+        nodes = shuffle.level == "node"
+        ShufflePlanner(2, 1 + nodes, partition=shuffle.partition, labels=[0, 0],
+                       **planner_settings(shuffle, 1 + nodes))  # fmt: skip
     except ValueError as error:
         raise ConfigError(f"shuffle: {error}") from None
     positive = {
@@ -115,6 +118,14 @@ def check_run_config(config: RunConfig) -> RunConfig:
         )
     if config.dist.timeout_s <= 0:
         raise ConfigError(f"dist.timeout_s must be positive, got {config.dist.timeout_s}")
+    per_node, virtual = config.dist.ranks_per_node, config.dist.virtual_ranks
+    if per_node is not None and (per_node < 1 or (virtual and virtual % per_node)):
+        raise ConfigError(
+            f"dist.ranks_per_node={per_node} must be at least 1 and divide the ranks into whole nodes"
+            + (f" ({virtual} virtual ranks)" if virtual else "")
+        )
+    if virtual:
+        planner_settings(config.shuffle, per_node)  # shuffle.level=node needs the node size
     if not config.name or "/" in config.name or config.name in (".", ".."):
         raise ConfigError(f"name must be a plain directory name (no '/'), got {config.name!r}")
     return config
@@ -179,9 +190,10 @@ __all__ = [
 ]
 
 
-def planner_settings(shuffle: ShuffleConfig) -> dict[str, Any]:
+def planner_settings(shuffle: ShuffleConfig, ranks_per_node: int | None = 1) -> dict[str, Any]:
     """The ``ShufflePlanner`` keywords the ``shuffle`` section sets for its strategy: ``fraction``
-    if the strategy uses it, and the options the strategy registry lists for it."""
+    if the strategy uses it, the options the strategy registry lists for it, and
+    ``ranks_per_node`` (the node size, given by the caller) when ``shuffle.level`` is ``node``."""
     from reshuffle.plan import STRATEGIES
 
     strategy = STRATEGIES.get(shuffle.strategy)
@@ -190,6 +202,13 @@ def planner_settings(shuffle: ShuffleConfig) -> dict[str, Any]:
     settings: dict[str, Any] = {key: getattr(shuffle, key) for key in strategy.option_defaults}
     if strategy.uses_fraction:
         settings["fraction"] = shuffle.fraction
+    if shuffle.level == "node":
+        if not ranks_per_node:
+            raise ConfigError(
+                "shuffle.level=node needs the ranks per node: set dist.ranks_per_node (virtual ranks "
+                "have no node of their own; torchrun's LOCAL_WORLD_SIZE gives it for real ranks)"
+            )
+        settings["ranks_per_node"] = ranks_per_node
     return {"strategy": shuffle.strategy, **settings}
 
 

@@ -104,6 +104,9 @@ class ShuffleConfig:
     block_size: int = 256  # corgipile, partial with unit=block: consecutive ids per block (a shard's run)
     buffer_blocks: int = 8  # corgipile: blocks shuffled together (the tuple-level shuffle's buffer)
     partition: str = "random"  # random | contiguous | strided | label-sorted | stratified
+    # rank: every rank its own storage island. node: the strategy and the partition apply to nodes
+    # of dist.ranks_per_node ranks, and each node re-deals its samples among its ranks every epoch.
+    level: Literal["rank", "node"] = "rank"
     mode: Literal["index", "store"] = "index"  # index: read the shared dataset; store: node-local stores
     store_dir: str | None = None  # store mode: directory of the rank stores (null: <run dir>/store)
     drop_last: bool = False  # truncate ranks to floor(N/M) instead of padding to ceil(N/M)

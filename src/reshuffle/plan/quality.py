@@ -137,6 +137,56 @@ def measure(planner: ShufflePlanner, epochs: int, ranks: Sequence[int] | None = 
     return rows
 
 
+@dataclass(frozen=True)
+class NodeQuality:
+    """Shuffle quality of one epoch at the node level (a node holds what its ranks hold)."""
+
+    epoch: int
+    churn: float | None  # share of a node's holdings new since the previous epoch; None at 0
+    label_distance: float | None  # Jensen-Shannon distance of a node's holdings, mean over nodes
+    label_distance_max: float | None
+    moved_across: float  # share of the holdings sent to other nodes after this epoch, mean over nodes
+
+
+def measure_nodes(planner: ShufflePlanner, epochs: int, ranks_per_node: int) -> list[NodeQuality]:
+    """Node-level quality of epochs ``0 .. epochs-1``, nodes being ``ranks_per_node`` consecutive
+    ranks (for any plan: a rank-level plan too, to see what its nodes hold). Replays every rank."""
+    if ranks_per_node < 1 or planner.world_size % ranks_per_node:
+        raise ValueError(f"ranks per node {ranks_per_node} must divide the {planner.world_size} ranks")
+    nodes = planner.world_size // ranks_per_node
+    classes = None if planner.labels is None else class_ids(planner.labels)
+    dataset = None if classes is None else np.bincount(classes)
+    previous: list[NDArray[np.int64]] | None = None
+    rows = []
+    for epoch in range(epochs):
+        plan = planner.plan(epoch)
+        members = [range(n * ranks_per_node, (n + 1) * ranks_per_node) for n in range(nodes)]
+        held = [np.concatenate([plan.holdings(r) for r in ranks]) for ranks in members]
+        across = [
+            sum(ids.size for r in ranks for dst, ids in plan.sends(r).items() if dst // ranks_per_node != n)
+            / held[n].size
+            for n, ranks in enumerate(members)
+        ]
+        distances = (
+            []
+            if classes is None or dataset is None
+            else [js_distance(np.bincount(classes[ids], minlength=dataset.size), dataset) for ids in held]
+        )
+        rows.append(
+            NodeQuality(
+                epoch=epoch,
+                churn=None
+                if previous is None
+                else float(np.mean([churn(a, b) for a, b in zip(previous, held, strict=True)])),
+                label_distance=float(np.mean(distances)) if distances else None,
+                label_distance_max=float(np.max(distances)) if distances else None,
+                moved_across=float(np.mean(across)),
+            )
+        )
+        previous = held
+    return rows
+
+
 def block_reads(order: NDArray[np.int64], block_size: int, cache_blocks: int) -> int:
     """Blocks (runs of ``block_size`` consecutive ids) read to train in ``order`` when the reader
     keeps the last ``cache_blocks`` blocks it read (least recently used first out): the I/O of an

@@ -29,6 +29,13 @@ What is modelled, and how:
   re-partition moves about ``(1 - 1/M)`` of a worker's samples at an epoch boundary (it needs
   the last epoch's losses, so it is not overlapped), amortised over the interval; the per-sample
   losses are all-reduced once per epoch (``2 * 4 N`` bytes).
+* Node-level plans (``node=True``, ``shuffle.level=node``; ``local`` and ``partial``): the
+  strategy runs over nodes of ``node_workers`` workers, so ``partial`` moves
+  ``k = round(Q * floor(N / nodes))`` samples per node across the network (``k / node_workers``
+  per worker), and every epoch each node re-deals what it holds among its workers: about
+  ``(R - 1) / R`` of a worker's samples move to another worker of its node, over the node's links
+  (``intra_*``) and into that worker's store (per-rank stores write what arrives). Both are one
+  exchange, hidden behind the epoch's compute; storage peaks at the holdings plus the arrivals.
 * SyncBatchNorm (``sync_bn=True``): per step and per BatchNorm layer of ``C`` channels, PyTorch's
   SyncBatchNorm all-gathers ``2C + 1`` floats from every worker in the forward pass and
   all-reduces ``2C`` floats in the backward pass; both are on the critical path (never hidden).
@@ -110,12 +117,13 @@ class Strategy:
     interval: int = 10
     sync_bn: bool = False
     sync_group: int | str | None = None  # None: all workers
+    node: bool = False  # a node-level plan (local and partial): the strategy over nodes, re-dealt within
 
     @property
     def label(self) -> str:
         base = f"{self.name}-{self.fraction:g}" if self.name == "partial" else self.name
         group = f":{self.sync_group}" if self.sync_group is not None else ""
-        return base + (f"+syncbn{group}" if self.sync_bn else "")
+        return base + ("+node" if self.node else "") + (f"+syncbn{group}" if self.sync_bn else "")
 
 
 @dataclass(frozen=True)
@@ -233,6 +241,10 @@ def predict(workload: Workload, cluster: Cluster, workers: int, strategy: Strate
             remote = moved = per_worker * size
             work = n_total * size / cluster.pfs_Bps  # all workers share the file system
             exposed = max(0.0, work - compute)
+    elif strategy.node:
+        if strategy.name not in ("local", "partial"):
+            raise ValueError(f"node-level plans are priced for local and partial, not {strategy.name!r}")
+        return _node_level(workload, cluster, workers, strategy, compute, syncbn)
     elif strategy.name == "local":
         pass
     elif strategy.name == "partial":
@@ -275,6 +287,32 @@ def predict(workload: Workload, cluster: Cluster, workers: int, strategy: Strate
     )
 
 
+def _node_level(
+    workload: Workload, cluster: Cluster, workers: int, strategy: Strategy, compute: float, syncbn: float
+) -> Prediction:
+    """``local`` or ``partial`` planned over nodes (see the module docstring)."""
+    size, per_worker = workload.sample_bytes, math.ceil(workload.num_samples / workers)
+    per_node = max(1, min(cluster.node_workers, workers))
+    nodes = max(1, workers // per_node)
+    k_node = round(strategy.fraction * (workload.num_samples // nodes)) if nodes > 1 else 0
+    across = math.ceil(k_node / per_node)  # per worker, over the network
+    within = round((per_node - 1) / per_node * (per_worker - across))  # the re-deal, over the node's links
+    node_links = cluster.with_(bandwidth_Bps=cluster.intra_bandwidth_Bps, latency_s=cluster.intra_latency_s)
+    work = exchange_s(cluster, workers, across, size, workload.num_samples) + exchange_s(
+        node_links, per_node, within, size, workload.num_samples
+    )
+    exposed = max(0.0, work - compute)
+    return Prediction(
+        workers=workers, strategy=strategy.label, fraction=strategy.fraction, samples_per_worker=per_worker,
+        iterations=math.ceil(per_worker / workload.batch_size), compute_s=compute,
+        storage_needed_bytes=float((per_worker + across + within) * size),
+        storage_available_bytes=float(cluster.storage_bytes), bytes_per_worker=float(across * size),
+        remote_read_bytes=0.0, exchange_s=work, hideable_s=compute, exposed_s=exposed, syncbn_s=syncbn,
+        epoch_s=compute + exposed + syncbn,
+        extra={"samples_moved": across, "within_node_bytes": within * size},
+    )  # fmt: skip
+
+
 def crossover(
     workload: Workload, cluster: Cluster, workers: list[int], moving: Strategy
 ) -> list[tuple[int, float, float]]:
@@ -291,7 +329,8 @@ def crossover(
 
 FIXES = (
     Strategy("partial", 0.01), Strategy("partial", 0.1), Strategy("local", sync_bn=True),
-    Strategy("local", sync_bn=True, sync_group="node"),
+    Strategy("local", sync_bn=True, sync_group="node"), Strategy("partial", 0.1, node=True),
+    Strategy("local", sync_bn=True, sync_group="node", node=True),
 )  # fmt: skip
 
 

@@ -225,6 +225,7 @@ def _check_plan(stores: list[RankStore], config: dict) -> list[str]:
             labels=labels,
             seed=config["seed"],
             drop_last=config["drop_last"],
+            ranks_per_node=config.get("ranks_per_node", 1),
             **config.get("options", {}),
         )
     except (KeyError, TypeError, ValueError) as error:

@@ -32,7 +32,8 @@ def shuffled_data(
         rank=ctx.rank, world_size=ctx.world_size,
         transform=transform_for(config.data, "train", system), track_losses=config.train.track_losses,
         chunk_mb=shuffle.exchange_chunk_mb, timeout_s=config.dist.timeout_s,
-        dataset_id=run_files.dataset_identity(config), **planner_settings(shuffle),
+        dataset_id=run_files.dataset_identity(config),
+        **planner_settings(shuffle, config.dist.ranks_per_node or ctx.local_world),
     )  # fmt: skip
     return data, source
 

@@ -105,6 +105,12 @@ def preflight(config: RunConfig, system: SystemConfig, run_dir: Path, resume: bo
     from reshuffle.train import state
 
     transform_for(config.data, "train", system)  # names an unknown dataset or transform
+    per_node = config.dist.ranks_per_node
+    if per_node and config.dist.nproc % per_node:
+        raise ConfigError(
+            f"dist.ranks_per_node={per_node} does not divide the {config.dist.nproc} ranks into whole "
+            "nodes; give a divisor of --nproc (it stands for the ranks of one node)"
+        )
     checkpoints = state.checkpoints_of(run_dir, config, resume)
     saved = state.load(checkpoints, config) if resume else None
     written_by = len(saved[state.RNG]["torch"]) if saved else config.dist.nproc

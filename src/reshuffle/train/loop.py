@@ -261,11 +261,12 @@ class Run:
 
         last_epoch = epoch + 1 == cfg.epochs
         churn, coverage, storage = self.footprint.update(data.plan, ctx.rank, last_epoch)
+        per_node = self.config.dist.ranks_per_node or ctx.local_world  # the ranks sharing a node's storage
         rank_values = [
             *stats.to_numbers()[:7], exchange_s, exposed_s,
             exchange.bytes_sent if exchange else 0, exchange.bytes_received if exchange else 0,
             js_distance(stats.label_counts, self.dataset_labels), float(stats.order_hash), epoch_s, train_s,
-            metrics.moved(data.plan, ctx.rank, last_epoch), churn, coverage, storage,
+            *metrics.moved(data.plan, ctx.rank, last_epoch, per_node), churn, coverage, storage,
         ]  # fmt: skip
         ranks = metrics.gather(rank_values, ctx.device, ctx.world_size)
         lr = self.optimizer.param_groups[0]["lr"]

@@ -23,7 +23,7 @@ from reshuffle.plan import EpochPlan, ShufflePlanner
 FIELDS = [
     "steps", "samples", "loss_sum", "correct", "io_s", "fw_bw_s", "ge_wu_s",
     "exchange_s", "exchange_exposed_s", "bytes_sent", "bytes_received", "label_js",
-    "order_hash", "epoch_s", "train_s", "moved", "churn", "coverage", "storage",
+    "order_hash", "epoch_s", "train_s", "moved", "moved_across", "churn", "coverage", "storage",
 ]  # fmt: skip
 
 
@@ -144,9 +144,12 @@ class Footprint:
         return churn, coverage, float(held.size + arriving)
 
 
-def moved(plan: EpochPlan, rank: int, last_epoch: bool) -> int:
-    """Samples ``rank`` sends after ``plan``'s epoch (none after the last)."""
-    return 0 if last_epoch else sum(ids.size for ids in plan.sends(rank).values())
+def moved(plan: EpochPlan, rank: int, last_epoch: bool, per_node: int) -> tuple[int, int]:
+    """Samples ``rank`` sends after ``plan``'s epoch (none after the last): in all, and to ranks of
+    other nodes (nodes of ``per_node`` consecutive ranks)."""
+    sends = {} if last_epoch else plan.sends(rank)
+    across = sum(ids.size for dst, ids in sends.items() if dst // per_node != rank // per_node)
+    return sum(ids.size for ids in sends.values()), across
 
 
 def gather_numbers(values: list[float], device: torch.device, world_size: int) -> list[list[float]]:
@@ -190,6 +193,7 @@ def epoch_row(
         "bytes_exchanged": int(sum(r["bytes_sent"] for r in ranks)),
         "samples_moved": int(sum(r["moved"] for r in ranks)),
         "bytes_planned": int(sum(r["moved"] for r in ranks) * sample_bytes),
+        "bytes_across_nodes": int(sum(r["moved_across"] for r in ranks) * sample_bytes),
         "lr": lr,
         "samples_per_s": samples / train_s if train_s else math.nan,
         "steps": int(ranks[0]["steps"]),

@@ -26,6 +26,7 @@ EPOCH_COLUMNS = [
     "bytes_exchanged",
     "samples_moved",
     "bytes_planned",
+    "bytes_across_nodes",
     "train_acc",
     "test_loss",
     "test_top5",

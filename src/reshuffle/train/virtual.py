@@ -201,7 +201,8 @@ class VirtualRun:
         test_source = open_source(config.data, "test", system)
         planner = ShufflePlanner(
             len(train_source), world, partition=config.shuffle.partition, labels=train_source.targets,
-            seed=config.seed, drop_last=config.shuffle.drop_last, **planner_settings(config.shuffle),
+            seed=config.seed, drop_last=config.shuffle.drop_last,
+            **planner_settings(config.shuffle, config.dist.ranks_per_node),
         )  # fmt: skip
         if saved:
             planner.load_state_dict(saved[state.DATA][PLANNER])
@@ -336,14 +337,15 @@ class VirtualRun:
         ranks = []
         for r in range(world):
             churn, coverage, storage = self.footprint.update(plan, r, last_epoch)
+            moved, across = metrics.moved(plan, r, last_epoch, self.config.dist.ranks_per_node or 1)
             ranks.append({
                 **dict.fromkeys(metrics.FIELDS, math.nan),
                 "steps": self.steps_per_epoch, "samples": totals.samples[r], "loss_sum": totals.loss_sum[r],
                 "correct": totals.correct[r], "bytes_sent": 0, "bytes_received": 0,
                 "order_hash": metrics.order_hash(totals.order[r].tolist()),
                 "label_js": js_distance(totals.label_counts[r].tolist(), self.dataset_labels),
-                "epoch_s": epoch_s, "train_s": totals.train_s, "moved": metrics.moved(plan, r, last_epoch),
-                "churn": churn, "coverage": coverage, "storage": storage,
+                "epoch_s": epoch_s, "train_s": totals.train_s, "moved": moved,
+                "moved_across": across, "churn": churn, "coverage": coverage, "storage": storage,
             })  # fmt: skip
         lr = self.optimizer.param_groups[0]["lr"]
         row = metrics.epoch_row(epoch, ranks, scores, eval_s, lr, self.sample_bytes, virtual=world)
