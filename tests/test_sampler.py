@@ -154,3 +154,20 @@ def test_rank_and_world_size_come_from_the_process_group():
         assert (seen_rank, world) == (rank, 3)
         assert ids == planner.plan(1).indices(rank).tolist()
     assert len({len(ids) for _, _, ids in results}) == 1
+
+
+def test_node_aware_sampler_deals_each_nodes_samples_afresh_every_epoch():
+    """ranks_per_node=2 over 4 ranks: a node keeps its samples under local, its two ranks get a
+    fresh deal of them each epoch, and every sample is still yielded once per epoch."""
+    dataset = LabelledDataset(100)
+    samplers = [ShuffleSampler(dataset, 4, r, strategy="local", seed=2, ranks_per_node=2) for r in range(4)]
+    node_sets, rank_sets = [], []
+    for epoch in (0, 1):
+        ids = []
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            ids.append(set(iter(sampler)))
+        assert sorted(i for s in ids for i in s) == list(range(100))
+        node_sets.append([ids[0] | ids[1], ids[2] | ids[3]])
+        rank_sets.append(ids)
+    assert node_sets[0] == node_sets[1] and rank_sets[0] != rank_sets[1]
