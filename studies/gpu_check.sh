@@ -26,7 +26,9 @@ step reshuffle run "${smoke[@]}" name=virtual-sync-bf16 --virtual-ranks 4 model.
 fm=(configs/fashion-mnist.yaml log.dir="$R" log.progress=lines log.tensorboard=false)
 step reshuffle run "${fm[@]}" name=fm-1gpu train.batch_size=256 train.epochs=2
 step reshuffle run "${fm[@]}" name=fm-virtual-1024 --virtual-ranks 1024 train.batch_size=8 train.epochs=1
-step reshuffle run "${fm[@]}" name=fm-4ranks dist.nproc=4 train.epochs=1 data.train_limit=8000
+step reshuffle run "${fm[@]}" name=fm-4ranks dist.nproc=4 dist.place=processes train.epochs=1 data.train_limit=8000
+step reshuffle run "${fm[@]}" name=fm-default train.epochs=1   # 4 ranks, 1 GPU: placed as virtual ranks on it
+step python3 -c "import json; e = json.load(open('$R/fm-default/env.json')); print(e['device'], e.get('virtual_ranks'))"
 step python3 -c "import json; e = json.load(open('$R/fm-4ranks/env.json')); print(e['backend'], e['world_size'])"
 echo; [[ $rc_all == 0 ]] && echo "gpu check: all passed" || echo "gpu check: FAILED (see the rc lines)"
 exit $rc_all

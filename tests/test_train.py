@@ -440,6 +440,29 @@ def test_ranks_that_leave_the_gpus_idle_get_one_line_that_says_how_to_use_them()
     assert "--virtual-ranks 4" in advice and "\n" not in advice
 
 
+def test_fewer_gpus_than_ranks_places_the_ranks_as_virtual_ranks_on_the_gpu(tmp_path, monkeypatch, capsys):
+    """A local launch of 2 ranks on a machine with 1 GPU trains them as 2 virtual ranks in one
+    process (on the GPU; here the CPU stands in, since the test suite has none) and says so;
+    dist.place=processes, store mode or an explicit backend keep one process per rank."""
+    from reshuffle.train import launch as launcher
+    from reshuffle.train.distributed import virtual_placement
+
+    assert virtual_placement("auto", 4, 0, "index", "auto") is None  # no GPU: processes
+    assert virtual_placement("auto", 2, 2, "index", "auto") is None  # a GPU per rank: NCCL
+    assert virtual_placement("auto", 4, 1, "store", "auto") is None  # virtual ranks read the dataset
+    assert virtual_placement("auto", 4, 1, "index", "gloo") is None
+    assert virtual_placement("processes", 4, 1, "index", "auto") is None
+    assert "dist.place=virtual" in virtual_placement("virtual", 4, 0, "store", "auto")
+    line = virtual_placement("auto", 4, 1, "index", "auto")
+    assert "4 virtual ranks on the GPU" in line and "dist.place=processes" in line and "\n" not in line
+    monkeypatch.setattr(launcher, "_gpus", lambda: 1)
+    config = load_run_config(CONFIGS / "smoke.yaml", [*TINY, f"log.dir={tmp_path}", "name=placed"])
+    assert launcher.launch(config, None, nproc=2) == 0
+    assert "training them as 2 virtual ranks on the GPU" in capsys.readouterr().err
+    epochs = rows(tmp_path / "placed" / "metrics" / "epochs.csv")
+    assert epochs[-1]["virtual"] == "2" and epochs[-1]["world_size"] == "2"
+
+
 def test_resume_takes_the_runs_saved_config_and_names_a_key_that_cannot_change(tmp_path, capsys):
     """`run CONFIG name=X --resume` continues X as it ran (its overrides need not be repeated);
     epochs may change; a strategy may not, and the error names the key."""

@@ -24,9 +24,10 @@ from reshuffle.text_table import format_table
 NEEDED = ("epoch", "train_loss", "test_acc", "epoch_s")
 # settings that do not change what a run learns (where and how it logs, checkpoints, loads)
 IGNORED = {
-    "seed", "name", "log", "dist.timeout_s", "dist.virtual_batch_limit", "train.max_steps", "train.workers",
-    "train.pin_memory", "train.deterministic", "train.checkpoint_every", "train.checkpoint_steps",
-    "train.keep_checkpoints", "data.test_limit", "shuffle.store_dir", "shuffle.exchange_chunk_mb",
+    "seed", "name", "log", "dist.timeout_s", "dist.virtual_batch_limit", "dist.place", "train.max_steps",
+    "train.workers", "train.pin_memory", "train.deterministic", "train.checkpoint_every",
+    "train.checkpoint_steps", "train.keep_checkpoints", "data.test_limit", "shuffle.store_dir",
+    "shuffle.exchange_chunk_mb",
 }  # fmt: skip
 # settings that matter only where another one has a value: (that key, the values where it applies)
 APPLIES: dict[str, tuple[str, set[Any]]] = {

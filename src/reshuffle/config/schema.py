@@ -158,6 +158,10 @@ class DistConfig:
     virtual_ranks: int = 0  # > 0: one process trains as this many DDP ranks (reshuffle run --virtual-ranks)
     virtual_batch_limit: int = 8192  # virtual ranks: at most this many samples per forward (ranks chunked)
     ranks_per_node: int | None = None  # null: torchrun's LOCAL_WORLD_SIZE (local launch: all ranks)
+    # How a local launch (`reshuffle run --nproc N`, not torchrun) places N ranks when the machine
+    # has GPUs but fewer than N: auto trains them as N virtual ranks on the GPU (one process, DDP's
+    # semantics; index mode), processes starts N processes (gloo on the CPU: the GPUs stay idle).
+    place: Literal["auto", "processes", "virtual"] = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)

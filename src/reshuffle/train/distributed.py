@@ -58,6 +58,25 @@ def choose_backend(requested: str, local_world: int = 1) -> str:
     return requested
 
 
+def virtual_placement(place: str, nproc: int, gpus: int, mode: str, backend: str) -> str | None:
+    """Why ``nproc`` local ranks train as virtual ranks in one process (the line to print), or None.
+
+    ``dist.place=virtual`` always; ``auto`` when the machine has GPUs but fewer than ``nproc``
+    (NCCL needs a GPU per rank, so processes would train on the CPU and leave the GPUs idle),
+    the backend is ``auto`` and the run reads the dataset directly (index mode)."""
+    if nproc < 2 or place == "processes":
+        return None
+    if place == "virtual":
+        return f"dist.place=virtual: {nproc} ranks train as {nproc} virtual ranks in one process"
+    if not 0 < gpus < nproc or mode != "index" or backend != "auto":
+        return None
+    return (
+        f"{nproc} ranks and {gpus} GPU(s): training them as {nproc} virtual ranks on the GPU (one process, "
+        "DDP's semantics exactly; per-step timing columns are not measured). dist.place=processes starts "
+        f"{nproc} processes on the CPU instead; --nproc {gpus} trains {gpus} rank(s) on the GPU(s)"
+    )
+
+
 def idle_gpu_advice(nproc: int, gpus: int) -> str | None:
     """What to say when ``nproc`` local ranks and ``gpus`` GPUs leave the GPUs idle (gloo on the
     CPU, since NCCL needs a GPU per rank), or None."""

@@ -61,6 +61,13 @@ def launch(
 
         return _report(train_virtual(config, system, run_dir, resume=resume), run_dir)
     nproc = nproc or config.dist.nproc
+    placed = not distributed.launched_by_torchrun() and distributed.virtual_placement(
+        config.dist.place, nproc, _gpus(), config.shuffle.mode, system.backend
+    )
+    if placed:
+        print(f"reshuffle: {placed}", file=sys.stderr)
+        virtual = dataclasses.replace(config.dist, virtual_ranks=nproc, nproc=1)
+        return launch(dataclasses.replace(config, dist=virtual), system_path, resume=resume)
     config = dataclasses.replace(config, dist=dataclasses.replace(config.dist, nproc=nproc))  # as run
     if distributed.launched_by_torchrun() or nproc == 1:  # errors come as one line from here already
         summary = _train(config, system, run_dir, resume)
