@@ -12,7 +12,7 @@ TINY = [
     "train.epochs=2", "model.width=8", "log.every_steps=0",
 ]  # fmt: skip
 PLOTS = ["test_acc.png", "train_loss.png", "label_js.png", "churn.png", "coverage.png", "bytes.png",
-         "time_breakdown.png"]  # fmt: skip
+         "frontier.png", "time_breakdown.png"]  # fmt: skip
 
 
 def test_compare_runs_every_strategy_and_seed_then_reports(tmp_path, capsys):
@@ -159,3 +159,11 @@ def test_the_bytes_plot_has_no_point_after_the_last_epoch(tmp_path):
 
     assert moved_points(Group("g", [_run(tmp_path, {}, epochs=3)])) == [(0, 2.0), (1, 2.0)]
     assert moved_points(Group("g", [_run(tmp_path, {}, epochs=1)])) == []
+
+
+def test_the_frontier_keeps_the_groups_nothing_beats_in_cost_and_accuracy():
+    from reshuffle.report_figures import pareto
+
+    points = [(0.0, 0.50), (0.0, 0.60), (0.1, 0.55), (0.3, 0.80), (1.0, 0.79), (2.0, 0.85)]
+    assert pareto(points) == [(0.0, 0.60), (0.3, 0.80), (2.0, 0.85)]
+    assert pareto([]) == []

@@ -28,6 +28,7 @@ def draw(groups: Sequence[Group], out_dir: Path) -> list[tuple[str, str]]:
         "coverage", "share of the dataset a rank has trained on", "Coverage", "coverage.png", share=True
     )
     figures.bytes_moved()
+    figures.frontier()
     figures.time_breakdown()
     return figures.made
 
@@ -41,6 +42,27 @@ def moved_points(group: Group) -> list[tuple[int, float]]:
     return [
         (e, m / world / 1e6) for e, m in zip(epochs, means, strict=True) if e < last and not math.isnan(m)
     ]
+
+
+def frontier_points(groups: Sequence[Group]) -> list[tuple[int, float, list[float]]]:
+    """(group index, MB sent across nodes per rank per epoch, final test accuracies) of every group
+    whose runs record both (``bytes_across_nodes``: nodes of ``dist.ranks_per_node`` ranks)."""
+    points = []
+    for index, group in enumerate(groups):
+        world = group.runs[0].epochs[0].get("world_size", 1) or 1
+        moved, accuracies = group.per_run("bytes_across_nodes", "boundaries"), group.per_run("test_acc")
+        if moved and accuracies:
+            points.append((index, statistics.fmean(moved) / world / 1e6, accuracies))
+    return points
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, value) points no other point beats in both (lower cost, higher value), by cost."""
+    front: list[tuple[float, float]] = []
+    for cost, value in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or value > front[-1][1]:
+            front.append((cost, value))
+    return front
 
 
 class Figures:
@@ -130,6 +152,32 @@ class Figures:
         axes.set_ylim(bottom=0)
         self.by_epoch(axes, "epoch (data moved after it)", "MB sent per rank", title)
         self.save(figure, title, "bytes.png")
+
+    def frontier(self) -> None:
+        """Final accuracy against data moved across nodes per epoch: what each group pays for what
+        it reaches; the groups no other beats in both are joined by a dashed line."""
+        points = frontier_points(self.groups)
+        if len(points) < 2:
+            return
+        title = "Accuracy vs data moved across nodes"
+        figure, axes = self.new_figure()
+        for index, moved, accuracies in points:
+            mean = statistics.fmean(accuracies)
+            spread = [[mean - min(accuracies)], [max(accuracies) - mean]]
+            axes.errorbar([moved], [mean], yerr=spread, marker="o", capsize=3, color=self.color(index),
+                          label=self.groups[index].label)  # fmt: skip
+        front = pareto([(moved, statistics.fmean(acc)) for _, moved, acc in points])
+        axes.plot([c for c, _ in front], [v for _, v in front], "k--", alpha=0.5, label="frontier")
+        axes.set_xscale("symlog", linthresh=max(1e-3, min((m for _, m, _ in points if m), default=1e-3)))
+        axes.set_xlabel("MB sent to other nodes per rank per epoch (dist.ranks_per_node ranks per node)")
+        axes.set_ylabel("final test accuracy (bars: seeds' range)")
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+        if self.crowded:
+            axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        else:
+            axes.legend(fontsize=8)
+        self.save(figure, title, "frontier.png")
 
     def time_breakdown(self) -> None:
         parts = [("io_s", "I/O wait"), ("exchange_exposed_s", "exposed exchange"), ("fw_bw_s", "FW+BW"),
