@@ -12,7 +12,7 @@ over seeds) and two per-epoch costs per rank:
   (all ranks, or a node's on its links). The exchange can overlap compute; SyncBatchNorm cannot.
 
 and draws the frontier: accuracy against network seconds per epoch, one panel per (ranks, R), the
-configurations no other beats in both joined by a line.
+configurations no other beats in both joined by a line (and the same against MB across nodes).
 
 Run: ``.venv/bin/python studies/nodes_table.py runs/nodes [--plot docs/img/nodes-frontier.png]``.
 """
@@ -30,6 +30,7 @@ from pathlib import Path
 from scale_table import cell  # studies/ is the script's folder: mean +- std (seeds)
 
 from reshuffle.plan import ShufflePlanner
+from reshuffle.report_figures import pareto
 from reshuffle.simulate import CLUSTERS, WORKLOADS
 from reshuffle.simulate.model import exchange_s, syncbn_step_s
 
@@ -133,16 +134,6 @@ def rows_for(results, partition: str, ranks: int, per_node: int) -> list[dict]:
     return rows
 
 
-def frontier(rows: list[dict]) -> list[dict]:
-    """The rows no other row beats in both accuracy (mean) and cost, by cost."""
-    best, front = -1.0, []
-    for row in sorted(rows, key=lambda r: (r["cost_s"], -statistics.mean(r["accs"]))):
-        if statistics.mean(row["accs"]) > best:
-            front.append(row)
-            best = statistics.mean(row["accs"])
-    return front
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -185,38 +176,44 @@ def main() -> None:
 
 
 def plot(panels, path: Path) -> None:
+    """Two rows of panels, one column per (ranks, R): accuracy against MB sent across nodes, and
+    against simulated network seconds; the configurations no other beats joined by a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scales = sorted({m for m, _, _ in panels})
-    fig, axes = plt.subplots(2, len(scales), figsize=(5 * len(scales), 8), sharey=True, squeeze=False)
+    costs = [("across_mb", "MB sent across nodes per rank per epoch", 1e-3),
+             ("cost_s", "simulated network s per rank per epoch\n(exchange + SyncBN)", 1e-4)]  # fmt: skip
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 8), sharey=True, squeeze=False)
     markers = dict(zip([label for label, _, _ in LABELS.values()], "os^vDPX", strict=True))
-    for m, per_node, rows in panels:
-        ax = axes[(4, 8).index(per_node)][scales.index(m)]
-        for row in rows:
-            mean = statistics.mean(row["accs"])
-            ax.errorbar(
-                row["cost_s"], mean, yerr=[[mean - min(row["accs"])], [max(row["accs"]) - mean]],
-                marker=markers[row["label"]], linestyle="none", capsize=3, label=row["label"],
-            )  # fmt: skip
-        front = frontier(rows)
-        ax.plot([r["cost_s"] for r in front], [statistics.mean(r["accs"]) for r in front], "k--", alpha=0.5)
-        ax.set_xscale("symlog", linthresh=1e-4)
-        ax.set_title(f"{m} ranks, nodes of {per_node}")
-        ax.set_xlabel("network seconds per epoch per rank (simulated: exchange + SyncBN)")
-        ax.grid(True, alpha=0.3)
+    for column, (m, per_node, rows) in enumerate(panels):
+        for (key, xlabel, linear), ax in zip(costs, axes[:, column], strict=True):
+            for row in rows:
+                mean = statistics.mean(row["accs"])
+                ax.errorbar(
+                    row[key], mean, yerr=[[mean - min(row["accs"])], [max(row["accs"]) - mean]],
+                    marker=markers[row["label"]], linestyle="none", capsize=3, label=row["label"],
+                )  # fmt: skip
+            front = pareto([(row[key], statistics.mean(row["accs"])) for row in rows])
+            ax.plot([c for c, _ in front], [v for _, v in front], "k--", alpha=0.5)
+            ax.set_xscale("symlog", linthresh=linear)
+            ax.set_title(f"{m} ranks, nodes of {per_node}")
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.grid(True, alpha=0.3)
     for row_axes in axes:
         row_axes[0].set_ylabel("final test accuracy")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    legend = {}  # label -> handle, from every panel (a panel may lack a configuration)
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    order = [label for label, _, _ in LABELS.values() if label in legend]
+    fig.legend([legend[label] for label in order], order, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle(
         "Label-sorted partitions, Fashion-MNIST (24,000 images), 4 epochs: accuracy vs per-epoch cost"
     )
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

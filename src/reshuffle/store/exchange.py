@@ -36,9 +36,10 @@ from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.store import format as fmt
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
-from reshuffle.store.transfer import MIN_PEER_CHUNK, Rounds, rounds_for
+from reshuffle.store.stage import gather_ints
+from reshuffle.store.transfer import MIN_PEER_CHUNK, Rounds, exchange_streams
 from reshuffle.store.upkeep import Background
-from reshuffle.store.wire import ExchangeError, IncomingStream, OutgoingStream, PeerError, describe_failure
+from reshuffle.store.wire import ExchangeError, OutgoingStream, PeerError, describe_failure
 
 
 @dataclass
@@ -287,10 +288,9 @@ class Exchanger:
 
     def _gather_ints(self, values: list[int], what: str) -> NDArray[np.int64]:
         """Every rank's ``values``, one row per rank (an all-gather of int64)."""
-        mine = torch.tensor(values, dtype=torch.int64, device=self.device)
-        everyone = [torch.empty_like(mine) for _ in range(self.planner.world_size)]
-        self._collective(what, lambda: dist.all_gather(everyone, mine, group=self.group))
-        return torch.stack(everyone).cpu().numpy()
+        table: list[NDArray[np.int64]] = []
+        self._collective(what, lambda: table.append(gather_ints(values, self.device, self.group)))
+        return table[0]
 
     def _collective(self, what: str, operation: Callable[[], object]) -> None:
         try:
@@ -322,39 +322,12 @@ class Exchanger:
         writer: PackWriter,
         stats: ExchangeStats,
     ) -> None:
-        world = self.planner.world_size
         outgoing = {dst: OutgoingStream(self.store, ids) for dst, ids in sends.items()}
         self.on_phase("counts")
-        send_sizes = torch.zeros(world, dtype=torch.int64)
-        for dst, stream in outgoing.items():
-            send_sizes[dst] = stream.size
-        recv_sizes = torch.zeros(world, dtype=torch.int64, device=self.device)
-        dist.all_to_all_single(recv_sizes, send_sizes.to(self.device), group=self.group)
-        recv_sizes = recv_sizes.cpu()
-        unexpected = [src for src in range(world) if src not in receives and int(recv_sizes[src])]
-        if unexpected:
-            raise ExchangeError(
-                f"rank(s) {unexpected} announced data the plan does not send to rank {self.rank}"
-            )
-        incoming = {
-            src: IncomingStream(src, ids, int(recv_sizes[src]), self.store.meta.num_classes, writer)
-            for src, ids in receives.items()
-        }
-        largest = max(int(send_sizes.max()), int(recv_sizes.max()))
-        rounds = torch.tensor([rounds_for(largest, self.peer_chunk)], dtype=torch.int64, device=self.device)
-        dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=self.group)
-        stats.rounds = int(rounds.item())
-        self._rounds.run(
-            stats.rounds,
-            send_sizes.tolist(),
-            recv_sizes.tolist(),
-            outgoing,
-            incoming,
-            writer,
-            lambda: self.on_phase("payload"),
-        )
-        for stream in incoming.values():
-            stream.finish()
+        stats.rounds, stats.wire_bytes_sent, stats.wire_bytes_received = exchange_streams(
+            self._rounds, outgoing, receives, writer, self.store.meta.num_classes, self.peer_chunk,
+            self.planner.world_size, self.device, self.group, lambda: self.on_phase("payload"),
+        )  # fmt: skip
         removed = np.concatenate(list(sends.values())) if sends else np.empty(0, dtype=np.int64)
         added = writer.close()
         # Rewrite packs that this exchange leaves mostly dead, in the background as well.
@@ -366,8 +339,6 @@ class Exchanger:
         stats.samples_received = int(added.size)
         stats.bytes_sent = sum(stream.payload_bytes for stream in outgoing.values())
         stats.bytes_received = int(added["length"].sum()) if added.size else 0
-        stats.wire_bytes_sent = int(send_sizes.sum())
-        stats.wire_bytes_received = int(recv_sizes.sum())
         stats.seconds = time.perf_counter() - self._started
 
 

@@ -139,13 +139,7 @@ def open_or_stage(
     except Exception as error:
         gather_errors(f"{type(error).__name__}: {error}", group)
         raise
-    failed = [(r, why) for r, why in enumerate(gather_errors("", group)) if why]
-    if failed:
-        first, why = failed[0]
-        raise PeerError(
-            f"rank {rank}: {len(failed)} rank(s) could not open their stores; nothing was changed here; "
-            f"caused by rank {first}: {why.splitlines()[0] if why.strip() else why}"
-        )
+    agree(gather_errors("", group), rank, "open their stores", "; nothing was changed here")
     return opened
 
 

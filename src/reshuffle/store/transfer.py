@@ -167,12 +167,12 @@ class _Sink:
 def exchange_streams(
     rounds: Rounds, outgoing: dict[int, Any], receives: dict[int, NDArray[np.int64]],
     writer: PackWriter | None, num_classes: int, peer_chunk: int, world: int, device: torch.device | None,
-    group: dist.ProcessGroup | None,
-) -> None:  # fmt: skip
-    """One exchange outside the epoch cycle (collective): this rank sends its ``outgoing`` streams
-    (any object with ``size`` and ``take``, e.g. :class:`OutgoingStream`) and lands the samples
-    ``receives`` names (per source rank, sorted ids) through ``writer``: counts, then pipelined
-    rounds, every arrival checked as in an exchange."""
+    group: dist.ProcessGroup | None, on_payload: Callable[[], None] = lambda: None,
+) -> tuple[int, int, int]:  # fmt: skip
+    """One exchange (collective): this rank sends its ``outgoing`` streams (any object with
+    ``size`` and ``take``, e.g. :class:`OutgoingStream`) and lands the samples ``receives`` names
+    (per source rank, sorted ids) through ``writer``: counts, then pipelined rounds, every arrival
+    checked. Returns the rounds and the wire bytes this rank sent and received."""
     device = device or torch.device("cpu")
     send_sizes = torch.zeros(world, dtype=torch.int64)
     for dst, stream in outgoing.items():
@@ -181,7 +181,7 @@ def exchange_streams(
     dist.all_to_all_single(recv_sizes, send_sizes.to(device), group=group)
     recv_sizes = recv_sizes.cpu()
     if unexpected := [src for src in range(world) if src not in receives and int(recv_sizes[src])]:
-        raise ExchangeError(f"rank(s) {unexpected} sent data this rank is not to hold")
+        raise ExchangeError(f"rank(s) {unexpected} announced data the plan does not send to this rank")
     incoming = {
         src: IncomingStream(src, ids, int(recv_sizes[src]), num_classes, writer)
         for src, ids in receives.items()
@@ -190,6 +190,7 @@ def exchange_streams(
     count = torch.tensor([rounds_for(largest, peer_chunk)], dtype=torch.int64, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
     rounds.run(int(count.item()), send_sizes.tolist(), recv_sizes.tolist(), outgoing, incoming, writer,
-               lambda: None)  # fmt: skip
+               on_payload)  # fmt: skip
     for stream in incoming.values():
         stream.finish()
+    return int(count.item()), int(send_sizes.sum()), int(recv_sizes.sum())

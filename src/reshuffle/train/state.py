@@ -21,6 +21,7 @@ from torch import nn
 
 from reshuffle.config import ConfigError, RunConfig
 from reshuffle.config.loading import to_mapping
+from reshuffle.store.stage import gather_ints
 from reshuffle.train.checkpoint import CheckpointError, Checkpoints
 
 log = logging.getLogger("reshuffle")
@@ -115,7 +116,7 @@ def load_agreed(
     ``log.dir``: a node that was replaced, or whose copy is older), which keep a copy."""
     path = checkpoints.latest()
     mine = Checkpoints.position(path) if path is not None else (-1, -1)
-    table = _gather_ints(list(mine), device)
+    table = gather_ints(list(mine), device, None)
     best = max(map(tuple, table.tolist()))
     if best == (-1, -1):
         log.info(
@@ -167,13 +168,6 @@ def check(state: dict[str, Any], path: Path, config: RunConfig) -> dict[str, Any
         )
     log.info("resuming from %s at epoch %d step %d", path, state[EPOCH], state[STEP])
     return state
-
-
-def _gather_ints(values: list[int], device: torch.device) -> torch.Tensor:
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)
-    return torch.stack(everyone).cpu()
 
 
 def _broadcast_bytes(payload: bytes | None, source: int, device: torch.device, sending: bool) -> bytes | None:
