@@ -5,7 +5,8 @@ The minimal loop is what a user writes by hand: the training images resident on 
 no time breakdown. ``reshuffle run`` trains the same model (small CNN, width 16, BatchNorm) on the
 same data with the same batch and optimiser (SGD Nesterov, momentum 0.9, weight decay 5e-4), one
 rank, global shuffling in index mode, and reports its time breakdown as usual. Both run in this
-job, interleaved, ``--repeats`` times; each figure is the median over repeats of samples/s over
+job, interleaved, ``--repeats`` times, each in a fresh process (the loop too, so that both start
+alike); each figure is the median over repeats of samples/s over
 the epochs after the first (epoch 0 warms up: allocator, cuDNN autotuning). Rows: every batch
 size x precision (fp32; bf16 autocast + channels_last where the device has fast bf16, CUDA).
 The target (issue 20) is ratio >= 0.9 in every row.
@@ -89,6 +90,16 @@ def minimal_loop(
     return statistics.fmean(rates[1:] or rates)
 
 
+def loop_process(train_samples: int, batch: int, bf16: bool, epochs: int) -> float:
+    """:func:`minimal_loop` in a fresh process, as ``reshuffle run`` runs: the same start (imports,
+    allocator, threads) for both sides of a ratio."""
+    command = [sys.executable, __file__, "--loop", *map(str, (train_samples, batch, int(bf16), epochs))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"minimal loop failed:\n{result.stderr[-3000:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
 def reshuffle_run(
     tmp: Path, name: str, data: list[str], batch: int, bf16: bool, epochs: int, resident: str = "auto"
 ) -> dict:
@@ -117,6 +128,12 @@ def _sync(device: torch.device) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--loop"]:  # one minimal loop, for loop_process
+        samples, batch, bf16, epochs = map(int, sys.argv[2:6])
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        images, labels, _ = load_images(samples)
+        print(minimal_loop(images, labels, batch, bool(bf16), epochs, device))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--epochs", type=int, default=3)
@@ -124,7 +141,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=60_000)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, labels, data = load_images(args.train_samples)
+    _, _, data = load_images(args.train_samples)
     precisions = [False, True] if device.type == "cuda" else [False]  # bf16 autocast is slow on CPUs
     rows, repeats = [], []  # repeats: every repeat's figures, kept in the JSON
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +149,7 @@ def main() -> None:
             for bf16 in precisions:
                 loops, runs, residents = [], [], []
                 for repeat in range(args.repeats):
-                    loops.append(minimal_loop(images, labels, batch, bf16, args.epochs, device))
+                    loops.append(loop_process(args.train_samples, batch, bf16, args.epochs))
                     runs.append(reshuffle_run(Path(tmp), f"b{batch}-{bf16}-{repeat}", data, batch, bf16,
                                               args.epochs))  # fmt: skip
                     residents.append(reshuffle_run(Path(tmp), f"r{batch}-{bf16}-{repeat}", data, batch, bf16,
@@ -170,8 +187,9 @@ def main() -> None:
     markdown = "\n".join([
         f"## The trainer vs a minimal loop (`bench/gpu.py`), on {device.type}", "",
         f"Machine: {where}; {machine()}. {args.train_samples} training samples, {args.epochs} epochs "
-        f"(epochs 1.. timed), {args.repeats} repeats interleaved; ratio = `reshuffle run` samples/s / the "
-        "minimal loop's, median over repeats (min-max); *resident ratio*: the same with `train.resident=on` "
+        f"(epochs 1.. timed), {args.repeats} repeats interleaved, the loop and every run each in a fresh "
+        "process; ratio = `reshuffle run` samples/s / the minimal loop's, median over repeats (min-max); "
+        "*resident ratio*: the same with `train.resident=on` "
         "(the set decoded on the device, batches gathered there; `auto` turns it on on a GPU). "
         "*loop spread*: how much the minimal loop alone varies between repeats ((max - min) / median): the "
         "machine's noise, against which a ratio's min-max must be read. The run's time-breakdown columns are "
