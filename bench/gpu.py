@@ -33,6 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, write_results
+from reshuffle import keep_freed_memory
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST's, as in configs/system.yaml
@@ -91,10 +92,12 @@ def minimal_loop(
     return statistics.fmean(rates[1:] or rates)
 
 
-def loop_process(train_samples: int, batch: int, bf16: bool, epochs: int) -> float:
+def loop_process(train_samples: int, batch: int, bf16: bool, epochs: int, kept: bool = False) -> float:
     """:func:`minimal_loop` in a fresh process, as ``reshuffle run`` runs: the same start (imports,
-    allocator, threads) for both sides of a ratio."""
-    command = [sys.executable, __file__, "--loop", *map(str, (train_samples, batch, int(bf16), epochs))]
+    allocator, threads) for both sides of a ratio; ``kept``: inside ``reshuffle.keep_freed_memory``
+    (what ``reshuffle run`` does on a CPU), so that the trainer's own overhead shows apart from it."""
+    arguments = (train_samples, batch, int(bf16), epochs, int(kept))
+    command = [sys.executable, __file__, "--loop", *map(str, arguments)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         raise RuntimeError(f"minimal loop failed:\n{result.stderr[-3000:]}")
@@ -123,6 +126,41 @@ def reshuffle_run(
     return {"samples_per_s": mean("samples_per_s"), **{k: mean(k) for k in ("io_s", "fw_bw_s", "ge_wu_s")}}
 
 
+def measure_row(
+    tmp: Path, args: argparse.Namespace, data: list[str], batch: int, bf16: bool, device: torch.device
+) -> tuple[dict, dict]:
+    """One row: ``args.repeats`` rounds of the minimal loop (and on a CPU the loop with freed memory
+    kept), ``reshuffle run`` and ``reshuffle run`` with ``train.resident=on``, interleaved."""
+    loops, kept_loops, runs, residents = [], [], [], []
+    for repeat in range(args.repeats):
+        loops.append(loop_process(args.train_samples, batch, bf16, args.epochs))
+        if device.type == "cpu":  # where reshuffle run keeps freed memory (train.keep_freed_memory)
+            kept_loops.append(loop_process(args.train_samples, batch, bf16, args.epochs, kept=True))
+        runs.append(reshuffle_run(tmp, f"b{batch}-{bf16}-{repeat}", data, batch, bf16, args.epochs))
+        residents.append(
+            reshuffle_run(tmp, f"r{batch}-{bf16}-{repeat}", data, batch, bf16, args.epochs, "on")
+        )
+    ratios = [r["samples_per_s"] / loop for r, loop in zip(runs, loops, strict=True)]
+    kept_ratios = [r["samples_per_s"] / loop for r, loop in zip(runs, kept_loops, strict=False)]
+    row = {
+        "batch": batch, "precision": "bf16 + channels_last" if bf16 else "fp32",
+        "loop samples/s": statistics.median(loops),
+        "run samples/s": statistics.median(r["samples_per_s"] for r in runs),
+        "ratio": statistics.median(ratios),
+        "resident ratio": statistics.median(
+            r["samples_per_s"] / loop for r, loop in zip(residents, loops, strict=True)
+        ),
+        "ratio min-max": f"{min(ratios):.2f}-{max(ratios):.2f}",
+        "ratio to loop, memory kept": statistics.median(kept_ratios) if kept_ratios else "-",
+        "loop spread": f"{(max(loops) - min(loops)) / statistics.median(loops):.0%}",
+        **{f"run {k} per epoch": statistics.median(r[k] for r in runs)
+           for k in ("io_s", "fw_bw_s", "ge_wu_s")},
+    }  # fmt: skip
+    repeat = {"batch": batch, "bf16": bf16, "loops": loops, "kept_loops": kept_loops, "runs": runs,
+              "ratios": ratios, "residents": residents}  # fmt: skip
+    return row, repeat
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,10 +168,11 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--loop"]:  # one minimal loop, for loop_process
-        samples, batch, bf16, epochs = map(int, sys.argv[2:6])
+        samples, batch, bf16, epochs, kept = map(int, sys.argv[2:7])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         images, labels, _ = load_images(samples)
-        print(minimal_loop(images, labels, batch, bool(bf16), epochs, device))
+        with keep_freed_memory(bool(kept)):
+            print(minimal_loop(images, labels, batch, bool(bf16), epochs, device))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
@@ -148,39 +187,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batches:
             for bf16 in precisions:
-                loops, runs, residents = [], [], []
-                for repeat in range(args.repeats):
-                    loops.append(loop_process(args.train_samples, batch, bf16, args.epochs))
-                    runs.append(reshuffle_run(Path(tmp), f"b{batch}-{bf16}-{repeat}", data, batch, bf16,
-                                              args.epochs))  # fmt: skip
-                    residents.append(reshuffle_run(Path(tmp), f"r{batch}-{bf16}-{repeat}", data, batch, bf16,
-                                                   args.epochs, "on"))  # fmt: skip
-                ratios = [r["samples_per_s"] / loop for r, loop in zip(runs, loops, strict=True)]
-                row = {
-                    "batch": batch, "precision": "bf16 + channels_last" if bf16 else "fp32",
-                    "loop samples/s": statistics.median(loops),
-                    "run samples/s": statistics.median(r["samples_per_s"] for r in runs),
-                    "ratio": statistics.median(ratios),
-                    "resident ratio": statistics.median(
-                        r["samples_per_s"] / loop for r, loop in zip(residents, loops, strict=True)
-                    ),
-                    "ratio min-max": f"{min(ratios):.2f}-{max(ratios):.2f}",
-                    "loop spread": f"{(max(loops) - min(loops)) / statistics.median(loops):.0%}",
-                    **{f"run {k} per epoch": statistics.median(r[k] for r in runs)
-                       for k in ("io_s", "fw_bw_s", "ge_wu_s")},
-                }  # fmt: skip
+                row, repeat = measure_row(Path(tmp), args, data, batch, bf16, device)
                 rows.append(row)
-                repeats.append(
-                    {
-                        "batch": batch,
-                        "bf16": bf16,
-                        "loops": loops,
-                        "runs": runs,
-                        "ratios": ratios,
-                        "residents": residents,
-                    }
-                )
-                print(row, repeats[-1], flush=True)
+                repeats.append(repeat)
+                print(row, repeat, flush=True)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     headers = list(rows[0])
     table = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
@@ -192,6 +202,9 @@ def main() -> None:
         "process; ratio = `reshuffle run` samples/s / the minimal loop's, median over repeats (min-max); "
         "*resident ratio*: the same with `train.resident=on` "
         "(the set decoded on the device, batches gathered there; `auto` turns it on on a GPU). "
+        "*ratio to loop, memory kept* (CPU): against the same minimal loop run inside "
+        "`reshuffle.keep_freed_memory()`, as `reshuffle run` trains on a CPU by default "
+        "(`train.keep_freed_memory=auto`): the trainer's own cost, apart from the allocator's. "
         "*loop spread*: how much the minimal loop alone varies between repeats ((max - min) / median): the "
         "machine's noise, against which a ratio's min-max must be read. The run's time-breakdown columns are "
         "seconds per epoch (default settings).",

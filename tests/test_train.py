@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reshuffle import memory
 from reshuffle.config import ConfigError, dataset_entry, load_run_config, load_system_config
 from reshuffle.data.source import DataNotFoundError
 from reshuffle.train.checkpoint import Checkpoints
@@ -70,6 +71,8 @@ def test_a_run_writes_config_env_metrics_logs_and_checkpoints(tmp_path):
     assert load_run_config(run / "config.yaml").train.epochs == 2  # the resolved config, loadable
     environment = json.loads((run / "env.json").read_text())
     assert environment["world_size"] == 1 and environment["backend"] == "gloo" and environment["hosts"]
+    assert environment["freed_memory_kept"] == (memory._glibc() is not None)  # auto: on, on the CPU
+    assert not memory.in_effect()  # and undone when train() returns
     epochs = rows(run / "metrics" / "epochs.csv")
     assert [r["epoch"] for r in epochs] == ["0", "1"]
     contract = ["epoch", "train_loss", "test_acc", "epoch_s", "io_s", "exchange_s", "exchange_exposed_s",
@@ -347,10 +350,13 @@ def test_env_json_records_the_system_config_that_was_given(tmp_path):
     system_file = tmp_path / "elsewhere" / "mine.yaml"
     system_file.parent.mkdir()
     system_file.write_text("backend: gloo\n")
-    config = load_run_config(CONFIGS / "smoke.yaml", [*TINY, f"log.dir={tmp_path}", "name=env"])
+    config = load_run_config(
+        CONFIGS / "smoke.yaml", [*TINY, f"log.dir={tmp_path}", "name=env", "train.keep_freed_memory=off"]
+    )
     train(config, load_system_config(system_file), tmp_path / "env")
     environment = json.loads((tmp_path / "env" / "env.json").read_text())
     assert environment["system_config"] == str(system_file.resolve())
+    assert environment["freed_memory_kept"] is False  # train.keep_freed_memory=off
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from reshuffle.config import RunConfig, SystemConfig
 from reshuffle.data.dataset import collate
 from reshuffle.data.source import SampleSource
 from reshuffle.ddp import settle_buckets
+from reshuffle.memory import keep_freed_memory
 from reshuffle.models import build_model
 from reshuffle.models.sync_batchnorm import sync_ranks
 from reshuffle.plan.quality import js_distance
@@ -47,7 +48,10 @@ def train(config: RunConfig, system: SystemConfig, run_dir: Path, *, resume: boo
     ctx = distributed.setup(system.backend, config.dist.timeout_s)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        with heartbeat.watch(ctx.rank, ctx.world_size, config.dist.timeout_s):
+        with (
+            heartbeat.watch(ctx.rank, ctx.world_size, config.dist.timeout_s),
+            keep_freed_memory(step.keeps_freed_memory(config, ctx.device)),
+        ):
             return _train(config, system, run_dir, ctx, resume)
     except BaseException as error:
         run_files.log_failure(error)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import reshuffle
+from reshuffle import memory
 from reshuffle.config import RunConfig, SystemConfig, dump_yaml
 from reshuffle.config.loading import to_mapping
 from reshuffle.plan.planner import plain
@@ -70,6 +71,7 @@ def write_run_files(
         "cuda_devices": torch.cuda.device_count(),
         "hosts": hosts,
         "torch_threads": torch.get_num_threads(),
+        "freed_memory_kept": memory.in_effect(),  # train.keep_freed_memory
         "system_config": system.origin,
         "resumed": resume,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

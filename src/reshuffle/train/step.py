@@ -24,6 +24,13 @@ def check_device_options(config: RunConfig, device: torch.device) -> None:
         logging.getLogger("reshuffle").info("train.pin_memory has no effect without CUDA")
 
 
+def keeps_freed_memory(config: RunConfig, device: torch.device) -> bool:
+    """``train.keep_freed_memory``: ``auto`` keeps it when training on the CPU, where every step's
+    activations are host memory (see :mod:`reshuffle.memory`)."""
+    mode = config.train.keep_freed_memory
+    return mode == "on" or (mode == "auto" and device.type == "cpu")
+
+
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     try:

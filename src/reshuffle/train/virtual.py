@@ -37,6 +37,7 @@ from reshuffle.config import ConfigError, RunConfig, SystemConfig, planner_setti
 from reshuffle.data import SourceDataset, open_source, transform_for
 from reshuffle.data.dataset import collate
 from reshuffle.losses import LossTracker
+from reshuffle.memory import keep_freed_memory
 from reshuffle.models import build_model
 from reshuffle.models.norm import batchnorms
 from reshuffle.models.sync_batchnorm import sync_group_size
@@ -67,7 +68,8 @@ def train_virtual(
                 f"dist.virtual_ranks={config.dist.virtual_ranks} trains every rank in one process, but this "
                 f"job has {ctx.world_size} processes; run it without torchrun/srun and with --nproc 1"
             )
-        return _train(config, system, run_dir, ctx, resume)
+        with keep_freed_memory(step.keeps_freed_memory(config, ctx.device)):
+            return _train(config, system, run_dir, ctx, resume)
     except BaseException as error:
         run_files.log_failure(error)
         raise
