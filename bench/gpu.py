@@ -8,18 +8,22 @@ rank, global shuffling in index mode, and reports its time breakdown as usual. B
 job, interleaved, ``--repeats`` times, each in a fresh process (the loop too, so that both start
 alike); each figure is the median over repeats of samples/s over
 the epochs after the first (epoch 0 warms up: allocator, cuDNN autotuning). Rows: every batch
-size x precision (fp32; bf16 autocast + channels_last, on a CPU too, where it is slower than fp32
-unless the CPU has bf16 units: the ratio is what the rows compare).
+size x recipe (fp32; bf16 autocast + channels_last, on a CPU too, where it is slower than fp32
+unless the CPU has bf16 units: the ratio is what the rows compare; with ``--compile`` both
+under ``torch.compile`` instead, in a table of its own: the loop compiles its model, the run sets
+``train.compile=true``; compiling happens in epoch 0, which is not timed).
 The target (issue 20) is ratio >= 0.9 in every row.
 
 Data: Fashion-MNIST when installed (``--train-samples`` of it), synthetic of the same shape
-otherwise. Run: ``.venv/bin/python bench/gpu.py [--batches 256 1024] [--epochs 3] [--repeats 2]``.
+otherwise. Run: ``.venv/bin/python bench/gpu.py [--batches 256 1024] [--epochs 3] [--repeats 2]
+[--compile]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -56,8 +60,27 @@ def load_images(train_samples: int) -> tuple[torch.Tensor, torch.Tensor, list[st
     return images, torch.from_numpy(source.targets[:train_samples]).long(), data
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a row trains: fp32 or bf16 autocast + channels_last; eager or ``torch.compile``."""
+
+    bf16: bool = False
+    compiled: bool = False
+
+    @property
+    def label(self) -> str:
+        return ("bf16 + channels_last" if self.bf16 else "fp32") + (" + compile" if self.compiled else "")
+
+    def overrides(self) -> list[str]:
+        """The same recipe as ``reshuffle run`` overrides."""
+        return [
+            f"train.amp={'bf16' if self.bf16 else 'off'}", f"train.channels_last={str(self.bf16).lower()}",
+            f"train.compile={str(self.compiled).lower()}",
+        ]  # fmt: skip
+
+
 def minimal_loop(
-    images: torch.Tensor, labels: torch.Tensor, batch: int, bf16: bool, epochs: int, device: torch.device
+    images: torch.Tensor, labels: torch.Tensor, batch: int, recipe: Recipe, epochs: int, device: torch.device
 ) -> float:
     """Samples/s of the hand-written loop over epochs 1.. (the loop a user would write)."""
     from reshuffle.config.schema import ModelConfig
@@ -67,6 +90,7 @@ def minimal_loop(
     model = build_model(ModelConfig(name="small-cnn", norm="batch", width=16), (1, 28, 28), 10).to(device)
     x = ((images.to(device).float() / 255 - MEAN) / STD).contiguous()
     y = labels.to(device)
+    bf16 = recipe.bf16
     if bf16:
         model, x = (
             model.to(memory_format=torch.channels_last),
@@ -75,6 +99,7 @@ def minimal_loop(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * batch / 256, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4)  # fmt: skip
     criterion = nn.CrossEntropyLoss()
+    forward = torch.compile(model) if recipe.compiled else model
     rates = []
     for _ in range(epochs):
         _sync(device)
@@ -83,7 +108,7 @@ def minimal_loop(
         for at in range(0, len(x), batch):
             index = order[at : at + batch]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = criterion(model(x[index]), y[index])
+                loss = criterion(forward(x[index]), y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -92,11 +117,11 @@ def minimal_loop(
     return statistics.fmean(rates[1:] or rates)
 
 
-def loop_process(train_samples: int, batch: int, bf16: bool, epochs: int, kept: bool = False) -> float:
+def loop_process(train_samples: int, batch: int, recipe: Recipe, epochs: int, kept: bool = False) -> float:
     """:func:`minimal_loop` in a fresh process, as ``reshuffle run`` runs: the same start (imports,
     allocator, threads) for both sides of a ratio; ``kept``: inside ``reshuffle.keep_freed_memory``
     (what ``reshuffle run`` does on a CPU), so that the trainer's own overhead shows apart from it."""
-    arguments = (train_samples, batch, int(bf16), epochs, int(kept))
+    arguments = (train_samples, batch, int(recipe.bf16), int(recipe.compiled), epochs, int(kept))
     command = [sys.executable, __file__, "--loop", *map(str, arguments)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
@@ -105,7 +130,7 @@ def loop_process(train_samples: int, batch: int, bf16: bool, epochs: int, kept: 
 
 
 def reshuffle_run(
-    tmp: Path, name: str, data: list[str], batch: int, bf16: bool, epochs: int, resident: str = "auto"
+    tmp: Path, name: str, data: list[str], batch: int, recipe: Recipe, epochs: int, resident: str = "auto"
 ) -> dict:
     """Samples/s of ``reshuffle run`` (epochs 1..) and its time breakdown per epoch."""
     command = [
@@ -114,8 +139,7 @@ def reshuffle_run(
         f"name={name}", f"log.dir={tmp}", f"train.epochs={epochs}", f"train.batch_size={batch}",
         "train.reference_batch=256", "shuffle.strategy=global", "shuffle.fraction=0", "log.tensorboard=false",
         "log.every_steps=0", "log.progress=lines", "train.checkpoint_every=0", "train.warmup_epochs=0",
-        f"train.amp={'bf16' if bf16 else 'off'}", f"train.channels_last={str(bf16).lower()}",
-        f"train.resident={resident}", *data,
+        *recipe.overrides(), f"train.resident={resident}", *data,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800, env={**os.environ})
     if result.returncode != 0:
@@ -127,23 +151,22 @@ def reshuffle_run(
 
 
 def measure_row(
-    tmp: Path, args: argparse.Namespace, data: list[str], batch: int, bf16: bool, device: torch.device
+    tmp: Path, args: argparse.Namespace, data: list[str], batch: int, recipe: Recipe, device: torch.device
 ) -> tuple[dict, dict]:
     """One row: ``args.repeats`` rounds of the minimal loop (and on a CPU the loop with freed memory
     kept), ``reshuffle run`` and ``reshuffle run`` with ``train.resident=on``, interleaved."""
     loops, kept_loops, runs, residents = [], [], [], []
     for repeat in range(args.repeats):
-        loops.append(loop_process(args.train_samples, batch, bf16, args.epochs))
+        loops.append(loop_process(args.train_samples, batch, recipe, args.epochs))
         if device.type == "cpu":  # where reshuffle run keeps freed memory (train.keep_freed_memory)
-            kept_loops.append(loop_process(args.train_samples, batch, bf16, args.epochs, kept=True))
-        runs.append(reshuffle_run(tmp, f"b{batch}-{bf16}-{repeat}", data, batch, bf16, args.epochs))
-        residents.append(
-            reshuffle_run(tmp, f"r{batch}-{bf16}-{repeat}", data, batch, bf16, args.epochs, "on")
-        )
+            kept_loops.append(loop_process(args.train_samples, batch, recipe, args.epochs, kept=True))
+        name = f"{batch}-{int(recipe.bf16)}{int(recipe.compiled)}-{repeat}"
+        runs.append(reshuffle_run(tmp, f"b{name}", data, batch, recipe, args.epochs))
+        residents.append(reshuffle_run(tmp, f"r{name}", data, batch, recipe, args.epochs, "on"))
     ratios = [r["samples_per_s"] / loop for r, loop in zip(runs, loops, strict=True)]
     kept_ratios = [r["samples_per_s"] / loop for r, loop in zip(runs, kept_loops, strict=False)]
     row = {
-        "batch": batch, "precision": "bf16 + channels_last" if bf16 else "fp32",
+        "batch": batch, "recipe": recipe.label,
         "loop samples/s": statistics.median(loops),
         "run samples/s": statistics.median(r["samples_per_s"] for r in runs),
         "ratio": statistics.median(ratios),
@@ -156,7 +179,7 @@ def measure_row(
         **{f"run {k} per epoch": statistics.median(r[k] for r in runs)
            for k in ("io_s", "fw_bw_s", "ge_wu_s")},
     }  # fmt: skip
-    repeat = {"batch": batch, "bf16": bf16, "loops": loops, "kept_loops": kept_loops, "runs": runs,
+    repeat = {"batch": batch, "recipe": recipe.label, "loops": loops, "kept_loops": kept_loops, "runs": runs,
               "ratios": ratios, "residents": residents}  # fmt: skip
     return row, repeat
 
@@ -168,26 +191,28 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--loop"]:  # one minimal loop, for loop_process
-        samples, batch, bf16, epochs, kept = map(int, sys.argv[2:7])
+        samples, batch, bf16, compiled, epochs, kept = map(int, sys.argv[2:8])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         images, labels, _ = load_images(samples)
         with keep_freed_memory(bool(kept)):
-            print(minimal_loop(images, labels, batch, bool(bf16), epochs, device))
+            print(minimal_loop(images, labels, batch, Recipe(bool(bf16), bool(compiled)), epochs, device))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train-samples", type=int, default=60_000)
+    parser.add_argument("--compile", action="store_true", help="the recipes under torch.compile (own table)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, _, data = load_images(args.train_samples)
-    precisions = [False, True]  # fp32, and bf16 autocast + channels_last (on a CPU without bf16 units: slow)
+    # fp32, and bf16 autocast + channels_last (on a CPU without bf16 units: slow); compiled if asked
+    recipes = [Recipe(bf16, args.compile) for bf16 in (False, True)]
     rows, repeats = [], []  # repeats: every repeat's figures, kept in the JSON
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batches:
-            for bf16 in precisions:
-                row, repeat = measure_row(Path(tmp), args, data, batch, bf16, device)
+            for recipe in recipes:
+                row, repeat = measure_row(Path(tmp), args, data, batch, recipe, device)
                 rows.append(row)
                 repeats.append(repeat)
                 print(row, repeat, flush=True)
@@ -196,7 +221,8 @@ def main() -> None:
     table = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     table += ["| " + " | ".join(_cell(row[h]) for h in headers) + " |" for row in rows]
     markdown = "\n".join([
-        f"## The trainer vs a minimal loop (`bench/gpu.py`), on {device.type}", "",
+        f"## The trainer vs a minimal loop (`bench/gpu.py{' --compile' * args.compile}`), on {device.type}",
+        "",
         f"Machine: {where}; {machine()}. {args.train_samples} training samples, {args.epochs} epochs "
         f"(epochs 1.. timed), {args.repeats} repeats interleaved, the loop and every run each in a fresh "
         "process; ratio = `reshuffle run` samples/s / the minimal loop's, median over repeats (min-max); "
@@ -210,7 +236,11 @@ def main() -> None:
         "seconds per epoch (default settings).",
         "", *table,
     ])  # fmt: skip
-    write_results(f"gpu-{device.type}", {"device": where, "rows": rows, "repeats": repeats}, markdown)
+    write_results(
+        f"gpu-{device.type}{'-compile' * args.compile}",
+        {"device": where, "rows": rows, "repeats": repeats},
+        markdown,
+    )
 
 
 def _cell(value: object) -> str:
