@@ -147,3 +147,25 @@ def test_plan_shows_what_each_node_holds_and_what_crosses_nodes(capsys):
     assert churn == pytest.approx(1 - 0.8 / 4, abs=0.03) and float(table_rows(ranks)[1][2]) == 0.8
     assert main(["plan", "--num-samples", "100", "--world-size", "4", "--level", "node"]) == 2
     assert "--level node needs --ranks-per-node R" in capsys.readouterr().err
+
+
+def test_the_cli_and_the_planner_do_not_import_torch():
+    """``reshuffle --help``, ``plan`` and ``simulate`` start in a fraction of a second: torch (about
+    1.5 s to import) is imported by the commands that train or read stores, when they run."""
+    probe = (
+        "import sys, contextlib, io\n"
+        "from reshuffle.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['plan', '--num-samples', '1000', '--world-size', '4', '--strategy', 'partial',"
+        " '--fraction', '0.1']) == 0\n"
+        "    assert main(['simulate', '--preset', 'imagenet', '--workers', '16', '--strategies', 'local']) == 0\n"
+        "    for command in ('run', 'compare', 'report', 'slurm', 'verify'):\n"
+        "        try:\n"
+        "            main([command, '--help'])\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'matplotlib')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

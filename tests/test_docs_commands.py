@@ -48,6 +48,8 @@ def shrunk(command: str) -> str:
     words = command.split()
     if words[1] in ("run", "compare", "slurm"):  # overrides go right after the config
         words[3:3] = SHRINK
+    if words[1] in ("run", "compare") and not {"--nproc", "--virtual-ranks", "--resume"} & set(words):
+        words.append("--nproc 2")  # the config's dist.nproc (4 in the default experiment)
     text = " ".join(words)
     text = re.sub(r"--nproc \d+", "--nproc 2", text)
     text = re.sub(r"--seeds \d+", "--seeds 1", text)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-from reshuffle.store import verify_store
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -33,6 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reshuffle.store import verify_store  # torch: imported when a store is checked, not for --help
+
     problems = verify_store(*args.store_dir, checksums=not args.no_checksums, node=args.node)
     where = " ".join(args.store_dir)
     for problem in problems:
