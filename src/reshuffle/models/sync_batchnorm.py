@@ -2,8 +2,8 @@
 
 In training mode, batch statistics are the mean and (biased) variance over the samples of *all*
 ranks: one all-reduce of per-channel [count, sum, sum of squares] (float64) per layer and step.
-The all-reduce is :func:`torch.distributed.nn.functional.all_reduce`, which is differentiable,
-so gradients are exactly those of normalising the union of the ranks' batches. Running
+The all-reduce is differentiable (:class:`_AllReduceSum`: the sum's gradient is the sum of the
+ranks' gradients), so gradients are exactly those of normalising the union of the ranks' batches. Running
 statistics are updated as BatchNorm does (unbiased variance), identically on every rank.
 
 On CUDA, :func:`convert_sync_batchnorm` uses PyTorch's own ``nn.SyncBatchNorm`` instead.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from reshuffle.config import ConfigError
@@ -67,6 +66,22 @@ def sync_ranks(
     return convert_sync_batchnorm(module, device, sync_group(size, rank, world))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable sum all-reduce (what ``torch.distributed.nn.functional.all_reduce`` does;
+    deprecated in recent torch, warns once per process)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        reduced = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(reduced, group=group)
+        return reduced
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over (N, C, ...) inputs whose training statistics span every rank of ``group``
     (all ranks when None)."""
@@ -93,7 +108,7 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
             (input.shape[1],), input.numel() / input.shape[1], dtype=torch.float64, device=input.device
         )
         stats = torch.stack([count, x.sum(dims), (x * x).sum(dims)])
-        stats = dist_fn.all_reduce(stats, group=self.group or dist.group.WORLD)
+        stats = _AllReduceSum.apply(stats, self.group or dist.group.WORLD)
         total = stats[0]
         mean = stats[1] / total
         var = (stats[2] / total - mean * mean).clamp_min(0)
