@@ -3,8 +3,9 @@
 In training mode, batch statistics are the mean and (biased) variance over the samples of *all*
 ranks: one all-reduce of per-channel [count, sum, sum of squares] (float64) per layer and step.
 The all-reduce is differentiable (:class:`_AllReduceSum`: the sum's gradient is the sum of the
-ranks' gradients), so gradients are exactly those of normalising the union of the ranks' batches. Running
-statistics are updated as BatchNorm does (unbiased variance), identically on every rank.
+ranks' gradients), so gradients are exactly those of normalising the union of the ranks'
+batches. Running statistics are updated as BatchNorm does (unbiased variance), identically on
+every rank.
 
 On CUDA, :func:`convert_sync_batchnorm` uses PyTorch's own ``nn.SyncBatchNorm`` instead.
 """
