@@ -25,7 +25,7 @@ import torch
 
 from common import machine, time_pair, timing, write_results
 from reshuffle import ShufflePlanner
-from reshuffle.text_table import format_table
+from reshuffle.report.table import format_table
 
 STRATEGIES = (("global", 0.0), ("local", 0.0), ("partial", 0.1))
 

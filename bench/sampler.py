@@ -19,7 +19,7 @@ from torch.utils.data import DistributedSampler
 
 from common import machine, timing, write_results
 from reshuffle import ShuffleSampler
-from reshuffle.text_table import format_table
+from reshuffle.report.table import format_table
 
 STRATEGIES = (("global", 0.0), ("local", 0.0), ("partial", 0.1))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from scale_table import cell  # studies/ is the script's folder: mean +- std (seeds)
 
 from reshuffle.plan import ShufflePlanner
-from reshuffle.report_figures import pareto
+from reshuffle.report.figures import pareto
 from reshuffle.simulate import CLUSTERS, WORKLOADS
 from reshuffle.simulate.model import exchange_s, syncbn_step_s
 

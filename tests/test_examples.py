@@ -85,3 +85,45 @@ def test_example_trains_the_ids_reshuffle_run_trains_and_resumes(
         for epoch, order in trained[rank].items():
             assert f"{order_hash(order):013x}" == reference_orders[rank][epoch], (rank, epoch)
     assert verify_store(store) == []
+
+
+def test_a_byte_flipped_in_a_kept_sample_stops_the_users_loop_before_its_checkpoint(tmp_path, fashion_mnist):
+    """examples/ddp_store.py (2 gloo ranks, DataLoader workers): after 2 epochs, one byte of a
+    sample rank 1 keeps into epoch 2 is flipped on its disk. Run on to 3 epochs, the loop stops in
+    epoch 2, on the read that would train it, with CorruptSampleError naming the sample; the
+    checkpoint is still epoch 1's, and `reshuffle verify` names the damage."""
+    import numpy as np
+
+    from reshuffle import ShufflePlanner
+    from reshuffle.store import RankStore
+    from reshuffle.store.format import pack_name
+
+    store = tmp_path / "example" / "store"
+    common = ["--data", str(fashion_mnist), "--store", str(store), "--limit", str(LIMIT)]
+    first = _torchrun(ROOT / "examples" / "ddp_store.py", *common, "--epochs", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    rank1 = RankStore.open(store, 1)
+    planner = ShufflePlanner(LIMIT, 2, strategy="partial", fraction=0.1, partition="label-sorted",
+                             labels=_labels(fashion_mnist), seed=0)  # fmt: skip
+    kept = np.intersect1d(rank1.ids, planner.plan(2).holdings(1))
+    bad = int(kept[len(kept) // 2])
+    record = rank1.records[rank1.position(bad)[0]]
+    pack = rank1.pack_dir / pack_name(int(record["pack"]))
+    data = bytearray(pack.read_bytes())
+    data[int(record["offset"]) + int(record["length"]) // 2] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    second = _torchrun(ROOT / "examples" / "ddp_store.py", *common, "--epochs", "3")
+    assert second.returncode != 0
+    assert "CorruptSampleError" in second.stderr and f"sample {bad} in this rank's own store" in second.stderr
+    saved = torch.load(tmp_path / "example" / "ckpt.pt", weights_only=True)
+    assert saved["epoch"] == 1
+    assert any(f"sample {bad}" in line for line in verify_store(store))
+
+
+def _labels(fashion_mnist: Path):
+    import gzip
+
+    import numpy as np
+
+    with gzip.open(fashion_mnist / "train-labels-idx1-ubyte.gz") as handle:
+        return np.frombuffer(handle.read(), np.uint8, offset=8)[:LIMIT].astype(np.int64)

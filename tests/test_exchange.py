@@ -26,6 +26,7 @@ from reshuffle.store import (
     new_exchange_group,
     stage,
     store_meta,
+    synchronize,
     verify_store,
 )
 from reshuffle.store.space import reserve
@@ -187,7 +188,7 @@ def _restart(rank, world, root, num, target):
     planner = _planner(num, world, "partial", 0.5)
     store = RankStore.open(root, rank, store_meta(source, planner))
     exchanger = Exchanger(store, planner, group=new_exchange_group(60), chunk_bytes=CHUNK)
-    actions = exchanger.synchronize(target)
+    actions = synchronize(exchanger, target)
     held = [np.array_equal(store.ids, planner.plan(target).holdings(rank))]
     for epoch in range(target, target + 2):
         exchanger.exchange(epoch)

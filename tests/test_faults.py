@@ -96,24 +96,31 @@ def _flip(store, position=4, at=7):
     return int(record["id"])
 
 
-def test_a_damaged_sample_is_found_by_the_scrub_and_by_checked_reads(tmp_path):
-    """A flipped byte in a sample a rank keeps: the scrub (every sample's crc32, once per epoch)
-    names it, and so does a read with checking on; the error names this rank's own disk."""
-    source, _, stores = staged(tmp_path / "store", world=2)
+def test_a_damaged_sample_is_refused_by_every_read_and_the_store_after_it(tmp_path):
+    """A flipped byte in a sample a rank keeps: the read that would train it (one item or a
+    batch) raises CorruptSampleError naming the sample and this rank's own disk; the damage is
+    recorded, so the store refuses further use (and verify names it) until it is restaged."""
+    source, planner, stores = staged(tmp_path / "store", world=2)
     store = stores[1]
     bad = _flip(store)
-    assert store.reader.scrub() == [bad]
-    assert stores[0].reader.scrub() == []
-    store.reader.verify = True
     dataset = StoreDataset(store, source.decode, build_transform([], [0.5], [0.25]))
+    good = int(store.ids[0])
+    assert good != bad and dataset[good][1] == source.targets[good]
+    store.check_damage()  # nothing found yet: nothing recorded
     with pytest.raises(
         CorruptSampleError, match=rf"rank 1: sample {bad} in this rank's own store is damaged"
     ):
         dataset[bad]
     with pytest.raises(CorruptSampleError, match="its disk, not a peer or the transfer"):
         dataset.__getitems__(store.ids[:20].tolist())
-    good = int(store.ids[0])
-    assert good != bad and dataset[good][1] == source.targets[good]
+    with pytest.raises(CorruptSampleError, match=rf"a read found sample {bad} damaged"):
+        store.check_damage()
+    with pytest.raises(CorruptSampleError, match=rf"sample {bad} damaged .* restage the store"):
+        stage(tmp_path / "store", 1, source, planner)  # reopening it for a job
+    problems = verify_store(tmp_path / "store")
+    assert any(f"sample {bad} damaged" in line for line in problems), problems
+    assert any("1 corrupt sample(s)" in line and str(bad) in line for line in problems), problems
+    stores[0].check_damage()  # the other rank's store is untouched
 
 
 class Items(torch.utils.data.Dataset):
@@ -129,36 +136,49 @@ class Items(torch.utils.data.Dataset):
         return torch.full((8, 8), index % 251, dtype=torch.uint8), self.targets[index], index
 
 
-def _epoch_over_a_store(rank, world, root, damage):
-    """Stage, close; ``damage`` rank 1's store on disk; reopen and train one epoch as a user does."""
+def _epoch_over_a_store(rank, world, root, damage, workers):
+    """Stage, close; ``damage`` rank 1's store on disk; reopen and train one epoch as a user's
+    loop does (a DataLoader with ``workers``), then take the epoch's state."""
     data = ShuffledData(Items(), root, strategy="partial", fraction=0.25, seed=0)
     data.set_epoch(0)
     data.close()
     dist.barrier()
     bad = _flip(data.store, at=None) if damage and rank == 1 else None  # in the image's bytes
     dist.barrier()
-    data = ShuffledData(Items(), root, strategy="partial", fraction=0.25, seed=0)
+    data = ShuffledData(Items(), root, strategy="partial", fraction=0.25, seed=0, timeout_s=30)
     data.set_epoch(0)
-    loader = DataLoader(data.dataset, batch_size=16, sampler=data.sampler)
-    seen = [int(i) for _, _, ids in loader for i in ids]
+    loader = DataLoader(data.dataset, batch_size=16, sampler=data.sampler, num_workers=workers)
+    seen: list[int] = []
+    result = {"bad": bad, "seen": seen, "error": None, "state_error": None}
     try:
+        for _, _, ids in loader:
+            seen += ids.tolist()
         data.end_epoch()
     except (ExchangeError, StoreError) as error:
-        return {"bad": bad, "error": type(error).__name__, "message": str(error), "seen": seen}
-    return {"bad": bad, "error": None, "seen": seen}
+        result.update(error=type(error).__name__, message=str(error))
+    try:
+        data.state_dict()
+    except StoreError as error:
+        result["state_error"] = str(error)
+    return result
 
 
-def test_a_sample_damaged_on_disk_fails_the_epoch_by_name_on_every_rank(tmp_path):
-    """Through the public API, 2 gloo ranks: a sample flipped on rank 1's disk is caught by the
-    epoch's scrub before the exchange commits; rank 1 names its own disk and the sample, rank 0
-    says a peer failed; nothing commits. Without damage the same epoch ends cleanly."""
-    clean = run_ranks(_epoch_over_a_store, 2, str(tmp_path / "clean"), False, timeout=120)
-    assert all(result["error"] is None for result in clean)
-    damaged = run_ranks(_epoch_over_a_store, 2, str(tmp_path / "damaged"), True, timeout=120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_sample_damaged_on_disk_is_never_trained_and_no_state_describes_its_epoch(tmp_path, workers):
+    """Through the public API, 2 gloo ranks: a sample flipped on rank 1's disk stops rank 1's
+    loop on the read that would put it in a batch (in the DataLoader worker that reads it), naming
+    the sample and its own disk; the sample is in no batch, and state_dict() refuses to describe
+    the epoch; rank 0 learns that a peer failed; nothing commits. Without damage the epoch ends
+    cleanly and its state is taken."""
+    clean = run_ranks(_epoch_over_a_store, 2, str(tmp_path / "clean"), False, workers, timeout=120)
+    assert all(r["error"] is None and r["state_error"] is None for r in clean)
+    damaged = run_ranks(_epoch_over_a_store, 2, str(tmp_path / "damaged"), True, workers, timeout=150)
     rank0, rank1 = damaged
-    assert rank1["error"] == "CorruptSampleError" and f"sample(s) {rank1['bad']} " in rank1["message"]
-    assert "this rank's own store" in rank1["message"]
-    assert rank0["error"] == "PeerError" and "another rank failed" in rank0["message"]
+    assert rank1["error"] == "CorruptSampleError", rank1
+    assert f"sample {rank1['bad']} in this rank's own store is damaged" in rank1["message"]
+    assert rank1["bad"] not in rank1["seen"]
+    assert rank1["state_error"] is not None and f"sample {rank1['bad']} damaged" in rank1["state_error"]
+    assert rank0["error"] == "PeerError", rank0
     assert verify_store(tmp_path / "damaged") != []  # still at epoch 0: the damage is named, not moved
 
 

@@ -155,14 +155,14 @@ def test_a_report_over_several_experiments_labels_by_experiment_and_lists_their_
 def test_the_bytes_plot_has_no_point_after_the_last_epoch(tmp_path):
     """Nothing moves after a run's last epoch: bytes.png shows the boundaries only, not a 0."""
     from reshuffle.report import Group
-    from reshuffle.report_figures import moved_points
+    from reshuffle.report.figures import moved_points
 
     assert moved_points(Group("g", [_run(tmp_path, {}, epochs=3)])) == [(0, 2.0), (1, 2.0)]
     assert moved_points(Group("g", [_run(tmp_path, {}, epochs=1)])) == []
 
 
 def test_the_frontier_keeps_the_groups_nothing_beats_in_cost_and_accuracy():
-    from reshuffle.report_figures import pareto
+    from reshuffle.report.figures import pareto
 
     points = [(0.0, 0.50), (0.0, 0.60), (0.1, 0.55), (0.3, 0.80), (1.0, 0.79), (2.0, 0.85)]
     assert pareto(points) == [(0.0, 0.60), (0.3, 0.80), (2.0, 0.85)]

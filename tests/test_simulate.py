@@ -17,7 +17,7 @@ from reshuffle.simulate import (
     CLUSTERS,
     WORKLOADS,
     Cluster,
-    Strategy,
+    StrategySpec,
     Workload,
     calibrated,
     load_record,
@@ -44,24 +44,24 @@ NET = Cluster(
 def test_compute_and_storage_per_strategy():
     m = 8
     n = 10_000 // m  # 1250 per worker
-    local = predict(SMALL, NET, m, Strategy("local"))
+    local = predict(SMALL, NET, m, StrategySpec("local"))
     assert (local.samples_per_worker, local.iterations) == (n, 125)
     assert local.compute_s == pytest.approx(125 * 0.01)
     assert local.storage_needed_bytes == n * 1000 and local.bytes_per_worker == 0 and local.exposed_s == 0
-    partial = predict(SMALL, NET, m, Strategy("partial", 0.1))
+    partial = predict(SMALL, NET, m, StrategySpec("partial", 0.1))
     k = round(0.1 * n)
     assert partial.extra["samples_moved"] == k
     assert partial.storage_needed_bytes == (n + k) * 1000  # (1 + Q) N / M
     assert partial.bytes_per_worker == k * 1000
     assert partial.hideable_s == partial.compute_s and partial.exposed_s == 0
-    glob = predict(SMALL, NET, m, Strategy("global"))
+    glob = predict(SMALL, NET, m, StrategySpec("global"))
     assert glob.storage_needed_bytes == 10_000 * 1000 and glob.fits  # a replica per worker
     assert glob.remote_read_bytes == 0
 
 
 def test_global_reads_the_shared_file_system_when_the_replica_does_not_fit():
     tight = NET.with_(storage_bytes=1e6, pfs_Bps=1e6)  # 10 MB data set, 1 MB local, 1 MB/s PFS
-    p = predict(SMALL, tight, 8, Strategy("global"))
+    p = predict(SMALL, tight, 8, StrategySpec("global"))
     assert not p.fits
     assert p.remote_read_bytes == 1250 * 1000
     assert p.exchange_s == pytest.approx(10.0)  # all workers share the file system: N S / pfs
@@ -71,7 +71,7 @@ def test_global_reads_the_shared_file_system_when_the_replica_does_not_fit():
 
 def test_batched_exchange_time_adds_up():
     k, size = 125, 1000
-    p = predict(SMALL, NET, 8, Strategy("partial", 0.1))
+    p = predict(SMALL, NET, 8, StrategySpec("partial", 0.1))
     nbytes = k * size
     expected = 0.001 + 2 * 7 * 1e-6 + 2 * 3 * 1e-6 + nbytes / 1e9 + nbytes / 5e8  # one payload round
     assert p.exchange_s == pytest.approx(expected)
@@ -79,7 +79,7 @@ def test_batched_exchange_time_adds_up():
 
 def test_per_sample_exchange_time_adds_up():
     cluster = NET.with_(implementation="per-sample", per_sample_s=1e-3, reference_plan_s_per_sample=1e-6)
-    p = predict(SMALL, cluster, 8, Strategy("partial", 0.1))
+    p = predict(SMALL, cluster, 8, StrategySpec("partial", 0.1))
     per_sample = 1e-3 + 2 * 3 * 1e-6 + 1000 / 1e9 + 1000 / 5e8
     assert p.exchange_s == pytest.approx(1e-6 * 10_000 + 125 * per_sample)
     assert p.exposed_s == pytest.approx(max(0.0, p.exchange_s - p.compute_s))
@@ -93,7 +93,7 @@ def test_syncbn_prices_pytorchs_collectives_per_layer_and_step():
     gather = hops(m) * NET.latency_s + (m - 1) * 33 * 4 / NET.bandwidth_Bps  # 2C+1 floats from each
     reduce = 2 * hops(m) * NET.latency_s + 2 * (m - 1) / m * 32 * 4 / NET.bandwidth_Bps  # 2C floats
     assert syncbn_step_s(workload, NET, m) == pytest.approx(gather + reduce)
-    p = predict(workload, NET, m, Strategy("local", sync_bn=True))
+    p = predict(workload, NET, m, StrategySpec("local", sync_bn=True))
     assert p.syncbn_s == pytest.approx(p.iterations * (gather + reduce))
     assert p.epoch_s == pytest.approx(p.compute_s + p.syncbn_s)
     assert allgather_s(NET, 1, 100) == allreduce_s(NET, 1, 100) == 0
@@ -115,11 +115,11 @@ def test_grouped_syncbn_is_priced_on_the_nodes_links_when_a_group_stays_inside_a
             syncbn_step_s(workload, NET, workers)
         )
     assert syncbn_step_s(workload, cluster, 4096, 16) == pytest.approx(syncbn_step_s(workload, NET, 16))
-    grouped = predict(workload, cluster, 4096, Strategy("local", sync_bn=True, sync_group="node"))
+    grouped = predict(workload, cluster, 4096, StrategySpec("local", sync_bn=True, sync_group="node"))
     assert grouped.strategy == "local+syncbn:node" and grouped.syncbn_s == pytest.approx(
         grouped.iterations * inside
     )
-    assert parse_strategy("local+syncbn:node") == Strategy("local", sync_bn=True, sync_group="node")
+    assert parse_strategy("local+syncbn:node") == StrategySpec("local", sync_bn=True, sync_group="node")
     assert parse_strategy("partial:0.1+syncbn:4").sync_group == 4
     with pytest.raises(ConfigError, match="a group is node or a worker count"):
         parse_strategy("local+syncbn:rack")
@@ -133,17 +133,17 @@ def test_node_level_plans_price_the_network_and_the_nodes_links_apart():
 
     cluster = NET.with_(node_workers=4, intra_bandwidth_Bps=50e9, intra_latency_s=2e-7)
     links = cluster.with_(bandwidth_Bps=50e9, latency_s=2e-7)
-    local = predict(SMALL, cluster, 16, Strategy("local", node=True))
+    local = predict(SMALL, cluster, 16, StrategySpec("local", node=True))
     assert local.strategy == "local+node" and local.bytes_per_worker == 0
     assert local.extra["within_node_bytes"] == 469 * 1000  # round(3/4 * 625)
     assert local.exchange_s == pytest.approx(exchange_s(links, 4, 469, 1000, 10_000))
     assert local.storage_needed_bytes == (625 + 469) * 1000 and local.exposed_s == 0
-    partial = predict(SMALL, cluster, 16, Strategy("partial", 0.2, node=True))
+    partial = predict(SMALL, cluster, 16, StrategySpec("partial", 0.2, node=True))
     assert partial.extra["samples_moved"] == 125 and partial.bytes_per_worker == 125 * 1000  # 0.2 * 2500 / 4
     assert partial.exchange_s == pytest.approx(
         exchange_s(cluster, 16, 125, 1000, 10_000) + exchange_s(links, 4, 375, 1000, 10_000)
     )
-    assert parse_strategy("partial:0.1+node+syncbn:node") == Strategy(
+    assert parse_strategy("partial:0.1+node+syncbn:node") == StrategySpec(
         "partial", 0.1, sync_bn=True, sync_group="node", node=True
     )
     with pytest.raises(ConfigError, match="node-level plans are local"):
@@ -158,7 +158,7 @@ def test_the_cheapest_fix_within_5_percent_of_compute_per_scale():
     workload, cluster = WORKLOADS["imagenet"], CLUSTERS["abci"]
     for workers in (256, 4096):
         fix, extra = cheapest_fix(workload, cluster, workers)
-        base = predict(workload, cluster, workers, Strategy("local"))
+        base = predict(workload, cluster, workers, StrategySpec("local"))
         assert extra <= 0.05 * base.compute_s
         costs = {f.label: predict(workload, cluster, workers, f).epoch_s - base.epoch_s for f in FIXES}
         assert extra == pytest.approx(min(costs.values())) and costs["local+syncbn"] > 0.05 * base.compute_s
@@ -175,13 +175,13 @@ def test_resnet50_has_53_batchnorm_layers():
 
 def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match="workers must be at least 1"):
-        predict(SMALL, NET, 0, Strategy("local"))
+        predict(SMALL, NET, 0, StrategySpec("local"))
     with pytest.raises(ValueError, match="every worker needs at least one sample"):
-        predict(SMALL, NET, 20_000, Strategy("local"))
+        predict(SMALL, NET, 20_000, StrategySpec("local"))
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
-        predict(SMALL, NET, 8, Strategy("partial", 1.5))
+        predict(SMALL, NET, 8, StrategySpec("partial", 1.5))
     with pytest.raises(ValueError, match="unknown strategy 'random'"):
-        predict(SMALL, NET, 8, Strategy("random"))
+        predict(SMALL, NET, 8, StrategySpec("random"))
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         Workload(name="w", num_samples=10, sample_bytes=1, batch_size=0, iteration_s=1)
     with pytest.raises(ValueError, match="bandwidth_Bps must be positive"):
@@ -196,13 +196,13 @@ def test_bad_input_names_the_problem():
     ):
         with pytest.raises(ConfigError, match=message):
             parse_strategy(spec)
-    assert parse_strategy("partial:0.1+syncbn") == Strategy("partial", 0.1, sync_bn=True)
-    assert parse_strategy("importance:5") == Strategy("importance", interval=5)
+    assert parse_strategy("partial:0.1+syncbn") == StrategySpec("partial", 0.1, sync_bn=True)
+    assert parse_strategy("importance:5") == StrategySpec("importance", interval=5)
 
 
 def first_failing(cluster: Cluster, workers: list[int]) -> int | None:
     for m in workers:
-        p = predict(WORKLOADS["imagenet"], cluster, m, Strategy("partial", 0.1))
+        p = predict(WORKLOADS["imagenet"], cluster, m, StrategySpec("partial", 0.1))
         if p.overlap_fails:
             return m
     return None
@@ -227,16 +227,18 @@ def test_imagenet_per_sample_overlap_fails_once_few_iterations_remain():
     cluster = CLUSTERS["abci"].with_(implementation="per-sample")
     for iteration_s, first in ((WORKLOADS["imagenet"].iteration_s, 2048), (0.08, 8192)):
         workload = dataclasses.replace(WORKLOADS["imagenet"], iteration_s=iteration_s)
-        failing = [m for m in scales if predict(workload, cluster, m, Strategy("partial", 0.1)).overlap_fails]
+        failing = [
+            m for m in scales if predict(workload, cluster, m, StrategySpec("partial", 0.1)).overlap_fails
+        ]
         assert failing and failing[0] == first and failing == scales[scales.index(first) :], iteration_s
         plan_s = cluster.reference_plan_s_per_sample * workload.num_samples
         per_sample_compute = workload.iteration_s / workload.batch_size
         threshold = workload.num_samples * (per_sample_compute - 0.1 * cluster.per_sample_s) / plan_s
         assert first / 2 < threshold < first, (iteration_s, threshold)
-        small = predict(workload, cluster, 16, Strategy("partial", 0.1))
+        small = predict(workload, cluster, 16, StrategySpec("partial", 0.1))
         assert small.exposed_s == 0 and small.exchange_s > 0
-    hidden = predict(WORKLOADS["imagenet"], cluster, 1024, Strategy("partial", 0.1))
-    exposed = predict(WORKLOADS["imagenet"], cluster, 2048, Strategy("partial", 0.1))
+    hidden = predict(WORKLOADS["imagenet"], cluster, 1024, StrategySpec("partial", 0.1))
+    exposed = predict(WORKLOADS["imagenet"], cluster, 2048, StrategySpec("partial", 0.1))
     assert hidden.exposed_s == 0 and exposed.exposed_s > 0 and exposed.exchange_s > exposed.compute_s
 
 
@@ -246,8 +248,8 @@ def test_syncbn_is_latency_bound_and_dearer_than_moving_data_at_scale():
     assert per_step[0] < per_step[1] < per_step[2]
     # At 2,048 workers SyncBatchNorm costs a large share of the compute; batched partial costs nothing
     # visible.
-    sync = predict(workload, cluster, 2048, Strategy("local", sync_bn=True))
-    move = predict(workload, cluster, 2048, Strategy("partial", 0.1))
+    sync = predict(workload, cluster, 2048, StrategySpec("local", sync_bn=True))
+    move = predict(workload, cluster, 2048, StrategySpec("partial", 0.1))
     assert sync.syncbn_s > 0.5 * sync.compute_s
     assert move.epoch_s < sync.epoch_s
 
@@ -257,11 +259,11 @@ def test_agrees_with_this_machines_recorded_measurements_within_25_percent():
     workload, cluster = calibrated(load_record(RECORD))
     train = record["train"]
     measured = train["measured"]["partial-0.1/store"]
-    p = predict(workload, cluster, int(train["ranks"]), Strategy("partial", 0.1))
+    p = predict(workload, cluster, int(train["ranks"]), StrategySpec("partial", 0.1))
     assert p.exchange_s == pytest.approx(measured["exchange_s"], rel=0.25)
     assert p.epoch_s == pytest.approx(measured["epoch_s"], rel=0.25)
     assert p.exposed_s == pytest.approx(measured["exposed_share"] * measured["epoch_s"], abs=0.05 * p.epoch_s)
-    glob = predict(workload, cluster, int(train["ranks"]), Strategy("global"))
+    glob = predict(workload, cluster, int(train["ranks"]), StrategySpec("global"))
     assert glob.epoch_s == pytest.approx(train["global_epoch_s"], rel=0.25)
 
 

@@ -20,6 +20,7 @@ from reshuffle.data.transforms import build_transform
 from reshuffle.store import RankStore, StoreDataset, StoreError, stage, store_meta, verify_store
 from reshuffle.store.format import pack_name
 from reshuffle.store.space import allocated_bytes
+from reshuffle.store.verify import open_verified
 
 WORLD = 3
 
@@ -63,12 +64,16 @@ def test_a_store_of_another_job_is_refused_with_the_reason(tmp_path):
     four = ShufflePlanner(100, 4, strategy="partial", fraction=0.2, seed=1)
     with pytest.raises(
         StoreError,
-        match=r"written for world size 3, this job has 4; run with 3 ranks, or point shuffle\.store_dir",
+        match=r"written for world size 3, this job has 4; run with 3 ranks, or point the store directory",
     ):
         stage(tmp_path, 0, source, four)
-    other_plan = ShufflePlanner(100, WORLD, strategy="local", seed=1)
-    with pytest.raises(StoreError, match="the store holds plan"):
-        RankStore.open(tmp_path, 0, store_meta(source, other_plan))
+    other_seed = ShufflePlanner(100, WORLD, strategy="partial", fraction=0.2, seed=2)
+    with pytest.raises(StoreError) as error:
+        RankStore.open(tmp_path, 0, store_meta(source, other_seed))
+    message = str(error.value)  # only what differs, and the fix in the caller's terms
+    assert "(plan.seed: 1 in the store, 2 in this job)" in message, message
+    assert "store_dir= in ShuffledData, shuffle.store_dir in a config" in message
+    assert "strategy" not in message and len(message) < 400, message
 
 
 @pytest.mark.parametrize("names", [["normalize"], ["random-crop:2", "horizontal-flip", "normalize"]])
@@ -104,7 +109,7 @@ def test_two_phase_commit_changes_nothing_until_every_rank_commits(tmp_path):
     moving = stores[0].ids[:5]
     prepare_moves(stores[:2], {(0, 1): moving}, epoch=1)
     assert [s.epoch for s in stores[:2]] == [0, 0]  # prepared, not committed
-    assert any("interrupted before it committed" in p for p in verify_store(tmp_path))
+    assert any("is in flight (prepared, not committed)" in p for p in verify_store(tmp_path))
     stores[0].commit()
     stores[1].commit()
     assert not np.isin(moving, stores[0].ids).any() and np.isin(moving, stores[1].ids).all()
@@ -307,7 +312,7 @@ def test_damage_is_named_by_verify_and_refused_at_open(tmp_path, damage, capsys)
     rank_specific = {damage_truncate: 1, damage_flip: 2, damage_manifest: 0, damage_stray: 1, damage_index: 0}
     if damage in rank_specific:
         with pytest.raises(StoreError) as error:
-            RankStore.open(tmp_path, rank_specific[damage], store_meta(source, planner), verify=True)
+            open_verified(tmp_path, rank_specific[damage], store_meta(source, planner))
         assert re.search(re.sub(r"^rank \d: ", "", expected), str(error.value)), error.value
 
 
@@ -320,6 +325,27 @@ def test_verify_passes_a_good_store_and_names_a_missing_one(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["verify", str(tmp_path / "empty")]) == 1
     assert "store.json" in capsys.readouterr().out
+
+
+def test_verify_tells_an_exchange_in_flight_from_damage_by_exit_code(tmp_path, capsys):
+    """A clean stop between an exchange's prepare and its commit: verify exits 3 and says the next
+    start finishes it; the same store with a damaged sample as well exits 1."""
+    _, _, stores = staged(tmp_path)
+    prepare_moves(stores, {(0, 1): stores[0].ids[:3], (1, 0): stores[1].ids[:3]}, epoch=1)
+    assert all(store.prepared_epoch() == 1 for store in stores)
+    assert main(["verify", str(tmp_path)]) == 3
+    out = capsys.readouterr().out
+    assert "in flight: rank 0: an exchange into epoch 1 is in flight" in out
+    assert "the next start of the job finishes it or rolls it back. Nothing is damaged." in out
+    assert "problem:" not in out
+    record = stores[2].records[0]
+    pack = stores[2].pack_dir / pack_name(int(record["pack"]))
+    data = bytearray(pack.read_bytes())
+    data[int(record["offset"])] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    assert main(["verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "problem: rank 2: 1 corrupt sample(s)" in out and "in flight: rank 0" in out
 
 
 def test_store_paths_never_resolve_outside_the_store(tmp_path):

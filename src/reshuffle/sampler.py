@@ -26,7 +26,7 @@ import torch.distributed as dist
 from numpy.typing import ArrayLike, NDArray
 from torch.utils.data import Sampler
 
-from reshuffle import resize
+from reshuffle.plan import resize
 from reshuffle.plan.partitions import PARTITIONS
 from reshuffle.plan.planner import ShufflePlanner, check_same_config
 
@@ -145,7 +145,7 @@ class ShuffleSampler(Sampler[int]):
         self._resume_at = 0  # where the next iteration starts (set by load_state_dict)
         self._position = 0  # ids of the current epoch yielded so far
         self._finished = False  # a pass ran to its end since the last set_epoch (or load)
-        self._resized: dict[str, Any] | None = None  # see reshuffle.resize
+        self._resized: dict[str, Any] | None = None  # see reshuffle.plan.resize
         self._dealt: NDArray[np.int64] | None = None
         self._warned = False
 
@@ -247,7 +247,7 @@ class ShuffleSampler(Sampler[int]):
         state whose epoch was finished resumes at the next epoch. An epoch set with
         :meth:`set_epoch` before the load (``StatefulDataLoader`` loads lazily, at ``iter()``)
         wins when it is later than the state's: the saved epoch is over. A state saved at another
-        world size loads too (elastic resume, see :mod:`reshuffle.resize`).
+        world size loads too (elastic resume, see :mod:`reshuffle.plan.resize`).
 
         Raises:
             ValueError: if the state comes from a differently configured sampler.

@@ -45,11 +45,12 @@ from reshuffle.data.transforms import Transform
 from reshuffle.losses import LossTracker
 from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.plan.partitions import PARTITIONS
-from reshuffle.resize import saved_planner
+from reshuffle.plan.resize import saved_planner
 from reshuffle.sampler import ShuffleSampler, rank_and_world
-from reshuffle.store import Exchanger, ExchangeStats, RankStore, new_exchange_group, open_or_stage
 from reshuffle.store.dataset import StoreDataset, StoreItems
-from reshuffle.store.resize import resize_stores
+from reshuffle.store.exchange import ExchangeStats
+from reshuffle.store.rank_store import RankStore
+from reshuffle.store.session import StoreSession
 
 log = logging.getLogger("reshuffle")
 
@@ -148,23 +149,28 @@ class ShuffledData:
         )
         self.device = _device(group)
         self.store_dir = Path(store_dir) if store_dir is not None else None
-        self.chunk_bytes = int(chunk_mb * 2**20)
-        self.timeout_s = timeout_s
-        self.on_exchange_phase = on_exchange_phase
-        self.dataset_id = (
-            dict(dataset_id)
-            if isinstance(dataset_id, Mapping)
-            else {"name": self.source.name, "split": self.source.split}
-        )
-        self.store: RankStore | None = None
-        self.exchanger: Exchanger | None = None
         self.dataset: Dataset = self._dataset(dataset, transform)
+        self.session: StoreSession | None = None  # store mode's store and exchanges
+        if self.mode == "store" and self.store_dir is not None:
+            identity = (
+                dict(dataset_id)
+                if isinstance(dataset_id, Mapping)
+                else {"name": self.source.name, "split": self.source.split}
+            )
+            self.session = StoreSession(
+                self.store_dir, self.rank, self.source, self.planner, dataset=identity, group=group,
+                device=self.device, chunk_bytes=int(chunk_mb * 2**20), timeout_s=timeout_s,
+                on_phase=on_exchange_phase,
+            )  # fmt: skip
         self.epoch: int | None = None  # the epoch set_epoch selected last
         self.plan: EpochPlan | None = None  # that epoch's plan, computed once
         self.last_exchange: ExchangeStats | None = None  # the exchange the last end_epoch finished
         self._ended: int | None = None  # the epoch end_epoch ran for
-        self._synchronized = False  # store mode: stores agreed and at the selected epoch
-        self._resize_from: tuple[ShufflePlanner, Path] | None = None  # (old planner, old store_dir)
+
+    @property
+    def store(self) -> RankStore | None:
+        """This rank's store (store mode, once the first :meth:`set_epoch` opened it)."""
+        return self.session.store if self.session is not None else None
 
     def _dataset(self, dataset: Any, transform: Transform | None) -> Dataset:
         if isinstance(self.source, SampleSource) and not isinstance(self.source, DatasetSource):
@@ -182,7 +188,7 @@ class ShuffledData:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
         epoch = int(epoch)
-        if self.mode == "store":
+        if self.session is not None:
             self._move_store_to(epoch)
         elif self.epoch is not None and epoch != self.epoch:
             self.end_epoch()
@@ -194,13 +200,12 @@ class ShuffledData:
         if isinstance(self.dataset, KeyedAugmentation):  # reshuffle's own: augmentation keyed by epoch
             self.dataset.set_epoch(epoch, seed=self.seed)
         if (
-            self.exchanger is not None
-            and not self.exchanger.running
+            self.session is not None
             and self._ended != epoch
             and self._exchanges_after(epoch)
-            and not self._deferred(epoch)
+            and not self.planner.strategy.needs_losses_of(epoch)  # deferred to end_epoch: needs the losses
         ):
-            self.exchanger.start(epoch, self.plan)
+            self.session.start(epoch, self.plan)
 
     def end_epoch(self) -> ExchangeStats | None:
         """Finish the current epoch's data work: reduce the recorded losses and hand them to the
@@ -217,13 +222,9 @@ class ShuffledData:
             if self.planner.strategy.uses_losses:
                 self.planner.observe(self.epoch, *(t.numpy() for t in self.tracker.mean()))
         self.last_exchange = None
-        if self.exchanger is not None and self._exchanges_after(self.epoch):
-            if not self.exchanger.running:  # deferred: where samples go depended on these losses
-                self.exchanger.start(self.epoch, self.plan)
-            self.last_exchange = self.exchanger.wait()
-            self.exchanger.agree()  # every rank prepared, and found this epoch's samples intact
-        elif self.exchanger is not None:
-            self.exchanger.check_scrub()
+        if self.session is not None and self._exchanges_after(self.epoch):
+            assert self.plan is not None
+            self.last_exchange = self.session.finish(self.epoch, self.plan)
         self._ended = self.epoch
         return self.last_exchange
 
@@ -240,68 +241,28 @@ class ShuffledData:
     def _exchanges_after(self, epoch: int) -> bool:
         return self.epochs is None or epoch + 1 < self.epochs
 
-    def _deferred(self, epoch: int) -> bool:
-        return self.planner.strategy.needs_losses_of(epoch)
-
     def _move_store_to(self, epoch: int) -> None:
-        if not self._synchronized:
-            self._open_store(epoch)
+        """Store mode's side of ``set_epoch``: open the stores at the first call (or after a
+        load); at the next epoch commit the exchange that ran during this one; catch up a jump."""
+        assert self.session is not None
+        if not self.session.synchronized:
+            self.session.open(epoch)
+            self.dataset.store = self.session.store  # type: ignore[attr-defined]
+            if self._ended != epoch:
+                self._ended = None
             return
-        assert self.store is not None and self.exchanger is not None and self.epoch is not None
         if epoch == self.epoch:
             return
-        if epoch < self.store.epoch:
-            raise ValueError(
-                f"set_epoch({epoch}): the stores are at epoch {self.store.epoch} and cannot go back; "
-                "a store only moves forward (resume from a checkpoint of a later epoch, or restage)"
-            )
+        self.session.check_forward(epoch)
+        assert self.epoch is not None
         if self._exchanges_after(self.epoch) and epoch == self.epoch + 1:
             self.end_epoch()
-            self.exchanger.commit()
-        elif self.exchanger.running:
-            self.exchanger.wait()
+            self.session.commit()
+        else:
+            self.session.abandon()
         self._ended = None
-        if self.store.epoch != epoch:  # a jump: catch up (exposed: nothing overlapped it)
-            for action in self.exchanger.synchronize(epoch):
-                log.info("%s", action)
-
-    def _open_store(self, epoch: int) -> None:
-        """Stage (or reopen) this rank's store at ``epoch``, then agree with every rank on where
-        the stores are and bring them to ``epoch`` (collective)."""
-        if self.store_dir is None:
-            raise ValueError("store mode needs store_dir")
-        if self.exchanger is not None and self.exchanger.running:
-            self.exchanger.wait()  # a state was loaded mid-job; recovery decides its fate
-        if self.store is None:
-            if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError(
-                    "store mode exchanges samples over torch.distributed: call "
-                    "torch.distributed.init_process_group first (one rank: init_process_group('gloo', "
-                    "store=torch.distributed.HashStore(), rank=0, world_size=1)), or use mode='index'"
-                )
-            if self._resize_from is None:
-                self.store, message = open_or_stage(
-                    self.store_dir, self.rank, self.source, self.planner, epoch, dataset=self.dataset_id,
-                    device=self.device, group=self.group,
-                )  # fmt: skip
-            else:  # another number of ranks: the old stores re-partitioned through the exchange
-                self.store, message = resize_stores(
-                    self._resize_from[1], self.store_dir, self.rank, self.source, self._resize_from[0],
-                    self.planner, epoch, dataset=self.dataset_id, device=self.device, group=self.group,
-                    chunk_bytes=self.chunk_bytes,
-                )  # fmt: skip
-            log.info("%s", message)
-            self.exchanger = Exchanger(
-                self.store, self.planner, group=self.group or new_exchange_group(self.timeout_s),
-                device=self.device, chunk_bytes=self.chunk_bytes, timeout_s=self.timeout_s,
-                on_phase=self.on_exchange_phase,
-            )  # fmt: skip
-            self.dataset.store = self.store  # type: ignore[attr-defined]
-        for action in self.exchanger.synchronize(epoch):  # type: ignore[union-attr]
-            log.info("%s", action)
-        self._synchronized = True
-        if self._ended != epoch:
-            self._ended = None
+        if self.store is not None and self.store.epoch != epoch:
+            self.session.catch_up(epoch)
 
     # ----------------------------------------------------------------- state
 
@@ -317,6 +278,8 @@ class ShuffledData:
         only moves forward, so a job resumes from a checkpoint of the stores' epoch or the one
         before it.
         """
+        if self.session is not None:  # no state describes an epoch that met a damaged sample
+            self.session.check_damage()
         sampler = self.sampler.state_dict()
         if position is not None:
             sampler[ShuffleSampler.STATE_POSITION] = int(position)
@@ -326,7 +289,7 @@ class ShuffledData:
             self.STATE_SAMPLER: sampler,
             self.STATE_ENDED: ended,
         }
-        if self.mode == "store" and self.store_dir is not None:  # where a resized job finds the stores
+        if self.store_dir is not None and self.session is not None:  # where a resized job finds the stores
             state[self.STATE_STORE_DIR] = str(self.store_dir.resolve())
         if self.tracker is not None and not ended:
             if self.world_size > 1:
@@ -339,12 +302,16 @@ class ShuffledData:
         """Resume from :meth:`state_dict` (of any mode: the plan is the same). The next
         :meth:`set_epoch` of the saved epoch continues at the saved position; of the next epoch,
         starts it. In store mode that call also recovers the stores (collective). A state saved at
-        another world size loads too (elastic, see :mod:`reshuffle.resize`); in store mode only at
+        another world size loads too (elastic, see :mod:`reshuffle.plan.resize`); in store mode only at
         an epoch boundary, into a new ``store_dir`` that the next set_epoch fills from the old
         stores through the exchange (:mod:`reshuffle.store.resize`)."""
         sampler = state[self.STATE_SAMPLER]
-        self._resize_from = None
-        if self.mode == "store" and sampler[ShuffleSampler.STATE_CONFIG].get("world_size") != self.world_size:
+        if self.session is not None:
+            self.session.resize_from = None
+        if (
+            self.session is not None
+            and sampler[ShuffleSampler.STATE_CONFIG].get("world_size") != self.world_size
+        ):
             old = saved_planner(self.planner, sampler[ShuffleSampler.STATE_CONFIG], sampler["planner"])
             if (
                 not state.get(self.STATE_ENDED)
@@ -356,7 +323,7 @@ class ShuffledData:
                     "the epoch's end"
                 )
             if state.get(self.STATE_STORE_DIR):  # an older state names none: staged from the source
-                self._resize_from = (old, Path(state[self.STATE_STORE_DIR]))
+                self.session.resize_from = (old, Path(state[self.STATE_STORE_DIR]))
         self.sampler.load_state_dict(sampler)
         if self.tracker is not None:
             self.tracker.reset()
@@ -364,15 +331,14 @@ class ShuffledData:
                 self.tracker.load_state_dict(state[self.STATE_LOSSES])
         self.epoch = int(state[self.STATE_SAMPLER][ShuffleSampler.STATE_EPOCH])
         self._ended = self.epoch if state.get(self.STATE_ENDED) else None
-        self._synchronized = False
+        if self.session is not None:
+            self.session.synchronized = False
 
     def close(self) -> None:
-        """Wait for an exchange in flight (a restart decides its fate), upkeep and scrub; no collective."""
-        if self.exchanger is not None:
-            if self.exchanger.running:
-                self.exchanger.wait()
-            self.exchanger.settle()
-            self.exchanger.scrubbed()
+        """Wait for an exchange in flight (a restart decides its fate) and the store's upkeep;
+        no collective."""
+        if self.session is not None:
+            self.session.close()
 
     def __enter__(self) -> ShuffledData:  # with ShuffledData(...) as data: ... closes it
         return self

@@ -21,7 +21,7 @@ import numpy as np
 from reshuffle.config import ConfigError
 from reshuffle.plan import PARTITIONS, STRATEGIES, ShufflePlanner
 from reshuffle.plan.quality import block_reads, measure, measure_nodes
-from reshuffle.text_table import format_table
+from reshuffle.report.table import format_table
 
 MAX_MEASURED_RANKS = 64
 

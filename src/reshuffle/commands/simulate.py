@@ -29,10 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from reshuffle.config import ConfigError
-from reshuffle.simulate.model import FIXES, Prediction, Strategy, cheapest_fix, crossover, predict
+from reshuffle.report.table import format_table
+from reshuffle.simulate.model import FIXES, Prediction, StrategySpec, cheapest_fix, crossover, predict
 from reshuffle.simulate.presets import CLUSTERS, DEFAULT_CLUSTER, WORKLOADS, calibrated, load_record
 from reshuffle.simulate.quality import Quality, planner_quality
-from reshuffle.text_table import format_table
 
 CSV_COLUMNS = (
     "workers",
@@ -102,8 +102,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_strategy(spec: str) -> Strategy:
-    """``partial:0.1+syncbn`` -> Strategy("partial", 0.1, sync_bn=True); ``local+syncbn:node`` ->
+def parse_strategy(spec: str) -> StrategySpec:
+    """``partial:0.1+syncbn`` -> StrategySpec("partial", 0.1, sync_bn=True); ``local+syncbn:node`` ->
     SyncBatchNorm among a node's workers."""
     head, *flags = spec.split("+")
     node = "node" in flags
@@ -136,17 +136,17 @@ def parse_strategy(spec: str) -> Strategy:
             fraction = float(value)
             if not 0.0 <= fraction <= 1.0:
                 raise ConfigError(f"--strategies: fraction {fraction} in {spec!r} is outside [0, 1]")
-            return Strategy("partial", fraction, sync_bn=sync_bn, sync_group=group, node=node)
+            return StrategySpec("partial", fraction, sync_bn=sync_bn, sync_group=group, node=node)
         if name == "importance":
             interval = int(value) if value else 10
-            return Strategy("importance", interval=interval, sync_bn=sync_bn, sync_group=group)
+            return StrategySpec("importance", interval=interval, sync_bn=sync_bn, sync_group=group)
     except ConfigError:
         raise
     except ValueError as error:
         raise ConfigError(f"--strategies: {spec!r}: {error}") from None
     if value:
         raise ConfigError(f"--strategies: {name} takes no value ({spec!r})")
-    return Strategy(name, sync_bn=sync_bn, sync_group=group, node=node)
+    return StrategySpec(name, sync_bn=sync_bn, sync_group=group, node=node)
 
 
 def _setup(args: argparse.Namespace):
@@ -263,7 +263,9 @@ def _print_crossover(workload, cluster, args, strategies) -> None:
     """Moving data vs SyncBatchNorm: two ways to train well on non-IID partitions."""
     if not workload.bn_channels:
         return
-    moving = [s for s in strategies if s.name == "partial" and not s.sync_bn] or [Strategy("partial", 0.1)]
+    moving = [s for s in strategies if s.name == "partial" and not s.sync_bn] or [
+        StrategySpec("partial", 0.1)
+    ]
     for strategy in moving[:1]:
         for implementation in args.implementation:
             points = crossover(workload, cluster.with_(implementation=implementation), args.workers, strategy)
@@ -278,7 +280,7 @@ def _print_crossover(workload, cluster, args, strategies) -> None:
     chosen = []
     for m in args.workers:
         best = cheapest_fix(workload, cluster, m)
-        base = predict(workload, cluster, m, Strategy("local")).compute_s
+        base = predict(workload, cluster, m, StrategySpec("local")).compute_s
         chosen.append(
             f"{m}: {best[0].label} (+{best[1]:.3g} s, {100 * best[1] / base:.1f}%)" if best else f"{m}: none"
         )

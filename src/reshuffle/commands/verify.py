@@ -5,7 +5,9 @@ that together they hold each sample of the dataset exactly once (and, for strate
 not follow observed losses, exactly as the store's plan says).
 A job whose rank folders live on several nodes: give every node's store directory (mounted or
 copied) to check it whole, or run ``verify --node STORE_DIR`` on each node to check its share.
-Prints each problem by name; exit status 0 only when all is well, 1 otherwise.
+Prints each problem by name. Exit status: 0 when all is well; 3 when the only findings are an
+exchange in flight (a job stopped between an exchange's prepare and its commit: the next start
+finishes it or rolls it back, nothing is damaged); 1 for anything else (damage).
 """
 
 from __future__ import annotations
@@ -30,16 +32,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+EXIT_DAMAGED = 1
+EXIT_IN_FLIGHT = 3
+
+
 def run(args: argparse.Namespace) -> int:
-    from reshuffle.store import verify_store  # torch: imported when a store is checked, not for --help
+    # torch: imported when a store is checked, not for --help
+    from reshuffle.store.verify import damage, verify_store
 
     problems = verify_store(*args.store_dir, checksums=not args.no_checksums, node=args.node)
     where = " ".join(args.store_dir)
+    damaged = damage(problems)
     for problem in problems:
-        print(f"problem: {problem}")
+        print(f"{'problem' if problem in damaged else 'in flight'}: {problem}")
+    if damaged:
+        print(f"{where}: {len(damaged)} problem(s)")
+        return EXIT_DAMAGED
     if problems:
-        print(f"{where}: {len(problems)} problem(s)")
-        return 1
+        print(
+            f"{where}: an exchange is in flight (the job stopped before its commit); the next start of the "
+            "job finishes it or rolls it back. Nothing is damaged."
+        )
+        return EXIT_IN_FLIGHT
     checked = "checksums not read (--no-checksums)" if args.no_checksums else "checksums intact"
     if args.node:
         print(f"{where}: ok (this node's ranks: files whole, {checked}; the union over ranks is not checked)")

@@ -7,30 +7,9 @@ dataset name uses; the built-in names work without one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from reshuffle.data.cifar10 import load_cifar10
-from reshuffle.data.digits import load_digits
-from reshuffle.data.fashion_mnist import load_fashion_mnist
-from reshuffle.data.imagefolder import load_imagefolder
-from reshuffle.data.shards import load_arrow, load_parquet, load_webdataset
+from reshuffle.data.dataset import SourceDataset, open_source, transform_for
+from reshuffle.data.loaders import LOADERS
 from reshuffle.data.source import ArraySource, DataNotFoundError, SampleSource
-from reshuffle.data.synthetic import load_synthetic
-
-# Imported after LOADERS exists: dataset.py looks loaders up here.
-
-LOADERS: dict[str, Callable[..., SampleSource]] = {
-    "fashion-mnist": load_fashion_mnist,
-    "cifar10": load_cifar10,
-    "digits": load_digits,
-    "imagefolder": load_imagefolder,
-    "webdataset": load_webdataset,
-    "parquet": load_parquet,
-    "arrow": load_arrow,
-    "synthetic": load_synthetic,
-}
-
-from reshuffle.data.dataset import SourceDataset, open_source, transform_for  # noqa: E402
 
 __all__ = [
     "LOADERS",

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from reshuffle.config import ConfigError, DataConfig, SystemConfig, dataset_entry
+from reshuffle.data.loaders import LOADERS
 from reshuffle.data.source import SampleSource
 from reshuffle.data.transforms import Transform, build_transform, sample_generator
 
@@ -42,8 +43,6 @@ class SubsetSource(SampleSource):
 
 def open_source(data: DataConfig, split: str, system: SystemConfig) -> SampleSource:
     """The ``split`` of the dataset ``data.name`` names, as the system config says to load it."""
-    from reshuffle.data import LOADERS
-
     entry = dataset_entry(system, data.name)
     if entry.loader not in LOADERS:
         raise ConfigError(

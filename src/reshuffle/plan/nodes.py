@@ -137,7 +137,7 @@ class NodeLevel(Strategy):
 
     def observe(self, epoch: int, ids: NDArray[np.int64], losses: NDArray[np.floating]) -> None:
         self.inner.observe(epoch, ids, losses)
-        self.inner._where.clear()
+        self.inner.forget_located()
         self._node_slots.clear()
 
     def state_dict(self) -> dict[str, Any]:
@@ -145,7 +145,7 @@ class NodeLevel(Strategy):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.inner.load_state_dict(state)
-        self.inner._where.clear()
+        self.inner.forget_located()
         self._node_slots.clear()
 
 

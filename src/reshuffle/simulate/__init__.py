@@ -8,7 +8,7 @@ benchmark record; ``quality`` runs the real planner for churn, coverage and mixi
 from reshuffle.simulate.model import (
     Cluster,
     Prediction,
-    Strategy,
+    StrategySpec,
     Workload,
     crossover,
     predict,
@@ -21,7 +21,7 @@ __all__ = [
     "WORKLOADS",
     "Cluster",
     "Prediction",
-    "Strategy",
+    "StrategySpec",
     "Workload",
     "calibrated",
     "crossover",

@@ -107,7 +107,7 @@ class Cluster:
 
 
 @dataclass(frozen=True)
-class Strategy:
+class StrategySpec:
     """What a worker does: ``global``, ``local``, ``partial`` (fraction Q) or ``importance``
     (re-partition every ``interval`` epochs), optionally with SyncBatchNorm over all workers or
     over groups (``sync_group``: workers per group; ``"node"``: a node's workers)."""
@@ -215,7 +215,7 @@ def exchange_s(cluster: Cluster, workers: int, samples: int, sample_bytes: int, 
     return cluster.reference_plan_s_per_sample * num_samples + samples * per_sample
 
 
-def predict(workload: Workload, cluster: Cluster, workers: int, strategy: Strategy) -> Prediction:
+def predict(workload: Workload, cluster: Cluster, workers: int, strategy: StrategySpec) -> Prediction:
     """One worker's epoch under ``strategy`` with ``workers`` workers."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -288,7 +288,7 @@ def predict(workload: Workload, cluster: Cluster, workers: int, strategy: Strate
 
 
 def _node_level(
-    workload: Workload, cluster: Cluster, workers: int, strategy: Strategy, compute: float, syncbn: float
+    workload: Workload, cluster: Cluster, workers: int, strategy: StrategySpec, compute: float, syncbn: float
 ) -> Prediction:
     """``local`` or ``partial`` planned over nodes (see the module docstring)."""
     size, per_worker = workload.sample_bytes, math.ceil(workload.num_samples / workers)
@@ -314,34 +314,34 @@ def _node_level(
 
 
 def crossover(
-    workload: Workload, cluster: Cluster, workers: list[int], moving: Strategy
+    workload: Workload, cluster: Cluster, workers: list[int], moving: StrategySpec
 ) -> list[tuple[int, float, float]]:
     """Per scale: (workers, extra seconds per epoch of ``moving`` over ``local``, extra seconds of
     ``local`` + SyncBatchNorm over ``local``): the two ways to train well on non-IID partitions."""
     rows = []
     for m in workers:
-        base = predict(workload, cluster, m, Strategy("local")).epoch_s
+        base = predict(workload, cluster, m, StrategySpec("local")).epoch_s
         move = predict(workload, cluster, m, moving).epoch_s - base
-        sync = predict(workload, cluster, m, Strategy("local", sync_bn=True)).epoch_s - base
+        sync = predict(workload, cluster, m, StrategySpec("local", sync_bn=True)).epoch_s - base
         rows.append((m, move, sync))
     return rows
 
 
 FIXES = (
-    Strategy("partial", 0.01), Strategy("partial", 0.1), Strategy("local", sync_bn=True),
-    Strategy("local", sync_bn=True, sync_group="node"), Strategy("partial", 0.1, node=True),
-    Strategy("local", sync_bn=True, sync_group="node", node=True),
+    StrategySpec("partial", 0.01), StrategySpec("partial", 0.1), StrategySpec("local", sync_bn=True),
+    StrategySpec("local", sync_bn=True, sync_group="node"), StrategySpec("partial", 0.1, node=True),
+    StrategySpec("local", sync_bn=True, sync_group="node", node=True),
 )  # fmt: skip
 
 
 def cheapest_fix(
-    workload: Workload, cluster: Cluster, workers: int, fixes: tuple[Strategy, ...] = FIXES,
+    workload: Workload, cluster: Cluster, workers: int, fixes: tuple[StrategySpec, ...] = FIXES,
     budget: float = 0.05,
-) -> tuple[Strategy, float] | None:  # fmt: skip
+) -> tuple[StrategySpec, float] | None:  # fmt: skip
     """The fix for non-IID partitions that costs least over ``local`` at ``workers`` workers, with
     its extra seconds per epoch, if that stays within ``budget`` of the epoch's compute; None if
     none does."""
-    base = predict(workload, cluster, workers, Strategy("local"))
+    base = predict(workload, cluster, workers, StrategySpec("local"))
     costs = sorted(
         (
             (predict(workload, cluster, workers, fix).epoch_s - base.epoch_s, index)

@@ -33,10 +33,9 @@ import torch.distributed as dist
 from numpy.typing import NDArray
 
 from reshuffle.plan import EpochPlan, ShufflePlanner
-from reshuffle.store import format as fmt
+from reshuffle.store.collectives import gather_ints
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
-from reshuffle.store.stage import gather_ints
 from reshuffle.store.transfer import MIN_PEER_CHUNK, Rounds, exchange_streams
 from reshuffle.store.upkeep import Background
 from reshuffle.store.wire import ExchangeError, OutgoingStream, PeerError, describe_failure
@@ -110,7 +109,6 @@ class Exchanger:
         self._rounds = Rounds(group, self.device)
         self._thread: threading.Thread | None = None
         self._upkeep: Background | None = None
-        self._scrub: Background | None = None  # checks the committed state's bytes (reads.py)
         self._stats: ExchangeStats | None = None
         self._error: BaseException | None = None
         self._started = 0.0
@@ -159,16 +157,13 @@ class Exchanger:
         return self._stats
 
     def agree(self) -> None:
-        """Collective: returns once every rank has prepared and found the epoch's samples intact
-        (the scrub); raises on every rank otherwise, naming the damaged rank's own disk there."""
-        damaged = self.scrubbed()
+        """Collective: returns once every rank has prepared the next epoch; raises on every rank
+        otherwise."""
         prepared = self.store.prepared_epoch() == self.store.epoch + 1
-        flag = torch.tensor([1 if prepared and not damaged else 0], dtype=torch.int64, device=self.device)
+        flag = torch.tensor([1 if prepared else 0], dtype=torch.int64, device=self.device)
         self._collective(
             "agreeing on the commit", lambda: dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         )
-        if damaged:
-            raise self.store.reader.damaged_error(damaged)
         if int(flag.item()) != 1:
             raise PeerError(f"rank {self.rank}: another rank failed to prepare epoch {self.store.epoch + 1}")
 
@@ -183,23 +178,6 @@ class Exchanger:
         self.store.commit()
         arrived = self._stats.bytes_received if self._stats is not None else 0
         self._upkeep = Background(lambda: self._after_commit(arrived))
-        self.start_scrub()
-
-    def start_scrub(self) -> None:
-        """Check every sample of the committed state against its crc32, in the background (while
-        the epoch trains); :meth:`agree` (or :meth:`check_scrub`) waits for the verdict."""
-        if self._scrub is None:  # one per committed state; agree() collects it before a commit
-            self._scrub = Background(self.store.reader.scrub)
-
-    def scrubbed(self) -> list[int]:
-        """The ids the last scrub found damaged (waits for it; [] if none ran)."""
-        scrub, self._scrub = self._scrub, None
-        return list(scrub.join()) if scrub is not None else []  # type: ignore[arg-type]
-
-    def check_scrub(self) -> None:
-        """Raise if the last scrub found a damaged sample (an epoch with no exchange after it)."""
-        if damaged := self.scrubbed():
-            raise self.store.reader.damaged_error(damaged)
 
     def settle(self) -> float:
         """Wait for the background upkeep of the last commit; returns how long it ran (seconds).
@@ -229,68 +207,14 @@ class Exchanger:
         self.commit()
         return stats
 
-    # ----------------------------------------------------------------- recovery
-
-    def synchronize(self, target_epoch: int) -> list[str]:
-        """Collective, at job start: agree on where every store is, finish an interrupted commit,
-        then run exchanges until every store holds ``target_epoch``'s plan. Returns what was done.
-
-        Every rank first shares (target, committed epoch, prepared epoch), so all ranks take the
-        same decision before any store changes. A commit happens only after every rank prepared
-        (:meth:`agree`), so once any rank has committed epoch E + 1, the others' prepared states
-        of E + 1 are rolled forward; a prepared state nobody committed is discarded unless every
-        rank holds it and the job resumes past it.
-        """
-        prepared = self.store.prepared_epoch()
-        mine = [target_epoch, self.store.epoch, -1 if prepared is None else prepared]
-        table = self._gather_ints(mine, "recovery")
-        targets, committed, pending = table[:, 0], table[:, 1], table[:, 2]
-        if np.unique(targets).size > 1:
-            raise fmt.StoreError(
-                "the ranks resume at different epochs ("
-                + ", ".join(f"rank {r}: {int(t)}" for r, t in enumerate(targets))
-                + "); every rank must load the same state (reshuffle run agrees on one checkpoint; in your "
-                "own loop, load the same checkpoint on every rank, or send it from one rank to the others)"
-            )
-        newest, oldest = int(committed.max()), int(committed.min())
-        roll_forward = (newest == oldest + 1 and np.all((committed == newest) | (pending == newest))) or (
-            newest == oldest and newest < target_epoch and np.all(pending == newest + 1)
-        )
-        actions = []
-        if roll_forward and prepared is not None and self.store.epoch < prepared:
-            self.store.commit()
-            actions.append(f"rank {self.rank}: rolled an interrupted commit forward to epoch {prepared}")
-        elif self.store.prepared_epoch() is not None:
-            self.store.discard_prepared()
-            actions.append(f"rank {self.rank}: discarded an uncommitted exchange into epoch {prepared}")
-        removed = self.store.release_dead_space()["removed_files"]
-        if removed:
-            actions.append(f"rank {self.rank}: removed {removed} file(s) left by an interrupted exchange")
-        epochs = self._gather_ints([self.store.epoch], "recovery")[:, 0]
-        newest, oldest = int(epochs.max()), int(epochs.min())
-        if newest != oldest:
-            raise fmt.StoreError(
-                f"the rank stores are at epochs {oldest}..{newest}; restage into an empty store_dir"
-            )
-        if oldest > target_epoch:
-            raise fmt.StoreError(
-                f"the stores are at epoch {oldest}, past the epoch {target_epoch} the job resumes at; they "
-                "cannot go back: restage into an empty store_dir, or resume from a newer checkpoint"
-            )
-        for epoch in range(oldest, target_epoch):
-            self.exchange(epoch)
-            actions.append(f"rank {self.rank}: exchanged epoch {epoch} -> {epoch + 1} to catch up")
-        check_holdings(self.store, self.planner)
-        self.start_scrub()
-        return actions
-
-    # ----------------------------------------------------------------- the work
-
-    def _gather_ints(self, values: list[int], what: str) -> NDArray[np.int64]:
-        """Every rank's ``values``, one row per rank (an all-gather of int64)."""
+    def gather_ints(self, values: list[int], what: str) -> NDArray[np.int64]:
+        """Every rank's ``values``, one row per rank, on the exchange's group; a failure names
+        this rank, its store and ``what`` was being agreed."""
         table: list[NDArray[np.int64]] = []
         self._collective(what, lambda: table.append(gather_ints(values, self.device, self.group)))
         return table[0]
+
+    # ----------------------------------------------------------------- the work
 
     def _collective(self, what: str, operation: Callable[[], object]) -> None:
         try:
@@ -340,16 +264,3 @@ class Exchanger:
         stats.bytes_sent = sum(stream.payload_bytes for stream in outgoing.values())
         stats.bytes_received = int(added["length"].sum()) if added.size else 0
         stats.seconds = time.perf_counter() - self._started
-
-
-def check_holdings(store: RankStore, planner: ShufflePlanner) -> None:
-    """Raise StoreError unless the store holds exactly the plan's holdings at its epoch."""
-    expected = planner.plan(store.epoch).holdings(store.rank)
-    if not np.array_equal(store.ids, expected):
-        extra = np.setdiff1d(store.ids, expected).size
-        missing = np.setdiff1d(expected, store.ids).size
-        raise fmt.StoreError(
-            f"rank {store.rank}'s store at epoch {store.epoch} holds {extra} sample(s) "
-            f"the plan does not give it and lacks {missing} it should hold; "
-            "the store belongs to another plan or is damaged: restage it"
-        )

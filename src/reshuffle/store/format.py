@@ -8,6 +8,7 @@ A store is a directory::
     rank-00003/index-00000007.bin  the records of a generation: a sorted array of RECORD
     rank-00003/packs/pack-00000012.bin  immutable sample bytes, appended once, never rewritten
     rank-00003/packs/reserve.bin   space allocated ahead for the next exchange's arrivals (optional)
+    rank-00003/damaged.json        a sample a read found damaged (only then; the store must be restaged)
 
 Nothing is pickled: records are little-endian numpy structured arrays, metadata is JSON. Every
 file name read from a manifest must match its pattern and resolve inside the rank directory.
@@ -38,13 +39,16 @@ PACK_DIR = "packs"
 # pack. Not part of any state: deleted with other leftovers, never reported as a problem.
 RESERVE = "reserve.bin"
 RESERVE_PATH = f"{PACK_DIR}/{RESERVE}"  # relative to the rank directory
+# Written by the read that found a sample damaged (reads.py): the store is refused from then on.
+DAMAGED = "damaged.json"
 
 # One record per sample in an index file (40 bytes), sorted by id.
 RECORD = np.dtype(
     [("id", "<i8"), ("label", "<i8"), ("offset", "<u8"), ("length", "<u8"), ("pack", "<u4"), ("crc", "<u4")]
 )
 # One header per sample on the wire, followed by `length` payload bytes (32 bytes).
-WIRE_MAGIC = 0x52534846  # "RSHF"
+WIRE_MAGIC = 0x52534846  # "RSHF": the header's crc is zlib's CRC32
+WIRE_MAGIC_CRC32C = 0x52534843  # "RSHC": the header's crc is CRC32C (see checksum.py)
 WIRE_HEADER = np.dtype([("id", "<i8"), ("label", "<i8"), ("length", "<u8"), ("crc", "<u4"), ("magic", "<u4")])
 
 _PACK_NAME = re.compile(r"^pack-(\d{8})\.bin$")

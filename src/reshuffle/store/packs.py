@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from reshuffle.store import format as fmt
+from reshuffle.store.checksum import checksum
 
 MAX_PACK_BYTES = 256 << 20  # a pack rolls over beyond this, so compaction rewrites bounded files
 
@@ -24,8 +24,11 @@ class PackWriter:
         max_bytes: int = MAX_PACK_BYTES,
         reserve: Path | None = None,
         root: Path | None = None,
+        checksum_name: str = "crc32c",
     ) -> None:
         self.directory = directory
+        self.checksum_name = checksum_name  # the store's (StoreMeta.checksum)
+        self.checksum = checksum(checksum_name)
         self.root = root or directory  # no file is written outside it (the rank's store directory)
         self.max_bytes = max_bytes
         self._sequence = first_sequence
@@ -37,9 +40,10 @@ class PackWriter:
         self.sequences: list[int] = []
 
     def append(self, sample_id: int, label: int, payload: bytes | memoryview, crc: int | None = None) -> None:
+        """Write one sample; ``crc``: its checksum in this store's kind, when the caller has it."""
         if self._handle is None or (self._written and self._written + len(payload) > self.max_bytes):
             self._roll()
-        crc = zlib.crc32(payload) if crc is None else crc
+        crc = self.checksum(payload) if crc is None else crc
         self._handle.write(payload)
         self._records.append((sample_id, label, self._written, len(payload), self._sequence, crc))
         self._written += len(payload)

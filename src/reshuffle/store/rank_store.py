@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 from reshuffle.store import format as fmt
 from reshuffle.store.meta import StoreMeta, read_meta
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
-from reshuffle.store.reads import PackReader
+from reshuffle.store.reads import CorruptSampleError, PackReader
 from reshuffle.store.space import can_punch_holes, reserve
 from reshuffle.store.upkeep import compacted, punch_dead_ranges
 
@@ -45,7 +45,7 @@ class RankStore:
         self.epoch = -1
         self.generation = 0
         self.records = np.empty(0, dtype=fmt.RECORD)
-        self.reader = PackReader(self.directory, rank, -1, self.records)  # replaced at each load
+        self.reader = PackReader(self.directory, rank, -1, self.records, meta.checksum)  # new at each load
         self._holes: bool | None = None  # can this file system punch holes? (probed once)
         self.lock: int | None = None  # the job lock's descriptor (format.lock_directory), once staged
         self.dirty_packs: set[int] | None = None  # packs that lost samples since the last release; None: all
@@ -53,13 +53,9 @@ class RankStore:
     # ----------------------------------------------------------------- opening and checking
 
     @classmethod
-    def open(
-        cls, root: str | Path, rank: int, meta: StoreMeta | None = None, *, verify: bool = False
-    ) -> RankStore:
+    def open(cls, root: str | Path, rank: int, meta: StoreMeta | None = None) -> RankStore:
         """Open rank ``rank``'s committed state; ``meta`` (the job's) must match ``store.json``.
-
-        With ``verify``, also run :meth:`problems` (checksums included) and refuse a damaged
-        store with the same messages ``reshuffle verify`` prints.
+        (:func:`reshuffle.store.verify.open_verified` also checks every sample first.)
 
         Raises:
             StoreError: the store is missing, for another job, or damaged (the message names it).
@@ -72,13 +68,6 @@ class RankStore:
             raise fmt.StoreError(f"store {root} has ranks 0..{written.world_size - 1}, not {rank}")
         store = cls(root, rank, written)
         store._load(store.directory / fmt.MANIFEST)
-        if verify:
-            from reshuffle.store.verify import rank_problems  # verify builds on this module
-
-            if found := rank_problems(store, checksums=True):
-                raise fmt.StoreError(
-                    f"store {root} is damaged; refusing to open it:\n  " + "\n  ".join(found)
-                )
         return store
 
     def refresh(self) -> bool:
@@ -94,7 +83,7 @@ class RankStore:
         manifest = fmt.read_json(manifest_path, "manifest")
         self.epoch, self.generation, self.records = self._parse(manifest, manifest_path)
         self.reader.close()
-        self.reader = PackReader(self.directory, self.rank, self.epoch, self.records, self.reader.verify)
+        self.reader = PackReader(self.directory, self.rank, self.epoch, self.records, self.meta.checksum)
 
     def _parse(self, manifest: dict[str, Any], path: Path) -> tuple[int, int, np.ndarray]:
         if manifest.get("format") != "reshuffle-rank-store":
@@ -133,7 +122,7 @@ class RankStore:
 
     def referenced_files(self) -> set[str]:
         """Paths (relative to the rank directory) the committed or prepared state uses."""
-        names = {fmt.MANIFEST, fmt.LOCK}
+        names = {fmt.MANIFEST, fmt.LOCK, fmt.DAMAGED}
         for state in (fmt.MANIFEST, fmt.PREPARED):
             path = self.directory / state
             if not path.is_file():
@@ -168,12 +157,12 @@ class RankStore:
         return where
 
     def read(self, sample_id: int) -> bytes:
-        """The stored bytes of ``sample_id`` (one binary search, one copy out of the page cache)."""
-        return bytes(self.sample(sample_id)[0])
+        """The stored bytes of ``sample_id``, checked (one binary search, one positional read)."""
+        return self.sample(sample_id)[0]
 
-    def sample(self, sample_id: int) -> tuple[memoryview | bytes, int]:
-        """``(bytes, label)`` of ``sample_id``, checked against its crc32: what a DataLoader worker
-        reads per item (:class:`~reshuffle.store.reads.CorruptSampleError` if damaged)."""
+    def sample(self, sample_id: int) -> tuple[bytes, int]:
+        """``(bytes, label)`` of ``sample_id``, checked against its checksum: what a DataLoader
+        worker reads per item (:class:`~reshuffle.store.reads.CorruptSampleError` if damaged)."""
         return self.reader.sample(self.reader.where(sample_id))
 
     def samples(self, sample_ids: NDArray[np.int64]) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
@@ -181,13 +170,30 @@ class RankStore:
         samples are L bytes long; ``None`` when their lengths differ (read them with :meth:`sample`)."""
         return self.reader.samples(self.position(sample_ids))
 
+    def damage(self) -> str | None:
+        """What a read recorded as damaged in this store (``damaged.json``), in words, or None."""
+        path = self.directory / fmt.DAMAGED
+        if not path.is_file():
+            return None
+        found = fmt.read_json(path, "damage record")
+        return (
+            f"a read found sample {found.get('id')} damaged ({found.get('why')}; {found.get('pack')}) and "
+            "kept it out of training; restage the store (remove it and start the job again)"
+        )
+
+    def check_damage(self) -> None:
+        """Raise :class:`CorruptSampleError` if a read recorded a damaged sample in this store."""
+        if (damage := self.damage()) is not None:
+            raise CorruptSampleError(f"rank {self.rank}'s store {self.directory}: {damage}")
+
     def label(self, sample_id: int) -> int:
         return int(self.records["label"][int(self.position(sample_id)[0])])
 
-    def record_bytes(self, record: np.void) -> memoryview | bytes:
-        """Zero-copy view of one record's bytes, checked (valid until the next commit)."""
+    def record_bytes(self, record: np.void, *, note_damage: bool = True) -> bytes:
+        """One record's bytes, checked (``note_damage=False``: an offline check, which records
+        nothing in the store)."""
         return self.reader.record(int(record["pack"]), int(record["offset"]), int(record["length"]),
-                                  int(record["crc"]), int(record["id"]))  # fmt: skip
+                                  int(record["crc"]), int(record["id"]), note_damage=note_damage)  # fmt: skip
 
     # ----------------------------------------------------------------- writing
 
@@ -199,7 +205,10 @@ class RankStore:
         """A writer of new packs; with ``reserved``, its first pack is the space :meth:`reserve`
         allocated (when there is one)."""
         reserve = self.pack_dir / fmt.RESERVE if reserved else None
-        return PackWriter(self.pack_dir, self.next_pack_sequence(), max_bytes, reserve, root=self.directory)
+        return PackWriter(
+            self.pack_dir, self.next_pack_sequence(), max_bytes, reserve, root=self.directory,
+            checksum_name=self.meta.checksum,
+        )  # fmt: skip
 
     def reserve(self, size: int) -> int:
         """Allocate ``size`` bytes of blocks for the next exchange's arrivals (``packs/reserve.bin``),
@@ -255,7 +264,7 @@ class RankStore:
             keep[self.position(removed)] = False
         kept = self.records[keep]
         if compact_into is not None:
-            kept = compacted(self, kept, compact_into)
+            kept = compacted(self.pack_dir, kept, compact_into, self.record_bytes)
         records = np.concatenate([kept, added.astype(fmt.RECORD)])
         if np.unique(records["id"]).size != records.size:
             raise fmt.StoreError(f"rank {self.rank}: an exchange would leave a sample twice in the store")
@@ -334,8 +343,15 @@ class RankStore:
     def release_dead_space(self) -> dict[str, int]:
         """Delete files no state refers to, then punch holes where samples left."""
         removed = self.remove_unreferenced()
-        return {"removed_files": removed, "punched_bytes": punch_dead_ranges(self)}
+        return {"removed_files": removed, "punched_bytes": self.punch_dead_ranges()}
 
     def punch_dead_ranges(self) -> int:
-        """See :func:`reshuffle.store.upkeep.punch_dead_ranges`."""
-        return punch_dead_ranges(self)
+        """Free the blocks of dead ranges in packs that lost samples since the last call; returns
+        the bytes in those ranges. Safe while the store is read or an exchange writes new packs:
+        it touches only ranges no record uses (first punches cost ~0.2 ms each on ext4, so the
+        exchanger runs this beside its transfers)."""
+        if not self.can_punch_holes():
+            return 0
+        dirty, self.dirty_packs = self.dirty_packs, set()
+        # self.records: one committed state, even if a commit happens meanwhile
+        return punch_dead_ranges(self.pack_dir, self.records, dirty, root=self.directory)

@@ -1,14 +1,20 @@
-"""Reading one rank's committed samples out of its packs, every byte checked.
+"""Reading one rank's committed samples out of its packs, every sample checked on the read.
 
-:class:`PackReader` serves the samples of one committed state through read-only memory maps.
-Every read checks that the sample lies inside its pack (a truncated or deleted pack is a
-:class:`CorruptSampleError` naming the sample, the pack and the fix, never a crash). Bytes are
-checked against the crc32 the index recorded when they were written: on every read that leaves
-the rank (a sample sent to a peer, compaction, ``verify``), and for training reads by
-:meth:`PackReader.scrub`, once per sample per epoch in a background thread (``Exchanger``), since
-checking each training read costs 5 % of ``StoreDataset``'s item rate at 784-byte samples and
-68 % at 64 KiB (``bench/exchange.py``; the scrub runs at 0.8-2.5 GB/s on a warm cache).
-A damaged sample is always an error that names this rank's own disk, never a peer or the transfer.
+A store exists because the data does not fit the page cache, so a read fetches exactly the
+sample's bytes: a positional read (``os.pread``) on a descriptor advised ``POSIX_FADV_RANDOM``, so
+the kernel reads no neighbours that would be evicted before use (a memory map of the pack faults
+in up to ``read_ahead_kb`` around each random read). Neighbours that a batch does read are
+coalesced into one read. Samples smaller than ``MAPPED_BELOW`` are gathered through a read-only
+memory map advised ``MADV_RANDOM`` (a page is the least any read fetches, and one vectorised copy
+gathers a whole batch).
+
+Every read checks that the sample lies inside its pack and that its bytes match the checksum the
+index recorded when they were written (:mod:`reshuffle.store.checksum`), in the process that reads
+it (a DataLoader worker), before it can be in a batch. A damaged sample raises
+:class:`CorruptSampleError` naming it, and is recorded in the rank directory (``damaged.json``) so
+that the job's process refuses to describe an epoch that met it (``ShuffledData.state_dict``) and
+the next start refuses the store until it is restaged. It names this rank's own disk, never a
+peer or the transfer.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from reshuffle.store import format as fmt
+from reshuffle.store.checksum import LEGACY, checksum
+
+# Samples below this many bytes are gathered from a memory map (a page holds several of them);
+# larger ones are read with pread. Chosen by measurement (bench/exchange.py, docs/benchmarks.md).
+MAPPED_BELOW = 16 << 10
 
 
 class CorruptSampleError(fmt.StoreError):
@@ -31,15 +41,22 @@ class CorruptSampleError(fmt.StoreError):
 
 
 class PackReader:
-    """The samples of one committed index (``records``) of the store in ``directory``."""
+    """The samples of one committed index (``records``) of the store in ``directory``.
+
+    Args:
+        directory: the rank directory.
+        rank, epoch: whose store and which committed state (for messages).
+        records: the state's index (``format.RECORD``), sorted by id.
+        checksum_name: the store's checksum (``StoreMeta.checksum``).
+    """
 
     def __init__(
-        self, directory: Path, rank: int, epoch: int, records: np.ndarray, verify: bool = False
+        self, directory: Path, rank: int, epoch: int, records: np.ndarray, checksum_name: str = LEGACY
     ) -> None:
         self.directory = directory
         self.rank = rank
         self.epoch = epoch
-        self.verify = verify  # check every training read's crc32 too (else the scrub does)
+        self.checksum = checksum(checksum_name)
         # contiguous copies of the hot fields: a read indexes these per sample
         self.ids = np.ascontiguousarray(records["id"])
         self.packs = records["pack"].astype(np.int64)
@@ -47,21 +64,12 @@ class PackReader:
         self.lengths = records["length"].astype(np.int64)
         self.labels = records["label"].astype(np.int64)
         self.crcs = records["crc"].astype(np.int64)
+        self._files: dict[int, tuple[int, int]] = {}  # pack -> (descriptor, size)
         self._maps: dict[int, mmap.mmap | bytes] = {}
         self._rows: dict[tuple[int, int], tuple[np.ndarray, int]] = {}  # (pack, length) -> window, size
         uniform = self.lengths.size and self.lengths.min() == self.lengths.max()
         self._uniform_length = int(self.lengths[0]) if uniform else None  # every sample's, if equal
         self._one_pack = bool(self.packs.size) and self.packs.min() == self.packs.max()
-
-    def _window(self, sequence: int, length: int, sample_id: int) -> tuple[np.ndarray, int]:
-        """Pack ``sequence`` as a read-only (offsets, ``length``) view: row ``o`` is the bytes at
-        ``o .. o + length``, so a batch is one fancy-index copy (kept for this state's life)."""
-        data = np.frombuffer(self._maps.get(sequence) or self._map(sequence, sample_id), dtype=np.uint8)
-        rows = np.lib.stride_tricks.as_strided(
-            data, shape=(max(0, data.size - length + 1), length), strides=(1, 1), writeable=False
-        )
-        self._rows[(sequence, length)] = rows, data.size
-        return rows, data.size
 
     def where(self, sample_id: int) -> int:
         where = int(self.ids.searchsorted(sample_id))
@@ -69,28 +77,32 @@ class PackReader:
             raise KeyError(f"rank {self.rank} does not hold sample {sample_id} at epoch {self.epoch}")
         return where
 
-    def sample(self, where: int) -> tuple[memoryview | bytes, int]:
-        """``(bytes, label)`` of the record at position ``where`` (crc checked if :attr:`verify`)."""
+    # ----------------------------------------------------------------- reads
+
+    def sample(self, where: int) -> tuple[bytes, int]:
+        """``(bytes, label)`` of the record at position ``where``, checked."""
         payload = self.record(int(self.packs[where]), int(self.offsets[where]), int(self.lengths[where]),
-                              int(self.crcs[where]), int(self.ids[where]), self.verify)  # fmt: skip
+                              int(self.crcs[where]), int(self.ids[where]))  # fmt: skip
         return payload, int(self.labels[where])
 
     def record(
-        self, sequence: int, start: int, length: int, crc: int, sample_id: int, check: bool = True
-    ) -> memoryview | bytes:
-        data = self._maps.get(sequence) or self._map(sequence, sample_id)
-        if start + length > len(data):
-            raise self._damaged(sample_id, sequence, f"its pack is truncated ({len(data)} bytes, the sample "
-                                f"ends at {start + length})")  # fmt: skip
-        payload = memoryview(data)[start : start + length]
-        if check and zlib.crc32(payload) != crc:
-            raise self._damaged(sample_id, sequence, "its bytes do not match their checksum")
+        self, sequence: int, start: int, length: int, crc: int, sample_id: int, *, note_damage: bool = True
+    ) -> bytes:
+        """The ``length`` bytes at ``start`` of pack ``sequence``, checked against ``crc``
+        (``note_damage=False``: a damaged sample is not recorded in ``damaged.json``)."""
+        descriptor, size = self._file(sequence, sample_id)
+        if start + length > size:
+            raise self._truncated(sample_id, sequence, size, start + length)
+        payload = os.pread(descriptor, length, start)
+        if len(payload) != length:  # the pack shrank since it was opened
+            raise self._truncated(sample_id, sequence, start + len(payload), start + length)
+        if self.checksum(payload) != crc:
+            raise self.damaged(sample_id, sequence, "its bytes do not match their checksum", note_damage)
         return payload
 
     def samples(self, where: NDArray[np.int64]) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
-        """``(bytes, labels)`` at positions ``where`` as a (B, L) uint8 array gathered from the
-        mapped packs in one vectorised step per pack, when all B samples are L bytes long;
-        ``None`` when their lengths differ."""
+        """``(bytes, labels)`` at positions ``where`` as a (B, L) uint8 array, every row checked,
+        when all B samples are L bytes long; ``None`` when their lengths differ."""
         if where.size == 0:
             return None
         length = self._uniform_length
@@ -100,6 +112,41 @@ class PackReader:
                 return None
             length = int(lengths[0])
         out = np.empty((where.size, length), dtype=np.uint8)
+        if length < MAPPED_BELOW:
+            self._gather_mapped(where, length, out)
+        else:
+            self._gather_read(where, length, out)
+        crcs = self.crcs[where].tolist()
+        found = list(map(self.checksum, out))  # one call per row: the least Python per sample
+        if found != crcs:
+            row = next(r for r in range(where.size) if found[r] != crcs[r])
+            raise self.damaged(int(self.ids[where[row]]), int(self.packs[where[row]]),
+                               "its bytes do not match their checksum")  # fmt: skip
+        return out, self.labels[where]
+
+    def _gather_read(self, where: NDArray[np.int64], length: int, out: NDArray[np.uint8]) -> None:
+        """Rows of ``out`` by positional reads; runs of neighbours in a pack in one read each."""
+        packs, offsets = self.packs[where], self.offsets[where]
+        order = np.lexsort((offsets, packs))
+        run_start = 0
+        for index in range(1, order.size + 1):
+            if index < order.size:
+                prev, this = order[index - 1], order[index]
+                if packs[this] == packs[prev] and offsets[this] == offsets[prev] + length:
+                    continue
+            run = order[run_start:index]
+            first = int(run[0])
+            sequence, start = int(packs[first]), int(offsets[first])
+            descriptor, size = self._file(sequence, int(self.ids[where[first]]))
+            end = start + run.size * length
+            data = os.pread(descriptor, end - start, start) if end <= size else b""
+            if len(data) != end - start:
+                raise self._truncated(int(self.ids[where[first]]), sequence, size, end)
+            out[run] = np.frombuffer(data, dtype=np.uint8).reshape(run.size, length)
+            run_start = index
+
+    def _gather_mapped(self, where: NDArray[np.int64], length: int, out: NDArray[np.uint8]) -> None:
+        """Rows of ``out`` gathered from the packs' maps, one vectorised copy per pack."""
         packs, offsets = self.packs[where], self.offsets[where]
         single = self._one_pack or packs.min() == packs.max()
         for sequence in [int(packs[0])] if single else np.unique(packs).tolist():
@@ -109,60 +156,71 @@ class PackReader:
             )
             if int(offsets[chosen].max()) >= rows.shape[0]:
                 first = int(self.ids[where[chosen]][offsets[chosen] >= rows.shape[0]][0])
-                raise self._damaged(first, sequence, f"its pack is truncated ({size} bytes)")
+                raise self._truncated(first, sequence, size, int(offsets[chosen].max()) + length)
             out[chosen] = rows[offsets[chosen]]
-        if self.verify:
-            crcs = self.crcs[where]
-            for row in range(where.size):
-                if zlib.crc32(out[row]) != crcs[row]:
-                    sample_id = int(self.ids[where[row]])
-                    raise self._damaged(sample_id, int(packs[row]), "its bytes do not match their checksum")
-        return out, self.labels[where]
 
-    def scrub(self) -> list[int]:
-        """Ids of the samples whose bytes do not match their crc32 (or lie beyond their pack),
-        read in pack order: every sample of this state checked once."""
-        damaged = []
-        for where in np.lexsort((self.offsets, self.packs)).tolist():
-            try:
-                self.record(int(self.packs[where]), int(self.offsets[where]), int(self.lengths[where]),
-                            int(self.crcs[where]), int(self.ids[where]))  # fmt: skip
-            except CorruptSampleError:
-                damaged.append(int(self.ids[where]))
-        return damaged
+    # ----------------------------------------------------------------- errors
 
-    def damaged_error(self, damaged: list[int]) -> CorruptSampleError:
-        shown = ", ".join(map(str, damaged[:10])) + (
-            f" ... ({len(damaged)} in all)" if len(damaged) > 10 else ""
-        )
-        return CorruptSampleError(
-            f"rank {self.rank}: sample(s) {shown} in this rank's own store (epoch {self.epoch}) do not match "
-            "their checksums: its disk, not a peer or the transfer, holds bad bytes. `reshuffle verify "
-            f"{self.directory.parent}` lists every damaged sample; restage the store (remove it and start "
-            "the job again) to recover"
-        )
-
-    def _damaged(self, sample_id: int, sequence: int, why: str) -> CorruptSampleError:
+    def damaged(self, sample_id: int, sequence: int, why: str, note: bool = True) -> CorruptSampleError:
+        """The error for a damaged sample; with ``note``, also recorded as ``damaged.json`` in the
+        rank directory (best effort: a read-only disk still gets the error)."""
+        with contextlib.suppress(OSError):
+            if note:
+                fmt.write_json(
+                    self.directory / fmt.DAMAGED,
+                    {"id": int(sample_id), "pack": fmt.pack_name(sequence), "why": why, "epoch": self.epoch},
+                )
         return CorruptSampleError(
             f"rank {self.rank}: sample {sample_id} in this rank's own store is damaged ({why}; "
             f"{self.directory / fmt.PACK_DIR / fmt.pack_name(sequence)}): its disk, not a peer or the "
-            f"transfer, holds bad bytes. `reshuffle verify {self.directory.parent}` lists every damaged "
-            "sample; restage the store (remove it and start the job again) to recover"
+            "transfer, holds bad bytes; it was not trained. "
+            f"`reshuffle verify {self.directory.parent}` lists every damaged sample; restage the store "
+            "(remove it and start the job again) to recover"
         )
 
-    def _map(self, sequence: int, sample_id: int) -> mmap.mmap | bytes:
-        # No lock: a DataLoader worker forked while another thread (the exchange, the scrub) held
-        # one would wait on it forever. Two threads mapping the same pack at once keep the first
-        # map (setdefault is atomic under the GIL); the other is unmapped when collected.
+    def _truncated(self, sample_id: int, sequence: int, size: int, end: int) -> CorruptSampleError:
+        return self.damaged(
+            sample_id, sequence, f"its pack is truncated ({size} bytes, the sample ends at {end})"
+        )
+
+    # ----------------------------------------------------------------- files
+
+    def _file(self, sequence: int, sample_id: int) -> tuple[int, int]:
+        # A forked DataLoader worker inherits the descriptors and maps: positional reads share them.
+        found = self._files.get(sequence)
+        if found is not None:
+            return found
         path = fmt.inside(self.directory, f"{fmt.PACK_DIR}/{fmt.pack_name(sequence)}")
         try:
-            handle = open(path, "rb")  # noqa: SIM115
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
-            raise self._damaged(sample_id, sequence, "its pack is missing") from None
-        with handle:
-            size = os.fstat(handle.fileno()).st_size
-            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        return self._maps.setdefault(sequence, data)
+            raise self.damaged(sample_id, sequence, "its pack is missing") from None
+        if hasattr(os, "posix_fadvise"):  # no readahead around a random read
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_RANDOM)
+        opened = (descriptor, os.fstat(descriptor).st_size)
+        # No lock: a DataLoader worker forked while another thread held one would wait forever.
+        # Two threads opening the same pack at once keep the first; the other is closed.
+        kept = self._files.setdefault(sequence, opened)
+        if kept is not opened:
+            os.close(descriptor)
+        return kept
+
+    def _window(self, sequence: int, length: int, sample_id: int) -> tuple[np.ndarray, int]:
+        """Pack ``sequence`` as a read-only (offsets, ``length``) view: row ``o`` is the bytes at
+        ``o .. o + length``, so a batch is one fancy-index copy (kept for this state's life)."""
+        data = self._maps.get(sequence)
+        if data is None:
+            descriptor, size = self._file(sequence, sample_id)
+            data = mmap.mmap(descriptor, 0, access=mmap.ACCESS_READ) if size else b""
+            if isinstance(data, mmap.mmap) and hasattr(mmap, "MADV_RANDOM"):
+                data.madvise(mmap.MADV_RANDOM)  # fault in the pages a read touches, no more
+            data = self._maps.setdefault(sequence, data)
+        array = np.frombuffer(data, dtype=np.uint8)
+        rows = np.lib.stride_tricks.as_strided(
+            array, shape=(max(0, array.size - length + 1), length), strides=(1, 1), writeable=False
+        )
+        self._rows[(sequence, length)] = rows, array.size
+        return rows, array.size
 
     def close(self) -> None:
         self._rows = {}  # the window views hold the maps' buffers
@@ -171,9 +229,13 @@ class PackReader:
             if isinstance(data, mmap.mmap):
                 with contextlib.suppress(BufferError):  # a view is still alive; GC unmaps it later
                     data.close()
+        files, self._files = self._files, {}
+        for descriptor, _ in files.values():
+            with contextlib.suppress(OSError):
+                os.close(descriptor)
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers started with spawn get a copy without the open maps.
+        # DataLoader workers started with spawn get a copy without the open files and maps.
         state = self.__dict__.copy()
-        state["_maps"], state["_rows"] = {}, {}
+        state["_files"], state["_maps"], state["_rows"] = {}, {}, {}
         return state

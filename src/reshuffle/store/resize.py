@@ -38,19 +38,12 @@ from numpy.typing import NDArray
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
-from reshuffle.store.exchange import check_holdings
+from reshuffle.store.collectives import agree, gather_errors, gather_ints
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
-from reshuffle.store.stage import (
-    agree,
-    committed_epoch,
-    gather_errors,
-    gather_ints,
-    prepare_root,
-    stage,
-    store_meta,
-)
+from reshuffle.store.stage import committed_epoch, prepare_root, stage, store_meta
 from reshuffle.store.transfer import MIN_PEER_CHUNK, Rounds, exchange_streams
+from reshuffle.store.verify import check_holdings
 from reshuffle.store.wire import OutgoingStream
 
 
@@ -79,8 +72,7 @@ def resize_stores(
         owners = _owners(old_root, old.world_size, rank, world, device, group)
         owned = [_open_old(old_root, k, old, epoch) for k in owners[rank]]
         if not done[rank]:
-            meta = store_meta(source, new, dataset)
-            prepare_root(new_root, meta)
+            meta = prepare_root(new_root, store_meta(source, new, dataset))
             store = RankStore(new_root, rank, meta)
             store.lock = fmt.lock_directory(store.directory)
             store.pack_dir.mkdir(parents=True, exist_ok=True)

@@ -28,11 +28,13 @@ from numpy.typing import NDArray
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
-from reshuffle.store.exchange import check_holdings
+from reshuffle.store.checksum import DEFAULT
+from reshuffle.store.collectives import agree, gather_errors
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
-from reshuffle.store.stage import agree, gather_errors, prepare_root, store_meta
+from reshuffle.store.stage import prepare_root, store_meta
 from reshuffle.store.transfer import MIN_PEER_CHUNK, Rounds, exchange_streams
+from reshuffle.store.verify import check_holdings
 from reshuffle.store.wire import SampleStream
 
 
@@ -105,8 +107,7 @@ def _new_store(
     root: Path, rank: int, source: SampleSource, planner: ShufflePlanner, dataset: dict[str, Any] | None,
     max_pack_bytes: int,
 ) -> tuple[RankStore, PackWriter]:  # fmt: skip
-    meta = store_meta(source, planner, dataset)
-    prepare_root(root, meta)
+    meta = prepare_root(root, store_meta(source, planner, dataset))
     store = RankStore(root, rank, meta)
     store.lock = fmt.lock_directory(store.directory)
     store.pack_dir.mkdir(parents=True, exist_ok=True)
@@ -127,4 +128,4 @@ def _read(
                 (sample_id, int(source.targets[sample_id]), source.raw(sample_id))
             )
             count += 1
-    return {dst: SampleStream(sorted(samples)) for dst, samples in by_rank.items()}, count
+    return {dst: SampleStream(sorted(samples), DEFAULT) for dst, samples in by_rank.items()}, count

@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
+from reshuffle.store.checksum import DEFAULT
 from reshuffle.store.meta import StoreMeta, read_meta
 from reshuffle.store.packs import MAX_PACK_BYTES
 from reshuffle.store.rank_store import RankStore
-from reshuffle.store.wire import PeerError, describe_failure
+from reshuffle.store.wire import describe_failure
 
 
 def store_meta(
@@ -35,20 +34,23 @@ def store_meta(
         num_classes=int(source.num_classes),
         dataset=dataset if dataset is not None else {"name": source.name, "split": source.split},
         plan=planner.config,
+        checksum=DEFAULT,
     )
 
 
-def prepare_root(root: Path, meta: StoreMeta) -> None:
+def prepare_root(root: Path, meta: StoreMeta) -> StoreMeta:
     """``root`` as a store directory of ``meta``'s job: created with its ``store.json``, or
-    checked against the one it holds (StoreError: another job's store, or not writable)."""
+    checked against the one it holds (StoreError: another job's store, or not writable).
+    Returns the description in force: the one ``root`` already held (its checksum), else ``meta``."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         if (root / fmt.STORE_FILE).is_file():
             written = read_meta(root)
             if why := meta.mismatch(written):
                 raise fmt.StoreError(f"store {root}: {why}")
-        else:
-            fmt.write_json(root / fmt.STORE_FILE, meta.to_json())
+            return written
+        fmt.write_json(root / fmt.STORE_FILE, meta.to_json())
+        return meta
     except OSError as error:  # a file in the way, a read-only disk, no permission
         raise fmt.StoreError(
             f"cannot use {root} as a store directory ({error.strerror}: {error.filename or root}); set "
@@ -78,14 +80,14 @@ def stage(
         raise fmt.StoreError(
             f"the source has {len(source)} samples but the plan is for {planner.num_samples}"
         )
-    meta = store_meta(source, planner, dataset)
-    prepare_root(root, meta)
+    meta = prepare_root(root, store_meta(source, planner, dataset))
     store = RankStore(root, rank, meta)
     lock = fmt.lock_directory(store.directory)  # held for the life of this process (the job)
     if (store.directory / fmt.MANIFEST).is_file():
         store = RankStore.open(root, rank, meta)
         store.lock = lock
         store.check_foreign()  # refused before recovery changes anything
+        store.check_damage()
         check_labels(store, source.targets)
         return (
             store,
@@ -109,40 +111,6 @@ def stage(
     )
 
 
-def open_or_stage(
-    root: str | Path, rank: int, source: SampleSource, planner: ShufflePlanner, target_epoch: int, *,
-    dataset: dict[str, Any] | None = None, device: torch.device | None = None,
-    group: dist.ProcessGroup | None = None,
-) -> tuple[RankStore, str]:  # fmt: skip
-    """:func:`stage` on every rank (collective over the default group), agreed before and after.
-
-    A rank whose store is missing (a new node, a new scratch directory) stages at the newest epoch
-    any rank's store is at, so that recovery can bring it along (at ``target_epoch`` when no rank
-    has a store). Then every rank learns whether every rank opened its store: a rank that failed
-    raises its own error, the others a ``PeerError`` naming it, at once (not after a timeout in
-    the next collective)."""
-    mine = committed_epoch(Path(root), rank)
-    epochs = gather_ints([mine], device, group)[:, 0]
-    existing = epochs[epochs >= 0]
-    epoch = int(existing.max()) if existing.size else target_epoch
-    staged: tuple[RankStore | None, str] = (None, "")
-    if getattr(source, "shard_index", None) is not None and planner.world_size > 1 and (epochs < 0).any():
-        from reshuffle.store.shard_stage import stage_from_shards  # each shard read once, forwarded
-
-        staged = stage_from_shards(
-            root, rank, source, planner, epoch, epochs < 0, dataset=dataset, device=device, group=group
-        )
-    try:
-        opened = (
-            staged if staged[0] is not None else stage(root, rank, source, planner, epoch, dataset=dataset)
-        )
-    except Exception as error:
-        gather_errors(f"{type(error).__name__}: {error}", group)
-        raise
-    agree(gather_errors("", group), rank, "open their stores", "; nothing was changed here")
-    return opened
-
-
 def committed_epoch(root: Path, rank: int) -> int:
     """The epoch of ``rank``'s committed store under ``root``; -1 when it has none (or unreadable)."""
     path = root / fmt.rank_dir_name(rank) / fmt.MANIFEST
@@ -150,38 +118,6 @@ def committed_epoch(root: Path, rank: int) -> int:
         return int(fmt.manifest_value(fmt.read_json(path, "manifest"), "epoch", int, path))
     except fmt.StoreError:
         return -1
-
-
-def agree(errors: list[str], rank: int, what: str, note: str = "") -> None:
-    """After :func:`gather_errors`: raise on every rank once any failed, this rank's own error, or
-    on the others a ``PeerError`` naming the first that failed (``note``: what is left as it was)."""
-    failed = [(r, why) for r, why in enumerate(errors) if why]
-    if not failed:
-        return
-    if errors[rank]:
-        raise fmt.StoreError(f"rank {rank}: could not {what}: {errors[rank]}")
-    first, why = failed[0]
-    raise PeerError(
-        f"rank {rank}: {len(failed)} rank(s) could not {what}{note}; "
-        f"caused by rank {first}: {why.splitlines()[0]}"
-    )
-
-
-def gather_errors(mine: str, group: dist.ProcessGroup | None) -> list[str]:
-    """Every rank's error line ("" for none), collective."""
-    everyone: list[str] = [""] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    return everyone
-
-
-def gather_ints(
-    values: list[int], device: torch.device | None, group: dist.ProcessGroup | None
-) -> np.ndarray:
-    """Every rank's ``values`` (the same count on each), one row per rank (collective)."""
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
-    return torch.stack(everyone).cpu().numpy()
 
 
 def check_labels(store: RankStore, labels: np.ndarray) -> None:

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import numpy as np
 
 from reshuffle.store import format as fmt
 from reshuffle.store.packs import PackWriter
 from reshuffle.store.space import dead_ranges, punch_holes
-
-if TYPE_CHECKING:
-    from reshuffle.store.rank_store import RankStore
 
 # Rewrite a pack once less than this share of the space it holds (its allocated blocks: punched
 # holes do not count) is live. Where holes free the dead ranges (samples of a block or more) this
@@ -25,11 +22,14 @@ COMPACT_BELOW = 0.5
 COMPACT_NEARLY_EMPTY = 0.1
 
 
-def compacted(store: RankStore, kept: np.ndarray, writer: PackWriter) -> np.ndarray:
-    """``kept`` with the records of mostly-dead packs rewritten through ``writer``."""
+def compacted(
+    pack_dir: Path, kept: np.ndarray, writer: PackWriter, read: Callable[[np.void], memoryview | bytes]
+) -> np.ndarray:
+    """``kept`` (records of the packs in ``pack_dir``) with the records of mostly-dead packs
+    rewritten through ``writer``; ``read`` gives a record's checked bytes."""
     sequences, inverse = np.unique(kept["pack"], return_inverse=True)
     live = np.bincount(inverse, weights=kept["length"].astype(np.float64), minlength=sequences.size)
-    stats = [(store.pack_dir / fmt.pack_name(int(s))).stat() for s in sequences]
+    stats = [(pack_dir / fmt.pack_name(int(s))).stat() for s in sequences]
     sizes = np.array([st.st_size for st in stats], dtype=np.float64)
     held = np.array([st.st_blocks * 512 for st in stats], dtype=np.float64)  # holes excluded
     wasteful = (live < COMPACT_BELOW * held) | (live < COMPACT_NEARLY_EMPTY * sizes)
@@ -39,9 +39,7 @@ def compacted(store: RankStore, kept: np.ndarray, writer: PackWriter) -> np.ndar
     move = np.isin(kept["pack"], mostly_dead)
     try:
         for record in kept[move]:
-            writer.append(
-                int(record["id"]), int(record["label"]), store.record_bytes(record), int(record["crc"])
-            )
+            writer.append(int(record["id"]), int(record["label"]), read(record), int(record["crc"]))
         rewritten = writer.close()
     except BaseException:
         writer.abort()
@@ -49,22 +47,16 @@ def compacted(store: RankStore, kept: np.ndarray, writer: PackWriter) -> np.ndar
     return np.concatenate([kept[~move], rewritten])
 
 
-def punch_dead_ranges(store: RankStore) -> int:
-    """Free the blocks of dead ranges in packs that lost samples since the last call; returns
-    the bytes in those ranges. Safe while the store is read or an exchange writes new packs:
-    it touches only ranges no record uses (first punches cost ~0.2 ms each on ext4, so the
-    exchanger runs this beside its transfers)."""
-    if not store.can_punch_holes():
-        return 0
-    records = store.records  # one committed state, even if a commit happens meanwhile
-    dirty, store.dirty_packs = store.dirty_packs, set()
-    packs = set(np.unique(records["pack"]).tolist())
+def punch_dead_ranges(pack_dir: Path, records: np.ndarray, packs: set[int] | None, *, root: Path) -> int:
+    """Punch holes over the ranges of ``packs`` (None: every pack) that no record of ``records``
+    uses; returns the bytes in those ranges. Nothing outside ``root`` is touched."""
+    held = set(np.unique(records["pack"]).tolist())
     punched = 0
-    for sequence in sorted(packs if dirty is None else packs & dirty):
+    for sequence in sorted(held if packs is None else held & packs):
         mine = records[records["pack"] == sequence]
-        path = store.pack_dir / fmt.pack_name(sequence)
+        path = pack_dir / fmt.pack_name(sequence)
         ranges = dead_ranges(mine["offset"], mine["length"], path.stat().st_size)
-        punch_holes(path, ranges, root=store.directory)
+        punch_holes(path, ranges, root=root)
         punched += sum(stop - start for start, stop in ranges)
     return punched
 

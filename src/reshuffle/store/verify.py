@@ -20,6 +20,33 @@ from reshuffle.store.rank_store import RankStore
 from reshuffle.store.reads import CorruptSampleError
 
 
+class InFlight(str):
+    """A finding that is no damage: an exchange (or compaction) in flight when the job stopped,
+    which the next start of the job finishes or rolls back."""
+
+
+def open_verified(root: str | Path, rank: int, meta: StoreMeta | None = None) -> RankStore:
+    """:meth:`RankStore.open`, then every check of :func:`rank_problems` (checksums included):
+    a damaged store is refused with the same messages ``reshuffle verify`` prints."""
+    store = RankStore.open(root, rank, meta)
+    if found := rank_problems(store, checksums=True):
+        raise fmt.StoreError(f"store {root} is damaged; refusing to open it:\n  " + "\n  ".join(found))
+    return store
+
+
+def check_holdings(store: RankStore, planner: ShufflePlanner) -> None:
+    """Raise StoreError unless the store holds exactly the plan's holdings at its epoch."""
+    expected = planner.plan(store.epoch).holdings(store.rank)
+    if not np.array_equal(store.ids, expected):
+        extra = np.setdiff1d(store.ids, expected).size
+        missing = np.setdiff1d(expected, store.ids).size
+        raise fmt.StoreError(
+            f"rank {store.rank}'s store at epoch {store.epoch} holds {extra} sample(s) "
+            f"the plan does not give it and lacks {missing} it should hold; "
+            "the store belongs to another plan or is damaged: restage it"
+        )
+
+
 def _ids(ids: np.ndarray) -> str:
     shown = ", ".join(map(str, ids[:10].tolist()))
     return shown + (f" ... ({ids.size} in all)" if ids.size > 10 else "")
@@ -71,8 +98,10 @@ def verify_store(
             problems.append(f"rank {rank}: {error}")
         if (pending := store.prepared_epoch()) is not None:
             problems.append(
-                f"rank {rank}: an exchange into epoch {pending} was interrupted before it committed; "
-                "restart the job to roll it forward or back"
+                InFlight(
+                    f"rank {rank}: an exchange into epoch {pending} is in flight (prepared, not committed); "
+                    "the next start of the job finishes it or rolls it back"
+                )
             )
         stores.append(store)
     epochs = {store.rank: store.epoch for store in stores}
@@ -87,17 +116,23 @@ def verify_store(
             else "no exchange in flight can bring them together, so a restart cannot repair it; restage "
             "the store (remove it: the next run stages it from the source)"
         )
-        problems.append(
+        line = (
             f"stale manifest: rank(s) {stale} are at epoch(s) {sorted({epochs[r] for r in stale})}, "
             f"the others at {newest} ({advice})"
         )
+        problems.append(InFlight(line) if finishable else line)
     if not ranks_present:
         problems.append(f"no rank directory in {', '.join(map(str, roots))}")
-    if len(stores) == meta.world_size:
+    if len(stores) == meta.world_size and len({store.epoch for store in stores}) == 1:
         problems += _check_union(stores, meta.num_samples)
-        if not problems:
+        if not damage(problems):
             problems += _check_plan(stores, meta.plan)
     return problems
+
+
+def damage(problems: list[str]) -> list[str]:
+    """The problems that are damage, not an exchange in flight (:class:`InFlight`)."""
+    return [problem for problem in problems if not isinstance(problem, InFlight)]
 
 
 def _rank_dirs(root: Path, meta: StoreMeta, found: dict[int, Path]) -> list[str]:
@@ -157,13 +192,15 @@ def rank_problems(store: RankStore, *, checksums: bool = True) -> list[str]:
         if bad:
             listed = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
             found.append(f"rank {store.rank}: {len(bad)} corrupt sample(s) (checksum mismatch): ids {listed}")
-    found += [f"rank {store.rank}: {line}" for line in stray_files(store)]
+    if (damage := store.damage()) is not None:
+        found.append(f"rank {store.rank}: {damage}")
+    found += [type(line)(f"rank {store.rank}: {line}") for line in stray_files(store)]
     return found
 
 
 def _intact(store: RankStore, record: np.void) -> bool:
     try:
-        store.record_bytes(record)  # checked against the record's crc32
+        store.record_bytes(record, note_damage=False)  # checked against the record's checksum
     except CorruptSampleError:
         return False
     return True
@@ -185,8 +222,10 @@ def stray_files(store: RankStore) -> list[str]:
             or path.name.endswith(".tmp")
         ):
             lines.append(
-                f"unreferenced file {relative} (left by an interrupted exchange or compaction; "
-                "restarting the job removes it)"
+                InFlight(
+                    f"unreferenced file {relative} (left by an interrupted exchange or compaction; "
+                    "restarting the job removes it)"
+                )
             )
         else:
             lines.append(f"stray file {relative} (not part of a store); remove it")

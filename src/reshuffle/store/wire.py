@@ -8,7 +8,6 @@ every payload against its crc32 before it lands in a pack.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,6 +15,7 @@ from numpy.typing import NDArray
 
 from reshuffle.errors import ReshuffleError
 from reshuffle.store import format as fmt
+from reshuffle.store.checksum import BY_MAGIC, WIRE_MAGIC, checksum
 from reshuffle.store.packs import PackWriter
 from reshuffle.store.rank_store import RankStore
 
@@ -70,7 +70,7 @@ class OutgoingStream:
         headers = np.zeros(ids.size, dtype=fmt.WIRE_HEADER)
         for field in ("id", "label", "length", "crc"):
             headers[field] = self.records[field]
-        headers["magic"] = fmt.WIRE_MAGIC
+        headers["magic"] = WIRE_MAGIC[store.meta.checksum]  # the crc is the store's own
         self.size = headers.nbytes + int(self.records["length"].sum())
         self.payload_bytes = int(self.records["length"].sum())
         self._pieces = self._generate(store, headers.tobytes())
@@ -96,10 +96,11 @@ class SampleStream(OutgoingStream):
     """The byte stream to one peer of samples held in memory, ``(id, label, payload)`` in the
     order sent (staging from shards: a shard's reader forwards what other ranks hold)."""
 
-    def __init__(self, samples: list[tuple[int, int, bytes]]) -> None:
+    def __init__(self, samples: list[tuple[int, int, bytes]], checksum_name: str) -> None:
         headers = np.zeros(len(samples), dtype=fmt.WIRE_HEADER)
+        function, magic = checksum(checksum_name), WIRE_MAGIC[checksum_name]
         for row, (sample_id, label, payload) in enumerate(samples):
-            headers[row] = (sample_id, label, len(payload), zlib.crc32(payload), fmt.WIRE_MAGIC)
+            headers[row] = (sample_id, label, len(payload), function(payload), magic)
         self.payload_bytes = int(headers["length"].sum())
         self.size = headers.nbytes + self.payload_bytes
         self._pieces = iter([memoryview(headers.tobytes()), *(memoryview(p) for _, _, p in samples)])
@@ -127,6 +128,8 @@ class IncomingStream:
         self._next = 0  # index of the record being received
         self._partial = bytearray()
         self.received = 0
+        self._checksum = writer.checksum  # set from the headers' magic once they arrive
+        self._same_checksum = True
 
     def feed(self, data: memoryview) -> None:
         self.received += len(data)
@@ -148,19 +151,22 @@ class IncomingStream:
                 if len(self._partial) < length:
                     return
                 payload, self._partial = memoryview(bytes(self._partial)), bytearray()
-            crc = zlib.crc32(payload)
-            if crc != int(record["crc"]):
+            if self._checksum(payload) != int(record["crc"]):
                 raise ExchangeError(
-                    f"sample {int(record['id'])} from rank {self.source} arrived corrupt (crc mismatch); "
-                    "the sender checked it as it read it, so it changed in transfer"
+                    f"sample {int(record['id'])} from rank {self.source} arrived corrupt (checksum "
+                    "mismatch); the sender checked it as it read it, so it changed in transfer"
                 )
+            crc = int(record["crc"]) if self._same_checksum else None  # else the writer's own
             self.writer.append(int(record["id"]), int(record["label"]), payload, crc)
             self._next += 1
 
     def _check_headers(self, headers: np.ndarray) -> np.ndarray:
         where = f"from rank {self.source}"
-        if np.any(headers["magic"] != fmt.WIRE_MAGIC):
+        kinds = np.unique(headers["magic"]).tolist()
+        if any(kind not in BY_MAGIC for kind in kinds) or len(kinds) > 1:
             raise ExchangeError(f"malformed sample headers {where} (bad magic)")
+        name = BY_MAGIC[kinds[0]] if kinds else self.writer.checksum_name  # how the sender checksummed
+        self._checksum, self._same_checksum = checksum(name), name == self.writer.checksum_name
         if not np.array_equal(np.sort(headers["id"]), self.expected):
             raise ExchangeError(f"rank {self.source} sent ids the plan does not send to this rank")
         if np.any(headers["label"] < 0) or np.any(headers["label"] >= self.num_classes):

@@ -7,7 +7,6 @@ weights_only=True)`` reads it; nothing in it can execute on load.
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from reshuffle.errors import ReshuffleError
+from reshuffle.store.format import write_atomic
 
 FORMAT = "reshuffle-checkpoint"
 _NAME = re.compile(r"^epoch-(\d{4,})-step-(\d{7,})\.pt$")
@@ -65,17 +65,7 @@ class Checkpoints:
         """A checkpoint's bytes as ``name``, atomically (a copy received from another rank)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / name
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        descriptor = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        write_atomic(path, payload)
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path

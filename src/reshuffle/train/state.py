@@ -21,7 +21,7 @@ from torch import nn
 
 from reshuffle.config import ConfigError, RunConfig
 from reshuffle.config.loading import to_mapping
-from reshuffle.store.stage import gather_ints
+from reshuffle.store.collectives import gather_ints
 from reshuffle.train.checkpoint import CheckpointError, Checkpoints
 
 log = logging.getLogger("reshuffle")

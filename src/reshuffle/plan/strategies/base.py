@@ -91,6 +91,11 @@ class Strategy(abc.ABC):
         owner, slot = self._where[epoch]
         return owner[ids], slot[ids]
 
+    def forget_located(self) -> None:
+        """Drop the tables :meth:`locate` built; call it whenever the slots may change (new
+        losses observed, a state loaded)."""
+        self._where.clear()
+
     def order(self, epoch: int, rank: int, held: NDArray[np.int64]) -> NDArray[np.int64] | None:
         """``rank``'s training order of its holdings ``held`` in ``epoch`` (a permutation of
         them), or None for the planner's: a uniformly random permutation."""

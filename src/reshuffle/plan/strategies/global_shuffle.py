@@ -34,15 +34,17 @@ class GlobalStrategy(Strategy):
         ranks = self.layout.rank_of(positions)
         return ranks, positions - self.layout.offsets[ranks]
 
+    def owners(self, epoch: int, ids: NDArray[np.int64]) -> NDArray[np.int64]:
+        """The rank holding each of ``ids`` in ``epoch`` (pointwise, O(len(ids)))."""
+        return self.layout.rank_of(self._permutation(epoch).inverse(ids))
+
     def sends(self, epoch: int, rank: int) -> dict[int, NDArray[np.int64]]:
         ids = self.held(epoch, rank)
-        owners = self.layout.rank_of(self._permutation(epoch + 1).inverse(ids))
-        return group_by_rank(ids, owners, exclude=rank)
+        return group_by_rank(ids, self.owners(epoch + 1, ids), exclude=rank)
 
     def receives(self, epoch: int, rank: int) -> dict[int, NDArray[np.int64]]:
         ids = self.held(epoch + 1, rank)
-        owners = self.layout.rank_of(self._permutation(epoch).inverse(ids))
-        return group_by_rank(ids, owners, exclude=rank)
+        return group_by_rank(ids, self.owners(epoch, ids), exclude=rank)
 
     @classmethod
     def expected_churn(cls, layout: Layout, fraction: float) -> float:

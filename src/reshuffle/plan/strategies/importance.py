@@ -108,7 +108,7 @@ class ImportanceStrategy(Strategy):
     def _owner_of(self, epoch: int, ids: NDArray[np.int64]) -> NDArray[np.int64]:
         start = self.segment(epoch)
         if start is None:
-            return self.layout.rank_of(self._global._permutation(epoch).inverse(ids))
+            return self._global.owners(epoch, ids)
         if start not in self._owners:
             self._owners = {start: owners(self._order(start), self.layout, self.assignment)}
         return self._owners[start][ids]

@@ -1,4 +1,4 @@
-"""Reports that compare runs: plots (PNG), a summary table, and one ``report.md``.
+"""The runs a report compares: read from their folders, labelled, grouped over seeds, summarised.
 
 A report reads only what runs write: ``config.yaml`` (to name each run's strategy and seed) and
 ``metrics/epochs.csv``. Runs that differ only in ``seed`` form one group; each plot shows the
@@ -18,8 +18,7 @@ from typing import Any
 
 from reshuffle.config.loading import load_yaml_text
 from reshuffle.errors import ReshuffleError
-from reshuffle.report_figures import draw
-from reshuffle.text_table import format_table
+from reshuffle.plan.strategies import STRATEGIES
 
 NEEDED = ("epoch", "train_loss", "test_acc", "epoch_s")
 # settings that do not change what a run learns (where and how it logs, checkpoints, loads)
@@ -29,18 +28,26 @@ IGNORED = {
     "train.checkpoint_steps", "train.keep_checkpoints", "data.test_limit", "shuffle.store_dir",
     "shuffle.exchange_chunk_mb",
 }  # fmt: skip
+
+
+# settings that matter only where another one has a value: (that key, the values where it applies)
+def _strategies_using(option: str) -> set[Any]:
+    """The strategies whose plans read ``option`` (from the registry: no list to keep in step)."""
+    return {
+        name
+        for name, strategy in STRATEGIES.items()
+        if (strategy.uses_fraction if option == "fraction" else option in strategy.option_defaults)
+    }
+
+
 # settings that matter only where another one has a value: (that key, the values where it applies)
 APPLIES: dict[str, tuple[str, set[Any]]] = {
     "data.synthetic": ("data.name", {"synthetic"}),
-    "shuffle.fraction": ("shuffle.strategy", {"partial", "importance"}),
-    "shuffle.select": ("shuffle.strategy", {"partial", "importance"}),
+    "shuffle.fraction": ("shuffle.strategy", _strategies_using("fraction")),
     **{
-        f"shuffle.{key}": ("shuffle.strategy", {"importance"})
-        for key in ("warmup_epochs", "ignore_epochs", "interval_epochs", "measure", "assignment")
+        f"shuffle.{option}": ("shuffle.strategy", _strategies_using(option))
+        for option in sorted({o for s in STRATEGIES.values() for o in s.option_defaults})
     },
-    "shuffle.block_size": ("shuffle.strategy", {"corgipile", "partial"}),
-    "shuffle.unit": ("shuffle.strategy", {"partial"}),
-    "shuffle.buffer_blocks": ("shuffle.strategy", {"corgipile"}),
     "dist.nproc": ("dist.virtual_ranks", {0, None}),
 }
 SHORT = {
@@ -281,40 +288,3 @@ def summary_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[object]]
             round(max(storage), 2) if storage else "-",
         ])  # fmt: skip
     return headers, rows
-
-
-def write_report(
-    run_dirs: Sequence[Path], out_dir: Path, *, title: str = "Shuffling strategies compared"
-) -> str:
-    """Plots, ``summary.md`` and ``report.md`` in ``out_dir``; returns the printed table."""
-    runs = [load_run(Path(d)) for d in run_dirs]
-    if not runs:
-        raise ReportError("no run folders given")
-    groups = group_runs(runs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots = draw(groups, out_dir)
-    headers, rows = summary_rows(groups)
-    table_md = format_table(headers, rows, markdown=True)
-    (out_dir / "summary.md").write_text(table_md + "\n")
-    lines = [
-        f"# {title}",
-        "",
-        f"{len(runs)} runs in {len(groups)} groups (mean over seeds; bands span the lowest to the "
-        "highest seed).",
-        "",
-        table_md,
-        "",
-        "*vs global*: final test accuracy minus that of `global` (of the same experiment, or with the same "
-        "settings apart from shuffle.*), in percentage points. *moved*: bytes a "
-        "rank sends per epoch in store mode (planned; index mode reads them instead). *storage*: the most "
-        "a store-mode rank holds at once (its samples plus those arriving).",
-        "",
-    ]
-    for caption, name in plots:
-        lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
-    if settings := differences(runs):
-        lines += ["## Settings of each experiment (where they differ)", "", *settings, ""]
-    lines += ["## Runs", "", *(f"- `{run.path}` (seed {run.seed})" for run in runs), ""]
-    (out_dir / "report.md").write_text("\n".join(lines))
-    return format_table(headers, rows)

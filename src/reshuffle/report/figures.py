@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from reshuffle.report import Group
+    from reshuffle.report.runs import Group
 
 
 def draw(groups: Sequence[Group], out_dir: Path) -> list[tuple[str, str]]:

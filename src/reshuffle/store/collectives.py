@@ -1,0 +1,43 @@
+"""The few collectives store mode agrees through: gather every rank's numbers or error lines,
+then raise on every rank at once when any failed (not after a timeout in the next collective)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from reshuffle.store import format as fmt
+from reshuffle.store.wire import PeerError
+
+
+def gather_ints(
+    values: list[int], device: torch.device | None, group: dist.ProcessGroup | None
+) -> np.ndarray:
+    """Every rank's ``values`` (the same count on each), one row per rank (collective)."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    return torch.stack(everyone).cpu().numpy()
+
+
+def gather_errors(mine: str, group: dist.ProcessGroup | None) -> list[str]:
+    """Every rank's error line ("" for none), collective."""
+    everyone: list[str] = [""] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return everyone
+
+
+def agree(errors: list[str], rank: int, what: str, note: str = "") -> None:
+    """After :func:`gather_errors`: raise on every rank once any failed, this rank's own error, or
+    on the others a ``PeerError`` naming the first that failed (``note``: what is left as it was)."""
+    failed = [(r, why) for r, why in enumerate(errors) if why]
+    if not failed:
+        return
+    if errors[rank]:
+        raise fmt.StoreError(f"rank {rank}: could not {what}: {errors[rank]}")
+    first, why = failed[0]
+    raise PeerError(
+        f"rank {rank}: {len(failed)} rank(s) could not {what}{note}; "
+        f"caused by rank {first}: {why.splitlines()[0]}"
+    )
