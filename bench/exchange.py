@@ -276,10 +276,41 @@ def storage_over_epochs(base: str, sample_bytes: int, epochs: int, fraction: flo
     }
 
 
+def reads_table(reads: list[dict]) -> str:
+    return format_table(
+        ["sample bytes", "store reads/s", "tensor reads/s", "store / tensor", "one-file reads/s",
+         "store / one-file",
+         "StoreDataset items/s", "index SourceDataset items/s", "store / index",
+         "batched: store / index",
+         "checked / unchecked: reads", "items", "batches", "CRC32C GB/s", "zlib CRC32 GB/s"],
+        [
+            (
+                r["sample_bytes"], r["store_per_s"], r["tensor_per_s"], r["store_per_s"] / r["tensor_per_s"],
+                r["files_per_s"], r["store_per_s"] / r["files_per_s"], r["store_dataset_per_s"],
+                r["index_dataset_per_s"], r["store_dataset_per_s"] / r["index_dataset_per_s"],
+                r["store_dataset_batch_per_s"] / r["index_dataset_batch_per_s"],
+                r["store_per_s"] / r["unchecked_store_per_s"],
+                r["store_dataset_per_s"] / r["unchecked_dataset_per_s"],
+                r["store_dataset_batch_per_s"] / r["unchecked_dataset_batch_per_s"],
+                r["crc32c_gbps"], r["crc32_gbps"],
+            )
+            for r in reads
+        ],
+        markdown=True,
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--reads-only", action="store_true", help="only the random-read table (printed; the section is kept)"
+    )
     args = parser.parse_args()
+    if args.reads_only:
+        reads = [random_reads(tempfile.gettempdir(), size, 4000, 20_000) for size in (784, 110_000)]
+        print(reads_table(reads))
+        return
     repeats = 3 if args.quick else 5
     disk = tempfile.gettempdir()
     places = [disk] + (["/dev/shm"] if os.path.isdir("/dev/shm") else [])
@@ -361,27 +392,7 @@ def main() -> None:
         ],
         markdown=True,
     )
-    read_table = format_table(
-        ["sample bytes", "store reads/s", "tensor reads/s", "store / tensor", "one-file reads/s",
-         "store / one-file",
-         "StoreDataset items/s", "index SourceDataset items/s", "store / index",
-         "batched: store / index",
-         "checked / unchecked: reads", "items", "batches", "CRC32C GB/s", "zlib CRC32 GB/s"],
-        [
-            (
-                r["sample_bytes"], r["store_per_s"], r["tensor_per_s"], r["store_per_s"] / r["tensor_per_s"],
-                r["files_per_s"], r["store_per_s"] / r["files_per_s"], r["store_dataset_per_s"],
-                r["index_dataset_per_s"], r["store_dataset_per_s"] / r["index_dataset_per_s"],
-                r["store_dataset_batch_per_s"] / r["index_dataset_batch_per_s"],
-                r["store_per_s"] / r["unchecked_store_per_s"],
-                r["store_dataset_per_s"] / r["unchecked_dataset_per_s"],
-                r["store_dataset_batch_per_s"] / r["unchecked_dataset_batch_per_s"],
-                r["crc32c_gbps"], r["crc32_gbps"],
-            )
-            for r in reads
-        ],
-        markdown=True,
-    )  # fmt: skip
+    read_table = reads_table(reads)
     storage_table = format_table(
         ["sample bytes", "epochs", "held / live, last", "held / live, most", "rewritten per epoch / live"],
         [(r["sample_bytes"], r["epochs"], r["final"], r["max"], r["rewritten_per_epoch"]) for r in storage],
