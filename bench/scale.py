@@ -1,0 +1,567 @@
+"""Store mode at the size it exists for: an ImageNet-like set of real JPEGs read by reshuffle's
+store and index modes and by the loaders users would otherwise pick, on the same disk.
+
+    .venv/bin/pip install -e '.[bench]'      # MosaicML Streaming, LitData, WebDataset (bench only)
+    .venv/bin/python bench/scale.py          # about 25 GB of disk and an hour on 2 cores at the defaults
+
+Generates (or reuses) ``--count`` JPEGs (``--size`` px, 4:4:4, quality 90, about 106 KB each at
+the defaults: 40,000 images, 4.2 GB, 100 classes) as an ImageFolder tree under ``--root``, writes
+them in each system's format (timed: staging MB/s, against ``dd``'s direct write of as many bytes
+on the same disk), then reads one epoch per system and condition, each in a fresh process
+(``DataLoader``, ``--batch`` 64, ``--workers`` 2, a shuffled order), interleaved system by
+system and repeated ``--repeats`` times:
+
+* ``warm``: the store's files in the page cache (an epoch read just before);
+* ``cold``: the data's files dropped from the page cache first (``POSIX_FADV_DONTNEED``; the
+  interpreter and libraries stay cached, so the disk bytes counted are the data's);
+* ``pressure``: cold, and a helper process holds anonymous memory (written, so resident; this VM
+  has no swap) until what the page cache can hold is ``--cache-share`` (0.3) of the store: most of
+  an epoch's reads must come from the disk, and what was read early is evicted before the end.
+
+Raw epochs yield each sample's bytes (the collate, in the workers, only counts them); decoded
+epochs (``--decode-limit`` samples, warm) decode with PIL, resize to 224 and make a tensor in the
+workers. Per epoch: samples/s, bytes read from the disk (``/proc/diskstats``) per byte trained,
+and the peak resident and anonymous memory of the main process and of the busiest worker.
+
+Systems: ``reshuffle-store`` (``ShuffledData`` in store mode, 1 rank), ``reshuffle-index``
+(``ShuffledData`` in index mode over the files), ``imagefolder`` (torchvision's, a loader that
+returns bytes), ``mds`` (MosaicML Streaming, local), ``litdata`` (local), ``webdataset`` (tar
+shards, shuffle buffer 1,000). Results: ``bench/out/scale.json`` and the ``scale`` section of
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import machine, write_results
+
+SYSTEMS = ("reshuffle-store", "reshuffle-index", "imagefolder", "mds", "litdata", "webdataset")
+CONDITIONS = ("warm", "cold", "pressure")
+FORMATS = {"reshuffle-store": "store", "mds": "mds", "litdata": "litdata", "webdataset": "wds"}
+
+
+# ----------------------------------------------------------------------------- the data set
+
+
+def _images(args: tuple[str, int, int, int, int]) -> int:
+    """Write JPEGs ``start .. stop`` (one process's share); their bytes in all."""
+    from PIL import Image
+
+    root, start, stop, classes, size = args
+    written = 0
+    for index in range(start, stop):
+        rng = np.random.default_rng((20261206, index))
+        path = Path(root) / f"class_{index % classes:03d}" / f"{index:07d}.jpg"
+        if path.is_file():
+            written += path.stat().st_size
+            continue
+        low = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC)).astype(np.int16)
+        pixels = np.clip(smooth + rng.normal(0, rng.uniform(35, 60), smooth.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90, subsampling=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(buffer.getvalue())
+        temporary.rename(path)
+        written += len(buffer.getvalue())
+    return written
+
+
+def generate(root: Path, count: int, classes: int, size: int, workers: int) -> tuple[list[str], list[int]]:
+    """The ImageFolder tree (made once; reused when its description matches); files and labels."""
+    import multiprocessing
+
+    images = root / "images"
+    description = {"count": count, "classes": classes, "size": size, "format": "jpeg q90 4:4:4"}
+    marker = root / "images.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == description):
+        shutil.rmtree(images, ignore_errors=True)
+        for name in FORMATS.values():
+            shutil.rmtree(root / name, ignore_errors=True)
+        started = time.perf_counter()
+        bounds = np.linspace(0, count, workers * 8 + 1).astype(int)
+        jobs = [(str(images), int(a), int(b), classes, size) for a, b in itertools.pairwise(bounds)]
+        with multiprocessing.Pool(workers) as pool:
+            total = sum(pool.map(_images, jobs))
+        marker.write_text(json.dumps(description))
+        print(f"generated {count} JPEGs, {total / 1e9:.2f} GB, in {time.perf_counter() - started:.0f} s")
+    files = [str(images / f"class_{i % classes:03d}" / f"{i:07d}.jpg") for i in range(count)]
+    return files, [i % classes for i in range(count)]
+
+
+class Files:
+    """Item ``i``: (the JPEG's bytes, its label), read from its own file."""
+
+    def __init__(self, files: list[str], labels: list[int]) -> None:
+        self.files, self.targets = files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[bytes, int]:
+        with open(self.files[index], "rb") as handle:
+            return handle.read(), self.targets[index]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _one_rank_group() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def write_format(system: str, root: Path, files: list[str], labels: list[int]) -> float:
+    """Write the set in ``system``'s format under ``root`` (from scratch); seconds, until durable."""
+    target = root / FORMATS[system]
+    shutil.rmtree(target, ignore_errors=True)
+    source = Files(files, labels)
+    started = time.perf_counter()
+    if system == "reshuffle-store":
+        from reshuffle import ShuffledData
+
+        _one_rank_group()
+        data = ShuffledData(source, target, strategy="local", seed=0, epochs=1)
+        data.set_epoch(0)  # stages
+        data.close()
+    elif system == "mds":
+        from streaming import MDSWriter
+
+        with MDSWriter(out=str(target), columns={"image": "bytes", "label": "int"}, size_limit="64mb") as out:
+            for index in range(len(source)):
+                image, label = source[index]
+                out.write({"image": image, "label": label})
+    elif system == "litdata":
+        import litdata
+
+        litdata.optimize(fn=_litdata_item, inputs=list(zip(files, labels, strict=True)),
+                         output_dir=str(target), chunk_bytes="64MB", num_workers=1,
+                         mode="overwrite")  # fmt: skip
+    elif system == "webdataset":
+        import webdataset
+
+        target.mkdir(parents=True)
+        with webdataset.ShardWriter(str(target / "shard-%06d.tar"), maxsize=256 << 20, verbose=0) as sink:
+            for index in range(len(source)):
+                image, label = source[index]
+                sink.write({"__key__": f"{index:07d}", "jpg": image, "cls": label})
+    os.sync()  # every writer's bytes on the disk, as reshuffle's fsyncs have them
+    return time.perf_counter() - started
+
+
+def _litdata_item(item: tuple[str, int]) -> dict[str, Any]:
+    with open(item[0], "rb") as handle:
+        return {"image": handle.read(), "label": item[1]}
+
+
+def dd_write_seconds(root: Path, nbytes: int) -> float:
+    """``dd`` writing ``nbytes`` with direct I/O on the same disk (then removed)."""
+    target = root / "dd.bin"
+    count = max(1, nbytes // (16 << 20))
+    started = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "oflag=direct",
+                    "conv=fsync", "status=none"], check=True)  # fmt: skip
+    seconds = time.perf_counter() - started
+    target.unlink()
+    return seconds * nbytes / (count * (16 << 20))
+
+
+# ----------------------------------------------------------------------------- one epoch (child)
+
+
+def raw_collate(batch: list[Any]) -> tuple[int, int]:
+    """Count the batch's bytes (in the worker): the epoch's work is reading them."""
+    return sum(len(_image(item)) for item in batch), len(batch)
+
+
+def decoded_collate(batch: list[Any]) -> tuple[Any, int]:
+    """Decode, resize to 224 and make a tensor, in the worker, as a training pipeline would."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    tensors = [
+        pil_to_tensor(Image.open(io.BytesIO(_image(item))).convert("RGB").resize((224, 224)))
+        for item in batch
+    ]
+    return torch.stack(tensors), len(batch)
+
+
+def _image(item: Any) -> bytes:
+    if isinstance(item, dict):
+        return item["image"] if "image" in item else item["jpg"]
+    return item[0]
+
+
+def read_epoch(system: str, root: Path, files: list[str], labels: list[int], options: dict) -> dict:
+    """One epoch of ``system`` in this process; samples, bytes and seconds."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler, Subset
+
+    limit = options["limit"] or len(files)
+    collate = decoded_collate if options["decode"] else raw_collate
+    loader_options = {
+        "batch_size": options["batch"],
+        "num_workers": options["workers"],
+        "collate_fn": collate,
+    }
+    generator = torch.Generator().manual_seed(0)
+    if system in ("reshuffle-store", "reshuffle-index"):
+        from reshuffle import ShuffledData
+
+        if system == "reshuffle-store":
+            _one_rank_group()
+            data = ShuffledData(Files(files, labels), root / "store", strategy="local", seed=0, epochs=1)
+        else:
+            data = ShuffledData(Files(files, labels), mode="index", strategy="local", seed=0, epochs=1)
+        data.set_epoch(0)
+        order = list(data.sampler)[:limit]
+        loader = DataLoader(data.dataset, sampler=order, **loader_options)
+    elif system == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        dataset = ImageFolder(str(root / "images"), loader=_read_bytes)
+        sampler = RandomSampler(dataset, generator=generator, num_samples=limit)
+        loader = DataLoader(dataset, sampler=sampler, **loader_options)
+    elif system == "mds":
+        from streaming import StreamingDataset
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+        dataset = StreamingDataset(local=str(root / "mds"), shuffle=True, shuffle_seed=0,
+                                   batch_size=options["batch"])  # fmt: skip
+        loader = DataLoader(Subset(dataset, range(limit)) if options["limit"] else dataset, **loader_options)
+    elif system == "litdata":
+        import litdata
+
+        dataset = litdata.StreamingDataset(str(root / "litdata"), shuffle=True, seed=0)
+        if options["limit"]:
+            dataset = Subset(dataset, range(limit))
+        loader = DataLoader(dataset, **loader_options)
+    elif system == "webdataset":
+        import webdataset
+
+        shards = sorted(str(p) for p in (root / "wds").glob("shard-*.tar"))
+        dataset = webdataset.WebDataset(shards, shardshuffle=len(shards), seed=0, empty_check=False).shuffle(
+            1000
+        )
+        if options["limit"]:
+            dataset = dataset.slice(limit // max(1, options["workers"]))
+        loader = DataLoader(dataset, **loader_options)
+    else:
+        raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+    started = time.perf_counter()
+    samples = nbytes = 0
+    for payload, count in loader:
+        samples += count
+        nbytes += payload if isinstance(payload, int) else 0
+    seconds = time.perf_counter() - started
+    if system == "reshuffle-store":
+        data.close()
+    return {"samples": samples, "bytes": nbytes, "seconds": seconds}
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def _disk_sectors_read(device: str) -> int:
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == device:
+            return int(fields[5])
+    raise ValueError(f"no disk {device} in /proc/diskstats")
+
+
+def _device_of(path: Path) -> str:
+    number = os.stat(path).st_dev
+    major, minor = os.major(number), os.minor(number)
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if int(fields[0]) == major and int(fields[1]) == minor:
+            return fields[2]  # a partition has counters of its own
+    raise ValueError(f"cannot find the disk holding {path}")
+
+
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """(resident, anonymous) kB of a process, (0, 0) once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0, 0
+    values = {
+        line.split(":")[0]: int(line.split()[1])
+        for line in status.splitlines()
+        if line.startswith(("VmRSS", "RssAnon"))
+    }
+    return values.get("VmRSS", 0), values.get("RssAnon", 0)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _watch(pid: int, peaks: dict[int, tuple[int, int]], stop: threading.Event) -> None:
+    """Peak (resident, anonymous) per process of ``pid``'s tree, polled every 0.2 s."""
+    while not stop.is_set():
+        tree, frontier = [], [pid]
+        while frontier:
+            node = frontier.pop()
+            tree.append(node)
+            frontier += _children(node)
+        for node in tree:
+            rss, anon = _memory_kb(node)
+            old = peaks.get(node, (0, 0))
+            peaks[node] = (max(old[0], rss), max(old[1], anon))
+        stop.wait(0.2)
+
+
+def evict(directory: Path) -> int:
+    """Drop ``directory``'s files from the page cache (``POSIX_FADV_DONTNEED``, after a sync):
+    cold data, while the interpreter and libraries stay cached, so the disk bytes an epoch reads
+    are its data's. Returns the bytes of the files evicted."""
+    os.sync()
+    total = 0
+    for path in directory.rglob("*"):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(descriptor).st_size
+            finally:
+                os.close(descriptor)
+    return total
+
+
+def hold_memory(keep_for_cache: int) -> subprocess.Popen | None:
+    """A process holding (written, so resident) all available memory but ``keep_for_cache``
+    bytes; None where nothing needs holding."""
+    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable"))  # fmt: skip
+    hold = available - keep_for_cache
+    if hold <= 0:
+        return None
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import numpy, sys; a = numpy.ones(int(sys.argv[1]), numpy.uint8); "
+         "print('held', flush=True); sys.stdin.read()", str(hold)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None
+    holder.stdout.readline()  # every page written
+    return holder
+
+
+def run_epoch(
+    system: str, condition: str, args: argparse.Namespace, store_bytes: int, device: str, decode: bool = False
+) -> dict:
+    """One epoch in a fresh process under ``condition``; its figures."""
+    holder = None
+    if condition in ("cold", "pressure"):
+        for directory in ("images", *FORMATS.values()):
+            if (args.root / directory).exists():
+                evict(args.root / directory)
+    if condition == "pressure":
+        # what the page cache can hold: a share of the store, plus room for the epoch's processes
+        holder = hold_memory(int(args.cache_share * store_bytes) + (1 << 30))
+    before = _disk_sectors_read(device)
+    command = [sys.executable, __file__, "--epoch", system, "--root", str(args.root),
+               "--count", str(args.count), "--classes", str(args.classes), "--batch", str(args.batch),
+               "--workers", str(args.workers)]  # fmt: skip
+    if decode:
+        command += ["--decode", "--decode-limit", str(args.decode_limit)]
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    peaks: dict[int, tuple[int, int]] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(child.pid, peaks, stop), daemon=True)
+    watcher.start()
+    out, _ = child.communicate(timeout=3600)
+    stop.set()
+    watcher.join()
+    disk_bytes = (_disk_sectors_read(device) - before) * 512
+    if holder is not None:
+        holder.kill()
+        holder.wait()
+    if child.returncode != 0:
+        raise RuntimeError(f"{system} ({condition}) failed with exit {child.returncode}")
+    result = json.loads(out.strip().splitlines()[-1])
+    main_rss, main_anon = peaks.get(child.pid, (0, 0))
+    workers = [v for pid, v in peaks.items() if pid != child.pid]
+    result.update(
+        system=system, condition=condition, decode=decode, disk_bytes=disk_bytes,
+        main_rss_mb=main_rss / 1024, main_anon_mb=main_anon / 1024,
+        worker_rss_mb=max((v[0] for v in workers), default=0) / 1024,
+        worker_anon_mb=max((v[1] for v in workers), default=0) / 1024,
+    )  # fmt: skip
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "reshuffle-scale",
+                        help="where the set and every format live (about 5x its size)")  # fmt: skip
+    parser.add_argument("--count", type=int, default=40_000, help="JPEGs in the set")
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--cache-share", type=float, default=0.3, help="page cache left, as a share of the store"
+    )
+    parser.add_argument("--decode-limit", type=int, default=3000, help="samples per decoded epoch")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    parser.add_argument("--no-write", action="store_true", help="print the table; leave docs/benchmarks.md")
+    parser.add_argument("--epoch", choices=SYSTEMS, help=argparse.SUPPRESS)  # the children's entries
+    parser.add_argument("--write", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    files = [
+        str(args.root / "images" / f"class_{i % args.classes:03d}" / f"{i:07d}.jpg")
+        for i in range(args.count)
+    ]
+    labels = [i % args.classes for i in range(args.count)]
+    if args.write:  # in a process of its own: a store's job lock lives as long as its process
+        print(json.dumps(write_format(args.write, args.root, files, labels)))
+        return
+    if args.epoch:
+        options = {"batch": args.batch, "workers": args.workers, "decode": args.decode,
+                   "limit": args.decode_limit if args.decode else 0}  # fmt: skip
+        print(json.dumps(read_epoch(args.epoch, args.root, files, labels, options)))
+        return
+    args.root.mkdir(parents=True, exist_ok=True)
+    files, labels = generate(args.root, args.count, args.classes, args.size, max(1, os.cpu_count() or 1))
+    set_bytes = sum(os.path.getsize(f) for f in files)
+    device = _device_of(args.root)
+    conditions = list(args.conditions)
+    staging = {}
+    for system in [s for s in args.systems if s in FORMATS]:
+        evict(args.root / "images")  # every writer reads the JPEGs from the disk
+        command = [sys.executable, __file__, "--write", system, "--root", str(args.root),
+                   "--count", str(args.count), "--classes", str(args.classes)]  # fmt: skip
+        written = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        seconds = float(written.stdout.strip().splitlines()[-1])
+        staging[system] = {"seconds": seconds, "mb_per_s": set_bytes / seconds / 1e6}
+        print(f"staged {system}: {set_bytes / seconds / 1e6:.0f} MB/s", flush=True)
+    dd_seconds = dd_write_seconds(args.root, set_bytes)
+    store_bytes = (
+        sum(p.stat().st_size for p in (args.root / "store").rglob("*") if p.is_file())
+        if (args.root / "store").exists()
+        else set_bytes
+    )
+    epochs = []
+    for repeat in range(args.repeats):
+        for condition in conditions:
+            for system in args.systems:
+                if condition == "warm":
+                    run_epoch(system, "warm", args, store_bytes, device)  # fills the cache
+                result = run_epoch(system, condition, args, store_bytes, device)
+                result["repeat"] = repeat
+                epochs.append(result)
+                print(f"{system:16s} {condition:8s} {result['samples'] / result['seconds']:8.0f} samples/s  "
+                      f"disk/trained {result['disk_bytes'] / max(1, result['bytes']):.2f}",
+                      flush=True)  # fmt: skip
+    for system in args.systems:  # decoded, warm
+        run_epoch(system, "warm", args, store_bytes, device, decode=True)
+        result = run_epoch(system, "warm", args, store_bytes, device, decode=True)
+        epochs.append(result)
+        print(f"{system:16s} decoded  {result['samples'] / result['seconds']:8.0f} samples/s", flush=True)
+    report(args, staging, dd_seconds, set_bytes, store_bytes, epochs, conditions)
+
+
+def report(args, staging, dd_seconds, set_bytes, store_bytes, epochs, conditions) -> None:
+    from reshuffle.report.table import format_table
+
+    def cell(system: str, condition: str, key: str, decode: bool = False) -> float:
+        values = [key(e) if callable(key) else e[key] for e in epochs
+                  if (e["system"], e["condition"], e["decode"]) == (system, condition, decode)]  # fmt: skip
+        return statistics.median(values) if values else float("nan")
+
+    rate = lambda e: e["samples"] / e["seconds"]  # noqa: E731
+    read_ratio = lambda e: e["disk_bytes"] / max(1, e["bytes"])  # noqa: E731
+    rows = []
+    for system in args.systems:
+        row = [system]
+        for condition in conditions:
+            row += [cell(system, condition, rate), cell(system, condition, read_ratio)]
+        row += [cell(system, "warm", rate, decode=True)]
+        row += [max((e["main_anon_mb"] for e in epochs if e["system"] == system), default=0),
+                max((e["worker_anon_mb"] for e in epochs if e["system"] == system), default=0),
+                max((e["main_rss_mb"] for e in epochs if e["system"] == system), default=0),
+                max((e["worker_rss_mb"] for e in epochs if e["system"] == system), default=0)]  # fmt: skip
+        row += [staging[system]["mb_per_s"] if system in staging else "-"]
+        rows.append(row)
+    headers = ["system"]
+    for condition in conditions:
+        headers += [f"{condition} samples/s", f"{condition} disk/trained"]
+    headers += ["decoded samples/s (warm)", "main anon MB", "worker anon MB", "main RSS MB", "worker RSS MB",
+                "staging MB/s"]  # fmt: skip
+    table = format_table(headers, rows, markdown=True)
+    print(table)
+    others = [s for s in args.systems if not s.startswith("reshuffle")]
+    ratios = []
+    for condition in conditions:
+        best = max((cell(s, condition, rate) for s in others), default=float("nan"))
+        store = cell("reshuffle-store", condition, rate)
+        files = cell("imagefolder", condition, rate)
+        ratios.append(
+            f"{condition}: store / best other {store / best:.2f}, store / files {store / files:.2f}"
+        )
+    dd_mb = set_bytes / dd_seconds / 1e6
+    markdown = f"""## Store mode at scale: real JPEGs against the peers (`bench/scale.py`)
+
+{machine()}, {os.cpu_count()} CPUs; {args.count:,} JPEGs ({set_bytes / 1e9:.2f} GB, {args.classes} classes,
+{args.size} px, quality 90, 4:4:4), one epoch per system and condition in a fresh process
+(`DataLoader`, batch {args.batch}, {args.workers} workers, shuffled order), median of {args.repeats};
+"pressure": a helper holds anonymous memory so that the page cache can hold {args.cache_share:.0%} of
+the store. "disk/trained": bytes read from the disk (`/proc/diskstats`) per byte trained. Memory:
+the peak over the run of the main process and of the busiest worker. Command:
+`.venv/bin/python bench/scale.py --count {args.count} --repeats {args.repeats}`.
+
+{table}
+
+`dd` direct write of as many bytes: {dd_mb:.0f} MB/s; staging / dd: reshuffle store
+{staging.get("reshuffle-store", {}).get("mb_per_s", float("nan")) / dd_mb:.2f}. The store holds
+{store_bytes / 1e9:.2f} GB for {set_bytes / 1e9:.2f} GB of JPEGs.
+
+{"; ".join(ratios)}.
+"""
+    if not args.no_write:
+        write_results("scale", {"staging": staging, "dd_seconds": dd_seconds, "epochs": epochs}, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
