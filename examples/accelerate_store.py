@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from reshuffle import ShuffledData, settle_buckets
 
@@ -43,7 +43,7 @@ dataset = TensorDataset(images, labels, torch.arange(len(labels)))  # items: (im
 accelerator = Accelerator(cpu=not torch.cuda.is_available())
 data = ShuffledData(dataset, args.store, strategy="partial", fraction=0.1, partition="label-sorted",
                     labels=labels, seed=0, epochs=args.epochs)  # fmt: skip
-loader = DataLoader(data.dataset, batch_size=64, sampler=data.sampler, num_workers=2)
+loader = data.loader(batch_size=64, num_workers=2)  # a DataLoader that counts what the loop received
 torch.manual_seed(0)
 model = nn.Sequential(
     nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from reshuffle import ShuffledData, settle_buckets
 
@@ -39,7 +39,7 @@ dist.init_process_group("gloo")
 # stages this rank's share of the dataset into its store (or reopens the store on a restart)
 data = ShuffledData(dataset, args.store, strategy="partial", fraction=0.1, partition="label-sorted",
                     labels=labels, seed=0, epochs=args.epochs)  # fmt: skip
-loader = DataLoader(data.dataset, batch_size=64, sampler=data.sampler, num_workers=2)
+loader = data.loader(batch_size=64, num_workers=2)  # a DataLoader that counts what the loop received
 torch.manual_seed(0)
 model = nn.parallel.DistributedDataParallel(nn.Sequential(
     nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),

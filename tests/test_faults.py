@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from reshuffle import ShuffledData, ShufflePlanner
 from reshuffle.data.synthetic import load_synthetic
@@ -147,7 +146,7 @@ def _epoch_over_a_store(rank, world, root, damage, workers):
     dist.barrier()
     data = ShuffledData(Items(), root, strategy="partial", fraction=0.25, seed=0, timeout_s=30)
     data.set_epoch(0)
-    loader = DataLoader(data.dataset, batch_size=16, sampler=data.sampler, num_workers=workers)
+    loader = data.loader(batch_size=16, num_workers=workers)
     seen: list[int] = []
     result = {"bad": bad, "seen": seen, "error": None, "state_error": None}
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from reshuffle import ShuffledData, ShufflePlanner
 from reshuffle.data.items import ItemError, decode_item, encode_item
@@ -105,9 +105,7 @@ def _train_like_a_user(rank, world, root, mode, epochs, strategy, checkpoint=Non
     if checkpoint is not None and os.path.exists(checkpoint):
         data.load_state_dict(torch.load(checkpoint, weights_only=True))
         start = data.epoch + 1
-    loader = DataLoader(
-        data.dataset, batch_size=8, sampler=data.sampler, num_workers=2, persistent_workers=True
-    )
+    loader = data.loader(batch_size=8, num_workers=2, persistent_workers=True)
     seen = {}
     for epoch in range(start, epochs):
         data.set_epoch(epoch)

@@ -169,6 +169,21 @@ class ShuffleSampler(Sampler[int]):
         self._position = self._resume_at
         self._finished = False
 
+    @property
+    def position(self) -> int:
+        """Ids of the current epoch yielded so far (a prefetching DataLoader runs ahead of training)."""
+        return self._position
+
+    @property
+    def resumed_at(self) -> int:
+        """Where the next pass over the current epoch starts (a loaded mid-epoch position, else 0)."""
+        return self._resume_at
+
+    @property
+    def epoch_size(self) -> int:
+        """Ids of the current epoch, resumed prefix included."""
+        return self._epoch_size(self.epoch)
+
     def __len__(self) -> int:
         """Number of ids the next iteration yields: the rank's share, minus a resumed prefix."""
         return self._epoch_size(self.epoch) - self._resume_at

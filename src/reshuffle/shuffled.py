@@ -42,6 +42,7 @@ from reshuffle.data.dataset import KeyedAugmentation, SourceDataset
 from reshuffle.data.items import DatasetSource, source_of
 from reshuffle.data.source import SampleSource
 from reshuffle.data.transforms import Transform
+from reshuffle.loader import DeliveredLoader
 from reshuffle.losses import LossTracker
 from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.plan.partitions import PARTITIONS
@@ -166,6 +167,15 @@ class ShuffledData:
         self.plan: EpochPlan | None = None  # that epoch's plan, computed once
         self.last_exchange: ExchangeStats | None = None  # the exchange the last end_epoch finished
         self._ended: int | None = None  # the epoch end_epoch ran for
+        self._loader: DeliveredLoader | None = None  # the loader loader() made: it counts delivered batches
+
+    def loader(self, batch_size: int | None = 1, **options: Any) -> DeliveredLoader:
+        """A ``DataLoader`` over this rank's data (``dataset`` and ``sampler`` set) that counts the
+        batches it delivers to your loop, so that :meth:`state_dict` taken inside the loop is exact
+        whatever ``num_workers``, ``prefetch_factor`` or ``persistent_workers``. ``options`` are
+        DataLoader's; ``sampler``, ``batch_sampler`` and ``shuffle`` are set here."""
+        self._loader = DeliveredLoader(self.dataset, self.sampler, batch_size, **options)
+        return self._loader
 
     @property
     def store(self) -> RankStore | None:
@@ -272,7 +282,10 @@ class ShuffledData:
 
         Args:
             position: samples of the current epoch this rank has trained on. Default: what the
-                sampler has yielded, which runs ahead of training when the DataLoader prefetches.
+                loader made by :meth:`loader` delivered; before the epoch's first batch, or after
+                :meth:`end_epoch`, the sampler's position. With another loader, pass it (a
+                prefetching DataLoader runs ahead of training): without it the state is refused
+                rather than lose samples.
 
         Save it at least once per epoch in store mode, after the epoch's last step: a store
         only moves forward, so a job resumes from a checkpoint of the stores' epoch or the one
@@ -280,6 +293,8 @@ class ShuffledData:
         """
         if self.session is not None:  # no state describes an epoch that met a damaged sample
             self.session.check_damage()
+        if position is None:
+            position = self._trained_position()
         sampler = self.sampler.state_dict()
         if position is not None:
             sampler[ShuffleSampler.STATE_POSITION] = int(position)
@@ -297,6 +312,24 @@ class ShuffledData:
             else:
                 state[self.STATE_LOSSES] = self.tracker.state_dict()
         return state
+
+    def _trained_position(self) -> int | None:
+        """The epoch's trained position when it is known exactly (None: the sampler's own is)."""
+        loader, sampler = self._loader, self.sampler
+        if loader is not None and loader.epoch == sampler.epoch:
+            return loader.position
+        if sampler.position == sampler.resumed_at or self._ended == self.epoch:
+            return None  # nothing fetched in this pass yet, or the loop declared the epoch over
+        # A prefetching DataLoader takes the last ids while the loop is still some batches short
+        # of them: even a sampler at the epoch's end cannot say whether the loop got there.
+        raise ValueError(
+            f"state_dict() cannot tell what your loop trained: the sampler has handed out {sampler.position} "
+            f"of {sampler.epoch_size} ids, and a DataLoader with workers fetches batches ahead. Build the "
+            "loader with data.loader(batch_size=..., num_workers=...) (it counts the batches it delivers), "
+            "or call data.end_epoch() after the epoch's last batch, or pass "
+            "state_dict(position=samples_trained_this_epoch); torchdata's StatefulDataLoader keeps the "
+            "sampler's state in its own"
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict` (of any mode: the plan is the same). The next

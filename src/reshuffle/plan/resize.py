@@ -5,8 +5,8 @@ had with M' ranks from the start, from the same seed (``local`` keeps the M'-ran
 then on; ``partial`` follows the M'-rank exchange chain; ``importance`` keeps every loss it
 observed, which is per sample). Mid-epoch, the samples no rank had trained yet in that epoch are
 dealt out over the M' ranks (step by step, as the M ranks would have met them, then round-robin),
-so the epoch still sees every sample exactly once; every rank gets the same count (padded with
-repeats of its own share, or truncated with ``drop_last``).
+so each is trained once, and every rank gets the same count: up to M' - 1 repeats of a rank's own
+share pad it (or, with ``drop_last``, up to M' - 1 are dropped), as DistributedSampler does.
 """
 
 from __future__ import annotations

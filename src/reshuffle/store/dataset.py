@@ -11,7 +11,7 @@ committed state (another epoch was committed since the worker started).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,16 @@ class _StoreReader:
             if not store.refresh():  # a worker started before the last commit rereads it once
                 raise
             return store.sample(sample_id)
+
+    def _many(self, sample_ids: np.ndarray) -> Iterator[bytes]:
+        """A batch's bytes, its disk reads announced together (see :meth:`RankStore.read_many`)."""
+        store = self._opened()
+        try:
+            return store.read_many(sample_ids)
+        except KeyError:
+            if not store.refresh():
+                raise
+            return store.read_many(sample_ids)
 
     def __len__(self) -> int:
         return len(self.store) if self.store is not None else 0
@@ -86,10 +96,9 @@ class StoreDataset(_StoreReader, KeyedAugmentation, Dataset):
             raw, labels = gathered
             batch = self.augment_batch(self.transform, self.decode.batch(raw), ids)
             return CollatedBatch(batch, torch.from_numpy(labels), torch.from_numpy(ids))
-        images, labels = [], np.empty(len(ids), dtype=np.int64)
-        for position, sample_id in enumerate(ids.tolist()):
-            raw, labels[position] = self._sample(sample_id)
-            images.append(self.decode(raw).numpy())
+        raws = self._many(ids)
+        labels = store.reader.labels[store.position(ids)]
+        images = [self.decode(raw).numpy() for raw in raws]
         batch = self.augment_batch(self.transform, np.stack(images), ids)
         return CollatedBatch(batch, torch.from_numpy(labels), torch.from_numpy(ids))
 
@@ -103,3 +112,7 @@ class StoreItems(_StoreReader, Dataset):
 
     def __getitem__(self, sample_id: int) -> Any:
         return self.decode(self._sample(int(sample_id))[0])
+
+    def __getitems__(self, sample_ids: Sequence[int]) -> list[Any]:
+        """A whole batch (what a DataLoader asks for): the reads of its samples overlap."""
+        return [self.decode(raw) for raw in self._many(np.asarray(sample_ids, dtype=np.int64))]

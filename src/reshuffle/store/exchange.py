@@ -33,11 +33,11 @@ import torch.distributed as dist
 from numpy.typing import NDArray
 
 from reshuffle.plan import EpochPlan, ShufflePlanner
+from reshuffle.store.background import Background
 from reshuffle.store.collectives import gather_ints
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
 from reshuffle.store.transfer import MIN_PEER_CHUNK, Rounds, exchange_streams
-from reshuffle.store.upkeep import Background
 from reshuffle.store.wire import ExchangeError, OutgoingStream, PeerError, describe_failure
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from reshuffle.store import format as fmt
+from reshuffle.store.background import Background
 from reshuffle.store.checksum import checksum
 
 MAX_PACK_BYTES = 256 << 20  # a pack rolls over beyond this, so compaction rewrites bounded files
@@ -38,6 +40,7 @@ class PackWriter:
         self._reserved = False  # the open pack came from it (its tail is cut at the end)
         self._records: list[tuple[int, int, int, int, int, int]] = []
         self.sequences: list[int] = []
+        self._syncing: list[Background] = []  # fsyncs of full packs, running
 
     def append(self, sample_id: int, label: int, payload: bytes | memoryview, crc: int | None = None) -> None:
         """Write one sample; ``crc``: its checksum in this store's kind, when the caller has it."""
@@ -55,7 +58,7 @@ class PackWriter:
             os.fdatasync(self._handle.fileno())
 
     def _roll(self) -> None:
-        self._finish_file()
+        self._finish_file(wait=False)
         if self._handle is not None or self.sequences:
             self._sequence += 1
         path = self.directory / fmt.pack_name(self._sequence)
@@ -70,18 +73,28 @@ class PackWriter:
         self.sequences.append(self._sequence)
         self._written = 0
 
-    def _finish_file(self) -> None:
+    def _finish_file(self, wait: bool = True) -> None:
+        """Flush the open pack and fsync it: a full pack in the background (the disk writes it
+        back while the next one fills), the last one before :meth:`close` returns."""
         if self._handle is not None:
-            self._handle.flush()
+            handle, self._handle = self._handle, None
+            handle.flush()
             if self._reserved:
-                self._handle.truncate(self._written)  # the reserved blocks not used
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-            self._handle = None
+                handle.truncate(self._written)  # the reserved blocks not used
+            syncing = Background(lambda: _fsync_and_close(handle))
+            self._syncing.append(syncing)
+            if wait:
+                self._join_syncs()
+
+    def _join_syncs(self) -> None:
+        syncing, self._syncing = self._syncing, []
+        for each in syncing:
+            each.join()  # raises a failed fsync's error (a full disk), after all have ended
 
     def close(self) -> np.ndarray:
         """Fsync everything written; the records, in the order appended."""
         self._finish_file()
+        self._join_syncs()
         if self.sequences:
             fmt.fsync_dir(self.directory)
         return np.array(self._records, dtype=fmt.RECORD)  # tuples are in RECORD's field order
@@ -91,5 +104,14 @@ class PackWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        with contextlib.suppress(OSError):
+            self._join_syncs()
         for sequence in self.sequences:
             (self.directory / fmt.pack_name(sequence)).unlink(missing_ok=True)
+
+
+def _fsync_and_close(handle: Any) -> None:
+    try:
+        os.fsync(handle.fileno())
+    finally:
+        handle.close()

@@ -8,16 +8,19 @@ no manifest, so the next attempt starts that rank over.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from numpy.typing import NDArray
 
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
-from reshuffle.store.checksum import DEFAULT
+from reshuffle.store.checksum import DEFAULT, checksum
 from reshuffle.store.meta import StoreMeta, read_meta
 from reshuffle.store.packs import MAX_PACK_BYTES
 from reshuffle.store.rank_store import RankStore
@@ -98,12 +101,7 @@ def stage(
     store.remove_unreferenced()  # a previous staging that died half-way
     started = time.perf_counter()
     ids = planner.plan(epoch).holdings(rank)
-    stage_records(
-        store,
-        epoch,
-        ((int(i), int(source.targets[i]), source.raw(int(i))) for i in ids),
-        max_pack_bytes,
-    )
+    stage_records(store, epoch, read_source(source, ids, store.meta.checksum), max_pack_bytes)
     size = int(store.records["length"].sum())
     return store, (
         f"rank {rank}: staged {len(store)} samples ({size / 2**20:.1f} MiB) for epoch {epoch} "
@@ -138,14 +136,85 @@ def check_labels(store: RankStore, labels: np.ndarray) -> None:
         )
 
 
+# Staging reads the source through this many DataLoader workers once a rank stages at least
+# READ_IN_WORKERS_FROM samples: the source's reads (small files, decoding a user's item) overlap
+# each other and the pack writes. bench/scale.py (40,000 JPEG files, cold, 2 cores): 174 MB/s
+# read in the main process, 517 with 4 workers, 574 with 8 (they mostly wait on the disk).
+# Processes, not threads: a user's dataset need not be thread-safe, and DataLoader workers are
+# what it is written for.
+STAGE_WORKERS = 8
+STAGE_BATCH = 64
+READ_IN_WORKERS_FROM = 4096
+
+
+def read_source(
+    source: SampleSource, ids: NDArray[np.int64], checksum_name: str
+) -> Iterator[tuple[int, int, bytes | memoryview, int | None]]:
+    """``(id, label, stored bytes, checksum or None)`` of ``ids``, in order; read (and
+    checksummed) in DataLoader workers when there are many."""
+    if ids.size < READ_IN_WORKERS_FROM:
+        for i in ids.tolist():
+            yield i, int(source.targets[i]), source.raw(i), None
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _Raw(source, checksum_name), sampler=ids.tolist(), batch_size=STAGE_BATCH, num_workers=STAGE_WORKERS,
+        prefetch_factor=4, collate_fn=_packed,
+    )  # fmt: skip
+    with warnings.catch_warnings():  # more workers than cores on purpose: they wait on the disk
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        batches = iter(loader)
+    position = 0
+    for payload, lengths, checksums in batches:
+        data, start = memoryview(payload.numpy()), 0
+        for length, crc in zip(lengths.tolist(), checksums.tolist(), strict=True):
+            i = int(ids[position])
+            yield i, int(source.targets[i]), data[start : start + length], crc
+            start += length
+            position += 1
+
+
+class _Raw:
+    """A source's stored bytes as a map-style dataset (what staging's DataLoader workers read)."""
+
+    def __init__(self, source: SampleSource, checksum_name: str) -> None:
+        self.source = source
+        self.checksum_name = checksum_name
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[bytes, int]:
+        raw = self.source.raw(int(index))
+        return raw, checksum(self.checksum_name)(raw)
+
+
+def _packed(items: list[tuple[bytes, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of samples as one uint8 tensor and their lengths: a tensor reaches the main
+    process through shared memory (bytes would go through a pipe, and a tensor per sample would
+    pay a shared-memory segment each)."""
+    buffer = bytearray(sum(len(raw) for raw, _ in items))
+    view, start = memoryview(buffer), 0
+    for raw, _ in items:
+        view[start : start + len(raw)] = raw
+        start += len(raw)
+    payload = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
+    lengths = torch.tensor([len(raw) for raw, _ in items], dtype=torch.int64)
+    return payload, lengths, torch.tensor([crc for _, crc in items], dtype=torch.int64)
+
+
 def stage_records(
-    store: RankStore, epoch: int, samples: Iterable[tuple[int, int, bytes]], max_pack_bytes: int
+    store: RankStore,
+    epoch: int,
+    samples: Iterable[tuple[int, int, bytes | memoryview, int | None]],
+    max_pack_bytes: int,
 ) -> None:
-    """Write ``(id, label, bytes)`` samples as the store's first committed state."""
+    """Write ``(id, label, bytes, checksum or None)`` samples as the store's first committed state."""
     writer = store.pack_writer(max_pack_bytes)
     try:
-        for sample_id, label, payload in samples:
-            writer.append(sample_id, label, payload)
+        for sample_id, label, payload, crc in samples:
+            writer.append(sample_id, label, payload, crc)
         records = writer.close()
     except BaseException as error:
         writer.abort()  # a full disk is not left full by this rank's partial pack

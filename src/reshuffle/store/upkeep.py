@@ -3,7 +3,6 @@ holes where samples left (see :mod:`reshuffle.store.space` for the file-system c
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,25 +58,3 @@ def punch_dead_ranges(pack_dir: Path, records: np.ndarray, packs: set[int] | Non
         punch_holes(path, ranges, root=root)
         punched += sum(stop - start for start, stop in ranges)
     return punched
-
-
-class Background:
-    """Run a function in a thread; ``join`` returns its result or raises its error."""
-
-    def __init__(self, function: Callable[[], object]) -> None:
-        self.result: object = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, args=(function,), daemon=True)
-        self.thread.start()
-
-    def _work(self, function: Callable[[], object]) -> None:
-        try:
-            self.result = function()
-        except BaseException as error:  # handed to join()
-            self.error = error
-
-    def join(self) -> object:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.result

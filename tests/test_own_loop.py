@@ -1,0 +1,173 @@
+"""A user's own loop around ShuffledData: a state taken anywhere inside it resumes exactly, or is
+refused by name, whatever the DataLoader does ahead of the loop (workers, prefetch, persistent
+workers, no batching)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from reshuffle import ShuffledData
+from spawn import run_ranks
+
+NUM = 203
+
+
+class Numbers(Dataset):
+    """Item i: (i, label)."""
+
+    def __init__(self, num: int = NUM) -> None:
+        self.targets = [i % 5 for i in range(num)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return torch.tensor(index), self.targets[index]
+
+
+def _ids(batch) -> list[int]:
+    ids = batch[0]
+    return [int(ids)] if ids.ndim == 0 else ids.tolist()
+
+
+LOADERS = [
+    {"batch_size": 16, "num_workers": 0},
+    {"batch_size": 16, "num_workers": 2},
+    {"batch_size": 16, "num_workers": 2, "prefetch_factor": 4},
+    {"batch_size": 7, "num_workers": 2, "persistent_workers": True},
+    {"batch_size": None, "num_workers": 2},
+]
+
+
+def _data(root=None, **kwargs) -> ShuffledData:
+    options = {"strategy": "partial", "fraction": 0.25, "partition": "label-sorted", "seed": 3}
+    return ShuffledData(Numbers(), root, **options, **kwargs)
+
+
+def _stop_and_resume(make, options, stop_after, epoch=1) -> tuple[list[int], list[int], list[int]]:
+    """Train ``stop_after`` batches of ``epoch``, take the state, resume in a fresh object and
+    train the rest: (ids before, ids after, the epoch's whole order)."""
+    data = make()
+    loader = data.loader(**options)
+    data.set_epoch(epoch)
+    before = []
+    for batch in itertools.islice(loader, stop_after):
+        before += _ids(batch)
+    state = data.state_dict()
+    data.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    loader = resumed.loader(**options)
+    resumed.set_epoch(epoch)
+    after = [i for batch in loader for i in _ids(batch)]
+    order = resumed.sampler.indices().tolist()
+    resumed.close()
+    return before, after, order
+
+
+@pytest.mark.parametrize("options", LOADERS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("stop_after", [1, 3, 6])
+def test_a_state_inside_the_loop_resumes_at_the_first_batch_not_received(options, stop_after):
+    """Index mode, one process: the ids trained before the state and after the resume are the
+    epoch's order, each exactly once, whatever the loader fetched ahead (before this, a state
+    taken with workers skipped the prefetched batches)."""
+    before, after, order = _stop_and_resume(lambda: _data(rank=1, world_size=2), options, stop_after)
+    assert before + after == order
+    assert len(before) == min(len(order), stop_after * (options["batch_size"] or 1))
+
+
+def test_a_state_after_the_last_batch_resumes_at_the_next_epoch():
+    data = _data(rank=0, world_size=2)
+    loader = data.loader(batch_size=16, num_workers=2)
+    data.set_epoch(1)
+    trained = [i for batch in loader for i in _ids(batch)]
+    state = data.state_dict()
+    resumed = _data(rank=0, world_size=2)
+    resumed.load_state_dict(state)
+    assert resumed.sampler.epoch == 2 and trained == data.sampler.indices().tolist()
+    resumed.set_epoch(2)
+    assert [
+        i for batch in resumed.loader(batch_size=16) for i in _ids(batch)
+    ] == resumed.sampler.indices().tolist()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_state_a_plain_dataloader_cannot_make_exact_is_refused_with_the_fixes(workers):
+    """A plain DataLoader over data.sampler: mid-epoch, and even after its last batch (a loader
+    with workers takes the last ids while the loop is batches short of them), the state names
+    the fixes instead of guessing; before the first batch, after end_epoch(), or with position=
+    it is taken."""
+    data = _data(rank=0, world_size=2)
+    loader = DataLoader(data.dataset, batch_size=16, sampler=data.sampler, num_workers=workers)
+    data.set_epoch(0)
+    assert data.state_dict()["sampler"]["position"] == 0  # nothing fetched yet
+    iterator = iter(loader)
+    first = _ids(next(iterator))
+    with pytest.raises(ValueError, match=r"data\.loader\(.*data\.end_epoch\(\).*position="):
+        data.state_dict()
+    assert data.state_dict(position=16)["sampler"]["position"] == 16
+    rest = [i for batch in iterator for i in _ids(batch)]
+    with pytest.raises(ValueError, match="cannot tell what your loop trained"):
+        data.state_dict()
+    data.end_epoch()
+    assert first + rest == data.sampler.indices().tolist()
+    assert data.state_dict()["sampler"]["position"] == len(first + rest)
+
+
+def _store_stop_and_resume(rank, world, root, options, stop_after):
+    def make():
+        return _data(root, epochs=3)
+
+    return _stop_and_resume(make, options, stop_after, epoch=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [LOADERS[1], LOADERS[4]], ids=["batched", "unbatched"])
+def test_store_mode_resumes_exactly_mid_epoch_with_prefetching_workers(tmp_path, options):
+    """2 gloo ranks in store mode, DataLoader workers: a mid-epoch state resumes at the first batch
+    the loop did not receive, on every rank."""
+    results = run_ranks(_store_stop_and_resume, 2, str(tmp_path / "store"), options, 3, timeout=180)
+    for before, after, order in results:
+        assert before + after == order
+        assert len(before) == 3 * (options["batch_size"] or 1)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_an_elastic_mid_epoch_resume_trains_the_rest_once_padding_as_distributed_sampler(drop_last):
+    """2 ranks stop after 15 samples each of epoch 1; 3 ranks resume it. The samples not yet
+    trained are trained once; where they do not divide by 3, every rank still gets the same count:
+    (-rest) % 3 of them repeat, each on the rank that already had it (drop_last: rest % 3 are
+    dropped), as DistributedSampler pads or drops. The README says exactly this."""
+    old = [_data(rank=r, world_size=2, drop_last=drop_last) for r in range(2)]
+    trained = []
+    for data in old:
+        loader = data.loader(batch_size=5)
+        data.set_epoch(1)
+        for batch in itertools.islice(loader, 3):
+            trained += _ids(batch)
+    state = old[0].state_dict()
+    rest_expected = sorted(set(range(NUM)) - set(trained)) if not drop_last else None
+    shares = []
+    for rank in range(3):
+        data = _data(rank=rank, world_size=3, drop_last=drop_last)
+        data.load_state_dict(state)
+        data.set_epoch(1)
+        shares.append([i for batch in data.loader(batch_size=5) for i in _ids(batch)])
+    assert len({len(share) for share in shares}) == 1
+    everything = [i for share in shares for i in share]
+    assert not set(everything) & set(trained)
+    if drop_last:
+        untrained = 2 * old[0].sampler.epoch_size - len(trained)
+        assert len(everything) == untrained - untrained % 3
+    else:
+        assert sorted(set(everything)) == rest_expected
+        repeats = len(everything) - len(set(everything))
+        assert repeats == (-len(rest_expected)) % 3
+        for share in shares:
+            assert len(share) - len(set(share)) == sum(
+                everything.count(i) - 1 for i in set(share) if share.count(i) > 1
+            )
