@@ -378,3 +378,18 @@ def test_a_manifest_with_bad_fields_is_named(tmp_path):
     manifest_path.write_text("{not json")
     with pytest.raises(StoreError, match="is unreadable"):
         RankStore.open(tmp_path, 1)
+
+
+def test_a_large_staging_reads_the_source_in_workers_and_stores_it_exactly(tmp_path):
+    """A rank staging READ_IN_WORKERS_FROM samples or more reads them in DataLoader workers
+    (batches through shared memory, checksums computed there): every sample lands intact, with
+    the checksum the store's reads verify, in the plan's holdings."""
+    from reshuffle.store.stage import READ_IN_WORKERS_FROM
+
+    num = READ_IN_WORKERS_FROM + 123
+    source = load_synthetic("train", num_samples=num, shape=(1, 4, 4), sample_bytes=64)
+    planner = ShufflePlanner(num, 1, strategy="local", seed=2)
+    store, _ = stage(tmp_path, 0, source, planner)
+    assert np.array_equal(store.ids, np.arange(num))
+    assert all(store.read(int(i)) == source.raw(int(i)) for i in range(0, num, 7))  # checked reads
+    assert verify_store(tmp_path) == []

@@ -158,12 +158,12 @@ def read_source(
         return
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(
-        _Raw(source, checksum_name), sampler=ids.tolist(), batch_size=STAGE_BATCH, num_workers=STAGE_WORKERS,
-        prefetch_factor=4, collate_fn=_packed,
-    )  # fmt: skip
     with warnings.catch_warnings():  # more workers than cores on purpose: they wait on the disk
         warnings.filterwarnings("ignore", message="This DataLoader will create")
+        loader = DataLoader(
+            _Raw(source, checksum_name), sampler=ids.tolist(), batch_size=STAGE_BATCH,
+            num_workers=STAGE_WORKERS, prefetch_factor=4, collate_fn=_packed,
+        )  # fmt: skip
         batches = iter(loader)
     position = 0
     for payload, lengths, checksums in batches:
