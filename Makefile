@@ -1,11 +1,13 @@
 # make test   creates .venv if missing, installs reshuffle with its dev extras, runs lint + tests.
+# make test-fast  lint + the tests not marked slow (no spawned ranks, no training runs): about
+#                 75 s on 2 cores, for the edit-test loop; CI runs make test.
 # make demo   the main job: a short experiment (see README).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install test test-fast lint format demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +27,9 @@ format: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"
 
 # The main job: a small compare. 4 local ranks train the small BatchNorm CNN for 2 epochs on
 # label-sorted partitions (the adversarial case) under global, local and partial-0.1 shuffling,
