@@ -268,7 +268,8 @@ def test_label_partitions_read_labels_of_any_integer_form():
         (dict(partition="stratified"), "partition 'stratified' needs labels"),
         (dict(partition="stratified", labels=[0, 1]), r"one class per sample \(10\), got shape \(2,\)"),
         (dict(partition="stratified", labels=np.full(10, 0.5)), "labels must be integer class ids"),
-        (dict(seed=-1), "seed must be at least 0"),
+        (dict(seed=-(2**63) - 1), "seed must be at least"),
+        (dict(seed=2**64), "seed must fit in 64 bits"),
         (dict(seed=1.5), "seed must be an integer"),
         (dict(drop_last="yes"), "drop_last must be True or False"),
         (dict(warmup_epochs=3), r"unknown option\(s\) warmup_epochs for strategy 'global'"),
@@ -278,6 +279,25 @@ def test_bad_input_names_the_argument_and_the_fix(kwargs, message):
     arguments = {"num_samples": 10, "world_size": 2, **kwargs}
     with pytest.raises(ValueError, match=message):
         ShufflePlanner(arguments.pop("num_samples"), arguments.pop("world_size"), **arguments)
+
+
+def test_a_negative_seed_plans_as_distributed_sampler_takes_it():
+    """DistributedSampler takes any int64 seed; so do the planner and ShuffleSampler: a negative
+    seed gives its own plan, the same in every process, and every invariant holds."""
+    import torch
+    from torch.utils.data import DistributedSampler
+
+    from reshuffle import ShuffleSampler
+    from reshuffle.plan.checks import check_planner
+
+    plans = [ShufflePlanner(50, 2, strategy="partial", fraction=0.3, seed=seed) for seed in (-1, -1, 1)]
+    assert np.array_equal(plans[0].plan(2).indices(0), plans[1].plan(2).indices(0))
+    assert not np.array_equal(plans[0].plan(2).indices(0), plans[2].plan(2).indices(0))
+    assert check_planner(plans[0], epochs=3) == []
+    ours = ShuffleSampler(list(range(50)), num_replicas=2, rank=0, seed=-7)
+    theirs = DistributedSampler(list(range(50)), num_replicas=2, rank=0, seed=-7)
+    assert len(list(ours)) == len(list(theirs)) == 25
+    assert torch.tensor(list(ours)).unique().numel() == 25
 
 
 def test_plan_rejects_bad_epochs_and_ranks():

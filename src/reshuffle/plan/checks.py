@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from reshuffle.plan import streams
 from reshuffle.plan.planner import EpochPlan, ShufflePlanner
 
 
@@ -67,7 +68,7 @@ def check_planner(planner: ShufflePlanner, epochs: int) -> list[str]:
 def feed_losses(planner: ShufflePlanner, epoch: int) -> None:
     """Observe deterministic stand-in losses for every sample of ``epoch`` (a few hard samples
     among many easy ones, changing with the epoch)."""
-    rng = np.random.default_rng((planner.seed, epoch, 12345))
+    rng = np.random.default_rng((streams.entropy(planner.seed), epoch, 12345))
     losses = rng.exponential(1.0, planner.num_samples) ** 2
     planner.observe(epoch, np.arange(planner.num_samples, dtype=np.int64), losses)
 

@@ -104,7 +104,8 @@ class ShufflePlanner:
         partition: the initial partition: ``"random"``, ``"contiguous"``, ``"strided"``,
             ``"label-sorted"`` or ``"stratified"`` (see ``PARTITIONS``).
         labels: one integer class per sample; needed by the label partitions.
-        seed: non-negative integer; all randomness derives from it.
+        seed: any 64-bit integer (negative too, as ``DistributedSampler`` takes); all randomness
+            derives from it.
         drop_last: truncate every rank to ``floor(N/M)`` instead of padding to ``ceil(N/M)``.
         ranks_per_node: R > 1 plans at the node level (:mod:`reshuffle.plan.nodes`): the strategy
             and the initial partition apply to ``M / R`` nodes, and each node deals its samples
@@ -132,7 +133,9 @@ class ShufflePlanner:
     ) -> None:
         self.num_samples = _whole_number("num_samples", num_samples, minimum=1)
         self.world_size = _whole_number("world_size", world_size, minimum=1)
-        self.seed = _whole_number("seed", seed, minimum=0)
+        self.seed = _whole_number("seed", seed, minimum=-(1 << 63))
+        if self.seed >= 1 << 64:
+            raise ValueError(f"seed must fit in 64 bits (as DistributedSampler's), got {self.seed}")
         self.layout = Layout(self.num_samples, self.world_size)
         strategy_cls = _choose("strategy", strategy, STRATEGIES)
         partition_cls = _choose("partition", partition, PARTITIONS)

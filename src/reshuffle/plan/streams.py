@@ -22,9 +22,15 @@ class Stream(enum.IntEnum):
     DEAL = 6  # node-aware plans: how a node deals its samples among its ranks in an epoch
 
 
+def entropy(seed: int) -> int:
+    """``seed`` as numpy's entropy: any int64 (``DistributedSampler`` takes negative seeds) as an
+    unsigned 64-bit number; non-negative seeds are unchanged, so their plans are too."""
+    return int(seed) % (1 << 64)
+
+
 def key(seed: int, stream: Stream, epoch: int = 0, rank: int = 0) -> tuple[int, int, int, int]:
     """The entropy tuple of a stream; always four numbers so keys never collide by length."""
-    return (int(seed), int(stream), int(epoch), int(rank))
+    return (entropy(seed), int(stream), int(epoch), int(rank))
 
 
 def rng(seed: int, stream: Stream, epoch: int = 0, rank: int = 0) -> np.random.Generator:
