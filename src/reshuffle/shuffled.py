@@ -152,7 +152,8 @@ class ShuffledData:
         self.store_dir = Path(store_dir) if store_dir is not None else None
         self.dataset: Dataset = self._dataset(dataset, transform)
         self.session: StoreSession | None = None  # store mode's store and exchanges
-        if self.mode == "store" and self.store_dir is not None:
+        if self.mode == "store":
+            assert self.store_dir is not None  # _mode() refuses store mode without one
             identity = (
                 dict(dataset_id)
                 if isinstance(dataset_id, Mapping)
@@ -304,8 +305,8 @@ class ShuffledData:
             self.STATE_SAMPLER: sampler,
             self.STATE_ENDED: ended,
         }
-        if self.store_dir is not None and self.session is not None:  # where a resized job finds the stores
-            state[self.STATE_STORE_DIR] = str(self.store_dir.resolve())
+        if self.session is not None:  # where a resized job finds the stores
+            state[self.STATE_STORE_DIR] = str(self.session.root.resolve())
         if self.tracker is not None and not ended:
             if self.world_size > 1:
                 state[self.STATE_LOSSES] = self.tracker.summed(device=self.device)

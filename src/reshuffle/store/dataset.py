@@ -12,7 +12,7 @@ committed state (another epoch was committed since the worker started).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from torch.utils.data import Dataset
 from reshuffle.data.dataset import CollatedBatch, KeyedAugmentation
 from reshuffle.data.transforms import Transform
 from reshuffle.store.rank_store import RankStore
+
+T = TypeVar("T")
 
 
 class _StoreReader:
@@ -36,24 +38,23 @@ class _StoreReader:
             )
         return self.store
 
-    def _sample(self, sample_id: int) -> tuple[bytes | memoryview, int]:
+    def _held(self, read: Callable[[RankStore], T]) -> T:
+        """``read(store)``; a worker started before the last commit that finds an id its copy of
+        the store does not hold rereads the committed state once and tries again."""
         store = self._opened()
         try:
-            return store.sample(sample_id)
-        except KeyError:
-            if not store.refresh():  # a worker started before the last commit rereads it once
-                raise
-            return store.sample(sample_id)
-
-    def _many(self, sample_ids: np.ndarray) -> Iterator[bytes]:
-        """A batch's bytes, its disk reads announced together (see :meth:`RankStore.read_many`)."""
-        store = self._opened()
-        try:
-            return store.read_many(sample_ids)
+            return read(store)
         except KeyError:
             if not store.refresh():
                 raise
-            return store.read_many(sample_ids)
+            return read(store)
+
+    def _sample(self, sample_id: int) -> tuple[bytes | memoryview, int]:
+        return self._held(lambda store: store.sample(sample_id))
+
+    def _many(self, sample_ids: np.ndarray) -> Iterator[bytes]:
+        """A batch's bytes, its disk reads announced together (see :meth:`RankStore.read_many`)."""
+        return self._held(lambda store: store.read_many(sample_ids))
 
     def __len__(self) -> int:
         return len(self.store) if self.store is not None else 0
@@ -85,18 +86,13 @@ class StoreDataset(_StoreReader, KeyedAugmentation, Dataset):
     def __getitems__(self, sample_ids: Sequence[int]) -> CollatedBatch:
         """A whole batch in one call (see :class:`~reshuffle.data.dataset.CollatedBatch`)."""
         ids = np.asarray(sample_ids, dtype=np.int64)
-        store = self._opened()
-        try:
-            gathered = store.samples(ids) if hasattr(self.decode, "batch") else None
-        except KeyError:
-            if not store.refresh():
-                raise
-            gathered = store.samples(ids)
+        gathered = self._held(lambda store: store.samples(ids)) if hasattr(self.decode, "batch") else None
         if gathered is not None:  # equal-length samples and a decoder that takes a whole batch
             raw, labels = gathered
             batch = self.augment_batch(self.transform, self.decode.batch(raw), ids)
             return CollatedBatch(batch, torch.from_numpy(labels), torch.from_numpy(ids))
         raws = self._many(ids)
+        store = self._opened()  # refreshed by _many if it had to be
         labels = store.reader.labels[store.position(ids)]
         images = [self.decode(raw).numpy() for raw in raws]
         batch = self.augment_batch(self.transform, np.stack(images), ids)

@@ -11,7 +11,7 @@ import numpy as np
 
 from reshuffle.store import format as fmt
 from reshuffle.store.background import Background
-from reshuffle.store.checksum import checksum
+from reshuffle.store.checksum import DEFAULT, checksum
 
 MAX_PACK_BYTES = 256 << 20  # a pack rolls over beyond this, so compaction rewrites bounded files
 
@@ -26,7 +26,7 @@ class PackWriter:
         max_bytes: int = MAX_PACK_BYTES,
         reserve: Path | None = None,
         root: Path | None = None,
-        checksum_name: str = "crc32c",
+        checksum_name: str = DEFAULT,
     ) -> None:
         self.directory = directory
         self.checksum_name = checksum_name  # the store's (StoreMeta.checksum)

@@ -3,10 +3,11 @@
 A store exists because the data does not fit the page cache, so a read fetches exactly the
 sample's bytes: a positional read (``os.pread``) on a descriptor advised ``POSIX_FADV_RANDOM``, so
 the kernel reads no neighbours that would be evicted before use (a memory map of the pack faults
-in up to ``read_ahead_kb`` around each random read). Neighbours that a batch does read are
-coalesced into one read. Samples smaller than ``MAPPED_BELOW`` are gathered through a read-only
-memory map advised ``MADV_RANDOM`` (a page is the least any read fetches, and one vectorised copy
-gathers a whole batch).
+in up to ``read_ahead_kb`` around each random read). A batch's reads are announced to the kernel
+together (``POSIX_FADV_WILLNEED``) so the disk serves them side by side, and neighbours in a
+batch are coalesced into one read. Batches of equal-length samples smaller than ``MAPPED_BELOW``
+are gathered through a read-only memory map advised ``MADV_RANDOM`` instead (a page is the least
+any read fetches, and one vectorised copy gathers the whole batch).
 
 Every read checks that the sample lies inside its pack and that its bytes match the checksum the
 index recorded when they were written (:mod:`reshuffle.store.checksum`), in the process that reads
@@ -32,8 +33,9 @@ from numpy.typing import NDArray
 from reshuffle.store import format as fmt
 from reshuffle.store.checksum import LEGACY, checksum
 
-# Samples below this many bytes are gathered from a memory map (a page holds several of them);
-# larger ones are read with pread. Chosen by measurement (bench/exchange.py, docs/benchmarks.md).
+# Equal-length batches of samples below this many bytes are gathered from a memory map (a page
+# holds several of them); larger ones are read with pread. Set between the two sizes measured
+# (784 B and 110 KB, bench/exchange.py and bench/scale.py), not tuned in between.
 MAPPED_BELOW = 16 << 10
 
 

@@ -80,8 +80,7 @@ class StoreSession:
     def open(self, epoch: int) -> None:
         """Stage (or reopen, or resize into) this rank's store, then agree with every rank on
         where the stores are and bring them to ``epoch`` (collective)."""
-        if self.running:
-            self.exchanger.wait()  # type: ignore[union-attr]  # a state was loaded mid-job; recovery decides
+        self.abandon()  # a state was loaded mid-job: recovery decides the fate of an exchange in flight
         if self.store is None:
             if not (dist.is_available() and dist.is_initialized()):
                 raise RuntimeError(

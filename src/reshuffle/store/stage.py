@@ -138,10 +138,9 @@ def check_labels(store: RankStore, labels: np.ndarray) -> None:
 
 # Staging reads the source through this many DataLoader workers once a rank stages at least
 # READ_IN_WORKERS_FROM samples: the source's reads (small files, decoding a user's item) overlap
-# each other and the pack writes. bench/scale.py (40,000 JPEG files, cold, 2 cores): 174 MB/s
-# read in the main process, 517 with 4 workers, 574 with 8 (they mostly wait on the disk).
-# Processes, not threads: a user's dataset need not be thread-safe, and DataLoader workers are
-# what it is written for.
+# each other and the pack writes; more workers than cores, since they mostly wait on the disk
+# (docs/benchmarks.md, "Reading the scale table"). Processes, not threads: a user's dataset need
+# not be thread-safe, and DataLoader workers are what it is written for.
 STAGE_WORKERS = 8
 STAGE_BATCH = 64
 READ_IN_WORKERS_FROM = 4096
@@ -180,14 +179,14 @@ class _Raw:
 
     def __init__(self, source: SampleSource, checksum_name: str) -> None:
         self.source = source
-        self.checksum_name = checksum_name
+        self.checksum = checksum(checksum_name)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[bytes, int]:
         raw = self.source.raw(int(index))
-        return raw, checksum(self.checksum_name)(raw)
+        return raw, self.checksum(raw)
 
 
 def _packed(items: list[tuple[bytes, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
