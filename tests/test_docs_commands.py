@@ -1,8 +1,9 @@
-"""Every ``reshuffle ...`` command the docs show runs as written (issue 19): the README's code
-blocks, the ``Try:`` lines of ``configs/*.yaml`` and each command's ``--help`` examples, in that
-order, in one scratch directory (so a later command finds what an earlier one wrote). Commands
-that train are shrunk (one epoch, a slice of the data, at most 2 local ranks, 1 seed); nothing
-else about them changes, and any non-zero exit fails the test with the command and its output."""
+"""Every ``reshuffle ...`` command the docs show runs as written (issue 19): the code blocks of
+the README and of every page under docs/, the ``Try:`` lines of ``configs/*.yaml`` and each
+command's ``--help`` examples, in that order, in one scratch directory (so a later command finds
+what an earlier one wrote; a command shown twice runs once). Commands that train are shrunk (one
+epoch, a slice of the data, at most 2 local ranks, 1 seed); nothing else about them changes, and
+any non-zero exit fails the test with the command and its output."""
 
 from __future__ import annotations
 
@@ -29,10 +30,16 @@ def _commands_in(text: str) -> list[str]:
     return found
 
 
+def doc_pages() -> list[Path]:
+    """The README, then the pages under docs/ (a page's commands run in its order)."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def documented_commands() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    blocks = "\n".join(body for _, body in re.findall(r"```(bash|console)\n(.*?)```", readme, re.S))
-    commands = _commands_in(blocks)
+    commands = []
+    for page in doc_pages():
+        blocks = re.findall(r"```(bash|console)\n(.*?)```", page.read_text(), re.S)
+        commands += [c for c in _commands_in("\n".join(body for _, body in blocks)) if c not in commands]
     for config in sorted((ROOT / "configs").glob("*.yaml")):
         commands += _commands_in(
             "\n".join(line for line in config.read_text().splitlines() if "Try:" in line)

@@ -52,14 +52,27 @@ def reference_orders(tmp_path_factory, fashion_mnist) -> dict[int, dict[int, str
 LIMIT = 1500
 
 
-@pytest.mark.parametrize("example", ["ddp_store.py", "accelerate_store.py"])
+def _python(script: Path, *arguments: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """As Lightning's users start it: one process, which starts the other ranks itself."""
+    return subprocess.run(
+        [sys.executable, str(script), *arguments], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+LAUNCH = {"ddp_store.py": _torchrun, "accelerate_store.py": _torchrun, "lightning_store.py": _python}
+
+
+@pytest.mark.parametrize("example", sorted(LAUNCH))
 def test_example_trains_the_ids_reshuffle_run_trains_and_resumes(
     example, tmp_path, fashion_mnist, reference_orders
 ):
     """Each example (2 gloo ranks, store mode) trains every rank on exactly the ids, in the order,
     that ``reshuffle run`` trains on for the same data, seed, strategy and partition; run again
-    with more epochs it resumes from its checkpoint; the stores verify. The example prints from
-    one process only, which shows its framework saw one job of 2 ranks (not 2 jobs of 1)."""
+    with more epochs it resumes from its checkpoint (Lightning's: the DataModule's state in
+    last.ckpt); the stores verify. The example prints from one process only, which shows its
+    framework saw one job of 2 ranks (not 2 jobs of 1)."""
+    launch = LAUNCH[example]
     store, ids = tmp_path / "example" / "store", tmp_path / "example" / "ids"
     common = [
         "--data",
@@ -71,11 +84,11 @@ def test_example_trains_the_ids_reshuffle_run_trains_and_resumes(
         "--ids-out",
         str(ids),
     ]
-    first = _torchrun(ROOT / "examples" / example, *common, "--epochs", "2")
+    first = launch(ROOT / "examples" / example, *common, "--epochs", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert [line.split(":")[0] for line in first.stdout.splitlines()] == ["epoch 0", "epoch 1"], first.stdout
     trained = {rank: torch.load(f"{ids}.rank{rank}") for rank in (0, 1)}
-    second = _torchrun(ROOT / "examples" / example, *common, "--epochs", "3")  # resumes at epoch 2
+    second = launch(ROOT / "examples" / example, *common, "--epochs", "3")  # resumes at epoch 2
     assert second.returncode == 0, second.stderr[-3000:]
     for rank in (0, 1):
         resumed = torch.load(f"{ids}.rank{rank}")
@@ -83,6 +96,29 @@ def test_example_trains_the_ids_reshuffle_run_trains_and_resumes(
         trained[rank].update(resumed)
         assert sorted(trained[rank]) == [0, 1, 2]
         for epoch, order in trained[rank].items():
+            assert f"{order_hash(order):013x}" == reference_orders[rank][epoch], (rank, epoch)
+    assert verify_store(store) == []
+
+
+def test_stateful_dataloader_example_stopped_mid_epoch_resumes_at_the_next_batch(
+    tmp_path, fashion_mnist, reference_orders
+):
+    """examples/stateful_store.py (2 gloo ranks, StatefulDataLoader with 2 workers, store mode)
+    stopped after 18 steps (batch 7 of epoch 1) and started again: the two runs together train
+    every rank on exactly the ids, in the order, ``reshuffle run`` trains on; nothing of epoch 1
+    is repeated or skipped; the stores verify."""
+    store, ids = tmp_path / "example" / "store", tmp_path / "example" / "ids"
+    common = ["--data", str(fashion_mnist), "--store", str(store), "--limit", str(LIMIT), "--epochs", "3"]
+    first = _torchrun(ROOT / "examples" / "stateful_store.py", *common, "--stop-after", "18",
+                      "--ids-out", f"{ids}-first")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _torchrun(ROOT / "examples" / "stateful_store.py", *common, "--ids-out", f"{ids}-second")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for rank in (0, 1):
+        before, after = torch.load(f"{ids}-first.rank{rank}"), torch.load(f"{ids}-second.rank{rank}")
+        assert sorted(before) == [0, 1] and sorted(after) == [1, 2] and len(before[1]) == 6 * 64
+        trained = {0: before[0], 1: before[1] + after[1], 2: after[2]}
+        for epoch, order in trained.items():
             assert f"{order_hash(order):013x}" == reference_orders[rank][epoch], (rank, epoch)
     assert verify_store(store) == []
 

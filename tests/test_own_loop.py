@@ -80,19 +80,90 @@ def test_a_state_inside_the_loop_resumes_at_the_first_batch_not_received(options
     assert len(before) == min(len(order), stop_after * (options["batch_size"] or 1))
 
 
-def test_a_state_after_the_last_batch_resumes_at_the_next_epoch():
+@pytest.mark.parametrize("restart", ["set_epoch(saved)", "set_epoch(saved + 1)"])
+def test_a_state_after_the_last_batch_neither_repeats_nor_skips_an_epoch(restart):
+    """A state taken after the epoch's last batch stays in that epoch, finished: a loop restarted
+    at the saved epoch trains nothing more of it, then the next epoch whole; one restarted at
+    the next epoch trains it whole (before, the load moved on by itself, and the natural loop
+    trained epoch 2's order in epoch 1's slot and then again)."""
     data = _data(rank=0, world_size=2)
     loader = data.loader(batch_size=16, num_workers=2)
-    data.set_epoch(1)
-    trained = [i for batch in loader for i in _ids(batch)]
-    state = data.state_dict()
+    expected = []
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        expected.append([i for batch in loader for i in _ids(batch)])
+    state_at_1 = _state_after_epoch(1)
     resumed = _data(rank=0, world_size=2)
-    resumed.load_state_dict(state)
-    assert resumed.sampler.epoch == 2 and trained == data.sampler.indices().tolist()
-    resumed.set_epoch(2)
-    assert [
-        i for batch in resumed.loader(batch_size=16) for i in _ids(batch)
-    ] == resumed.sampler.indices().tolist()
+    resumed.load_state_dict(state_at_1)
+    loader = resumed.loader(batch_size=16, num_workers=2)
+    first = 1 if restart == "set_epoch(saved)" else 2
+    trained = {}
+    for epoch in range(first, 3):
+        resumed.set_epoch(epoch)
+        trained[epoch] = [i for batch in loader for i in _ids(batch)]
+    assert trained.pop(1, []) == [] and trained == {2: expected[2]}
+
+
+def _state_after_epoch(epoch: int):
+    data = _data(rank=0, world_size=2)
+    loader = data.loader(batch_size=16, num_workers=2)
+    for current in range(epoch + 1):
+        data.set_epoch(current)
+        for _ in loader:
+            pass
+    return data.state_dict()
+
+
+def _stateful_run(epochs, workers, snapshot, stop=None, state=None, restart_order="load, set_epoch"):
+    """A StatefulDataLoader loop over ShuffledData's dataset and sampler; ``stop=(epoch, batch)``
+    takes the loader's state right after that batch (an end-of-epoch state when it is the last)
+    and stops. Returns the ids per epoch and the state."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    data = _data(rank=1, world_size=2)
+    options = {"snapshot_every_n_steps": snapshot} if workers else {}
+    loader = StatefulDataLoader(
+        data.dataset, batch_size=16, sampler=data.sampler, num_workers=workers, **options
+    )
+    first, trained = 0, {}
+    if state is not None:
+        first = state["epoch"]
+        if restart_order == "load, set_epoch":
+            loader.load_state_dict(state["loader"])
+    for epoch in range(first, epochs):
+        data.set_epoch(epoch)
+        if state is not None and epoch == first and restart_order == "set_epoch, load":
+            loader.load_state_dict(state["loader"])
+        trained[epoch] = []
+        for index, batch in enumerate(loader):
+            trained[epoch] += _ids(batch)
+            if stop == (epoch, index):
+                return trained, {"epoch": epoch, "loader": loader.state_dict()}
+        if stop == (epoch, "after the loop"):
+            return trained, {"epoch": epoch, "loader": loader.state_dict()}
+    return trained, None
+
+
+@pytest.mark.parametrize("snapshot", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("restart_order", ["load, set_epoch", "set_epoch, load"])
+@pytest.mark.parametrize("where", ["mid-epoch", "last batch", "after the loop"])
+def test_stateful_dataloader_states_neither_repeat_nor_skip_an_epoch(snapshot, workers, restart_order, where):
+    """torchdata's StatefulDataLoader around ShuffledData's dataset and sampler: a step state taken
+    mid-epoch, right after an epoch's last batch or after its loop, resumed by the natural loop from the saved
+    epoch (the loader's state loaded before or after set_epoch), trains exactly what an
+    uninterrupted run trains, with no warning (snapshot intervals 1, 2 and 3)."""
+    import warnings
+
+    reference, _ = _stateful_run(3, workers, snapshot)
+    batches = -(-len(reference[1]) // 16)
+    stop = (1, {"mid-epoch": 3, "last batch": batches - 1}.get(where, where))
+    before, state = _stateful_run(3, workers, snapshot, stop=stop)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ShuffleSampler.*")
+        after, _ = _stateful_run(3, workers, snapshot, state=state, restart_order=restart_order)
+    assert before[1] + after.pop(1) == reference[1]
+    assert {0: before[0], **after} == {0: reference[0], 2: reference[2]}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -136,12 +207,44 @@ def test_store_mode_resumes_exactly_mid_epoch_with_prefetching_workers(tmp_path,
         assert len(before) == 3 * (options["batch_size"] or 1)
 
 
+def _store_end_of_epoch_restart(rank, world, root, first):
+    data = _data(root, epochs=4)
+    loader = data.loader(batch_size=16, num_workers=2)
+    for epoch in range(2):
+        data.set_epoch(epoch)
+        for _ in loader:
+            pass
+    state = data.state_dict()
+    data.close()
+    resumed = _data(root, epochs=4)
+    resumed.load_state_dict(state)
+    loader = resumed.loader(batch_size=16, num_workers=2)
+    trained, expected = {}, {}
+    for epoch in range(first, 4):
+        resumed.set_epoch(epoch)
+        trained[epoch] = [i for batch in loader for i in _ids(batch)]
+        expected[epoch] = resumed.planner.plan(epoch).indices(rank).tolist() if epoch > 1 else []
+    resumed.close()
+    return trained, expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", [1, 2], ids=["set_epoch(saved)", "set_epoch(saved + 1)"])
+def test_store_mode_state_at_an_epochs_end_neither_repeats_nor_skips_an_epoch(tmp_path, first):
+    """2 gloo ranks in store mode: a state taken after epoch 1's last batch, resumed from the saved
+    epoch or the next, trains nothing more of epoch 1 and then epochs 2 and 3 as planned (the
+    stores commit the exchange in between)."""
+    for trained, expected in run_ranks(_store_end_of_epoch_restart, 2, str(tmp_path / "store"), first,
+                                       timeout=180):  # fmt: skip
+        assert trained == expected
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_an_elastic_mid_epoch_resume_trains_the_rest_once_padding_as_distributed_sampler(drop_last):
     """2 ranks stop after 15 samples each of epoch 1; 3 ranks resume it. The samples not yet
     trained are trained once; where they do not divide by 3, every rank still gets the same count:
     (-rest) % 3 of them repeat, each on the rank that already had it (drop_last: rest % 3 are
-    dropped), as DistributedSampler pads or drops. The README says exactly this."""
+    dropped), as DistributedSampler pads or drops. docs/sampler.md says exactly this."""
     old = [_data(rank=r, world_size=2, drop_last=drop_last) for r in range(2)]
     trained = []
     for data in old:

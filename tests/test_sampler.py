@@ -81,13 +81,16 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_order(stop_after):
     restored = ShuffleSampler(dataset, 4, 1, **kwargs)
     restored.load_state_dict(state)
     restored.set_epoch(2)  # the usual loop calls set_epoch again; the position must survive
-    assert len(restored) == 26 - stop_after
+    # len is the epoch's share, as DistributedSampler's; remaining, what the resumed pass yields
+    assert restored.remaining == 26 - stop_after and len(restored) == 26
     assert consumed + list(restored) == list(sampler.planner.plan(2).indices(1))
 
 
-def test_a_state_saved_at_the_end_of_an_epoch_resumes_at_the_next_one():
-    """The saved epoch was finished: the load moves on to the next epoch (whole), and an epoch set
-    before the load (StatefulDataLoader loads lazily, at iter()) is not overridden by it."""
+def test_a_state_saved_at_the_end_of_an_epoch_stays_finished_until_the_next_set_epoch():
+    """The saved epoch was finished: loaded, it stays that epoch and yields nothing more (as
+    torchdata's StatefulDistributedSampler), so both natural resumes, set_epoch(saved) or
+    set_epoch(saved + 1), neither repeat nor skip an epoch; an epoch set before the load
+    (StatefulDataLoader loads lazily, at iter()) is not overridden by it when it is later."""
     dataset = LabelledDataset(103)
     sampler = ShuffleSampler(dataset, 4, 1, strategy="partial", fraction=0.3, seed=5)
     sampler.set_epoch(2)
@@ -95,11 +98,21 @@ def test_a_state_saved_at_the_end_of_an_epoch_resumes_at_the_next_one():
     state = sampler.state_dict()
     loaded = ShuffleSampler(dataset, 4, 1, strategy="partial", fraction=0.3, seed=5)
     loaded.load_state_dict(state)
-    assert loaded.epoch == 3 and list(loaded) == list(sampler.planner.plan(3).indices(1))
+    assert loaded.epoch == 2 and loaded.remaining == 0 and len(loaded) == 26 and list(loaded) == []
+    loaded.set_epoch(3)
+    assert list(loaded) == list(sampler.planner.plan(3).indices(1))
+    again = ShuffleSampler(dataset, 4, 1, strategy="partial", fraction=0.3, seed=5)
+    again.load_state_dict(state)
+    again.set_epoch(2)  # the loop restarts at the saved epoch: nothing of it is left
+    assert list(again) == []
     lazily = ShuffleSampler(dataset, 4, 1, strategy="partial", fraction=0.3, seed=5)
     lazily.set_epoch(5)
     lazily.load_state_dict(state)
     assert lazily.epoch == 5 and list(lazily) == list(sampler.planner.plan(5).indices(1))
+    same = ShuffleSampler(dataset, 4, 1, strategy="partial", fraction=0.3, seed=5)
+    same.set_epoch(2)
+    same.load_state_dict(state)
+    assert list(same) == []
 
 
 def test_state_counts_what_was_yielded_and_resets_with_the_epoch():

@@ -145,6 +145,7 @@ class ShuffleSampler(Sampler[int]):
         self._resume_at = 0  # where the next iteration starts (set by load_state_dict)
         self._position = 0  # ids of the current epoch yielded so far
         self._finished = False  # a pass ran to its end since the last set_epoch (or load)
+        self._loaded = False  # the epoch came from load_state_dict: its rest is yielded once
         self._resized: dict[str, Any] | None = None  # see reshuffle.plan.resize
         self._dealt: NDArray[np.int64] | None = None
         self._warned = False
@@ -164,7 +165,7 @@ class ShuffleSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration yields; call it before every epoch."""
         if epoch != self.epoch:
-            self._resume_at = 0  # a loaded position belongs to the loaded epoch only
+            self._resume_at, self._loaded = 0, False  # a loaded position belongs to the loaded epoch only
         self.epoch = epoch
         self._position = self._resume_at
         self._finished = False
@@ -184,9 +185,16 @@ class ShuffleSampler(Sampler[int]):
         """Ids of the current epoch, resumed prefix included."""
         return self._epoch_size(self.epoch)
 
-    def __len__(self) -> int:
-        """Number of ids the next iteration yields: the rank's share, minus a resumed prefix."""
+    @property
+    def remaining(self) -> int:
+        """Ids the next iteration yields: the epoch's share minus a resumed prefix."""
         return self._epoch_size(self.epoch) - self._resume_at
+
+    def __len__(self) -> int:
+        """The rank's share of the epoch, as DistributedSampler's ``num_samples``, also after a
+        mid-epoch load (a resumed pass yields :attr:`remaining` of it): loops that size an epoch
+        once, as Lightning's, count the whole epoch's batches."""
+        return self._epoch_size(self.epoch)
 
     def _epoch_size(self, epoch: int) -> int:
         if self._resized is not None and self._resized["epoch"] == epoch:  # the rest of a resized epoch
@@ -224,13 +232,19 @@ class ShuffleSampler(Sampler[int]):
                 stacklevel=2,
             )
             self._warned = True
-        self._finished = False
         start = self._resume_at
         self._position = start
+        size = self._epoch_size(self.epoch)
+        if start == size:  # a loaded epoch that is over stays over until set_epoch moves on
+            return
+        self._finished = False
         for index in self.indices()[start:].tolist():
             self._position += 1
             yield index
-        self._finished, self._resume_at = True, 0
+        if self._loaded:  # a loaded epoch's rest is yielded once: StatefulDataLoader, resuming from
+            self._resume_at = size  # a snapshot, runs one pass to the end and then starts another
+        else:
+            self._finished, self._resume_at = True, 0
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch, position within it, configuration and planner state (plain data).
@@ -259,7 +273,12 @@ class ShuffleSampler(Sampler[int]):
         """Resume: the next iteration yields the rest of the saved epoch, in the same order.
 
         The state may come from any rank of the same job (positions are equal on all ranks). A
-        state whose epoch was finished resumes at the next epoch. An epoch set with
+        state taken at an epoch's end stays in that epoch, finished: iterating it again yields
+        nothing and ``set_epoch(epoch + 1)`` starts the next, as torchdata's
+        ``StatefulDistributedSampler`` does (so the natural loop ``for epoch in range(saved_epoch,
+        epochs): set_epoch(epoch); ...`` neither repeats nor skips an epoch). The loaded epoch's
+        rest is yielded once: later passes over it yield nothing until :meth:`set_epoch` selects
+        another epoch (``StatefulDataLoader`` resuming from a snapshot iterates twice). An epoch set with
         :meth:`set_epoch` before the load (``StatefulDataLoader`` loads lazily, at ``iter()``)
         wins when it is later than the state's: the saved epoch is over. A state saved at another
         world size loads too (elastic resume, see :mod:`reshuffle.plan.resize`).
@@ -273,14 +292,15 @@ class ShuffleSampler(Sampler[int]):
             raise ValueError(
                 f"saved position {position} is outside this sampler's epoch of {size} ids: a corrupt state"
             )
-        if position == size:
-            saved, position = saved + 1, 0  # that epoch was finished
+        if position == size:  # finished (at this world size too): nothing of it is left
+            position = self._epoch_size(saved)
         if self.epoch > saved:
             saved, position = self.epoch, 0
         self.epoch = saved
         self._resume_at = position
         self._position = position
         self._finished = False
+        self._loaded = True
 
     def _load_plan(self, state: Mapping[str, Any], epoch: int, position: int) -> tuple[int, int]:
         """Load the planner's state (elastic when the world size differs); the saved epoch's size

@@ -48,7 +48,7 @@ class ResidentBatches:
         self.images, self.labels, self.sampler, self.batch_size = images, labels, sampler, batch_size
 
     def __len__(self) -> int:
-        return -(-len(self.sampler) // self.batch_size)
+        return -(-self.sampler.remaining // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         ids = torch.as_tensor(np.fromiter(iter(self.sampler), dtype=np.int64))  # the epoch's order, once

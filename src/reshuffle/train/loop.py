@@ -170,7 +170,7 @@ class Run:
     def first_step(self) -> int:
         """The step the selected epoch starts at: the steps its samples already trained take (after
         an elastic resume mid-epoch, the rest is dealt over this job's ranks and ends the epoch)."""
-        remaining = math.ceil(len(self.data.sampler) / self.config.train.batch_size)
+        remaining = math.ceil(self.data.sampler.remaining / self.config.train.batch_size)
         consumed = self.data.sampler.state_dict()[ShuffleSampler.STATE_POSITION]
         self._resumed_at = (self.steps_per_epoch - remaining, consumed)
         return self._resumed_at[0]
@@ -189,7 +189,8 @@ class Run:
             self.data, self.resident, cfg.batch_size, cfg.workers, cfg.pin_memory,
             step.rank_seed(self.config.seed, ctx.rank) + epoch,
         )  # fmt: skip
-        distributed.check_equal_batches(self.steps_per_epoch - first_step, len(loader), ctx.device)
+        remaining = math.ceil(self.data.sampler.remaining / cfg.batch_size)
+        distributed.check_equal_batches(self.steps_per_epoch - first_step, remaining, ctx.device)
         self.model.train()
         self.progress.start(epoch, self.steps_per_epoch, first_step)
         self.step_rows: list[dict[str, Any]] = []
