@@ -38,7 +38,7 @@ from reshuffle.store.wire import OutgoingStream, PeerError, describe_failure
 from reshuffle.train.checkpoint import Checkpoints
 from reshuffle.train.launch import root_failure
 from spawn import run_ranks
-from test_store import run_partial_epochs, staged
+from stores import run_partial_epochs, staged
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -475,33 +475,6 @@ def test_three_ranks_resume_exactly_at_an_epoch_boundary_and_mid_epoch(
 def _rows(path):
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def _count_reductions(rank, world, grad_sync):
-    from reshuffle.config import load_run_config
-    from reshuffle.train import step
-
-    config = load_run_config(CONFIGS / "smoke.yaml", [f"train.grad_sync={grad_sync}"])
-    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
-    calls = []
-
-    def hook(_, bucket):
-        calls.append(bucket.index())
-        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-    ddp.register_comm_hook(None, hook)
-    for _ in range(2):
-        with step.gradient_sync(ddp, config):
-            ddp(torch.randn(3, 4)).sum().backward()
-        ddp.zero_grad()
-    return len(calls)
-
-
-def test_explicit_gradient_sync_leaves_the_reduction_to_the_caller(tmp_path):
-    """train.grad_sync=explicit: DDP reduces nothing in backward (the loop reduces once after);
-    the forward used to run outside no_sync, so every step reduced twice."""
-    assert run_ranks(_count_reductions, 2, "explicit") == [0, 0]
-    assert run_ranks(_count_reductions, 2, "overlapped") == [2, 2]
 
 
 @pytest.mark.slow

@@ -167,3 +167,22 @@ def test_the_frontier_keeps_the_groups_nothing_beats_in_cost_and_accuracy():
     points = [(0.0, 0.50), (0.0, 0.60), (0.1, 0.55), (0.3, 0.80), (1.0, 0.79), (2.0, 0.85)]
     assert pareto(points) == [(0.0, 0.60), (0.3, 0.80), (2.0, 0.85)]
     assert pareto([]) == []
+
+
+def test_the_frontier_counts_data_sent_to_other_ranks_when_nothing_crossed_nodes(tmp_path):
+    """4 ranks on one host send nothing across nodes: the frontier's x axis is then what each
+    rank sent (before, every run sat at x = 0 on a symmetric-log axis with negative ticks)."""
+    from reshuffle.report import Group
+    from reshuffle.report.figures import frontier_basis
+
+    def group(name, planned, across):
+        run = _run(tmp_path / name, {})
+        for row in run.epochs:
+            row["bytes_across_nodes"] = across
+        run.epochs[0]["bytes_planned"] = planned
+        return Group(name, [run])
+
+    column, points = frontier_basis([group("global", 8e6, 0.0), group("local", 0.0, 0.0)])
+    assert column == "bytes_planned" and [(i, m) for i, m, _ in points] == [(0, 4.0), (1, 0.0)]
+    column, points = frontier_basis([group("global", 8e6, 2e6), group("local", 0.0, 0.0)])
+    assert column == "bytes_across_nodes" and [(i, m) for i, m, _ in points] == [(0, 1.0), (1, 0.0)]

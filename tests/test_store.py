@@ -21,32 +21,7 @@ from reshuffle.store import RankStore, StoreDataset, StoreError, stage, store_me
 from reshuffle.store.format import pack_name
 from reshuffle.store.space import allocated_bytes
 from reshuffle.store.verify import open_verified
-
-WORLD = 3
-
-
-def staged(
-    root, num=100, sample_bytes=1000, world=WORLD, strategy="partial", fraction=0.2, max_pack_bytes=None
-):
-    source = load_synthetic("train", num_samples=num, sample_bytes=sample_bytes)
-    planner = ShufflePlanner(num, world, strategy=strategy, fraction=fraction, seed=1)
-    kwargs = {} if max_pack_bytes is None else {"max_pack_bytes": max_pack_bytes}
-    stores = [stage(root, rank, source, planner, **kwargs)[0] for rank in range(world)]
-    return source, planner, stores
-
-
-def prepare_moves(stores, moves, epoch, max_pack_bytes=1 << 28):
-    """A hand-made exchange in one process: ``moves`` is ``{(src, dst): ids}``; every rank prepares
-    ``epoch`` (phase 1) and nothing is committed."""
-    for rank, store in enumerate(stores):
-        writer = store.pack_writer(max_pack_bytes)
-        for (src, dst), ids in moves.items():
-            if dst == rank:
-                for i in ids:
-                    writer.append(int(i), stores[src].label(int(i)), stores[src].read(int(i)))
-        sent = [ids for (src, _), ids in moves.items() if src == rank]
-        removed = np.concatenate(sent) if sent else np.empty(0, dtype=np.int64)
-        store.prepare(epoch, removed, writer.close(), compact_into=store.pack_writer(max_pack_bytes))
+from stores import WORLD, prepare_moves, run_partial_epochs, staged
 
 
 def test_staging_writes_each_ranks_share_and_a_second_run_is_a_no_op(tmp_path):
@@ -129,25 +104,6 @@ def test_discarding_a_prepared_state_and_its_orphans_restores_the_old_one(tmp_pa
         store.remove_unreferenced()
     assert verify_store(tmp_path) == []
     assert all(np.array_equal(s.ids, b) for s, b in zip(stores, before, strict=True))
-
-
-def run_partial_epochs(root, epochs, sample, pack, num=120):
-    """Partial (Q = 0.1) exchanges between two in-process stores: the source, and an iterator
-    that yields the stores after each commit."""
-    source, planner, stores = staged(
-        root, num=num, sample_bytes=sample, world=2, fraction=0.1, max_pack_bytes=pack
-    )
-
-    def commits():
-        for epoch in range(1, epochs + 1):
-            plan = planner.plan(epoch - 1)
-            moves = {(src, dst): ids for src in (0, 1) for dst, ids in plan.sends(src).items()}
-            prepare_moves(stores, moves, epoch, max_pack_bytes=pack)
-            for store in stores:
-                store.commit()
-            yield stores
-
-    return source, commits()
 
 
 def test_dead_bytes_are_punched_where_the_file_system_can(tmp_path):

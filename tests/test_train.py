@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from reshuffle import memory
 from reshuffle.config import ConfigError, dataset_entry, load_run_config, load_system_config
 from reshuffle.data.source import DataNotFoundError
 from reshuffle.train.checkpoint import Checkpoints
 from reshuffle.train.loop import train
+from spawn import run_ranks
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = [
@@ -91,38 +93,206 @@ def test_a_run_writes_config_env_metrics_logs_and_checkpoints(tmp_path):
     assert summary["final"]["exchange_s"] is None
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        ["train.mixup_alpha=0.4"],
-        ["train.amp=bf16"],
-        ["train.channels_last=true"],
+class Spy:
+    """What the trainer called while a run trained in this process."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import reshuffle.train.loop as loop_module
+        from reshuffle.train import step as step_module
+
+        self.compiled: list[str] = []
+        self.autocast: list[torch.dtype] = []
+        self.workers: list[int] = []
+        self.dropout: list[float] = []
+        self.explicit_reductions = 0
+        self.recalibrations = 0
+        self.mixups = 0
+        self.lrs: list[float] = []
+        self._wrap(
+            monkeypatch, torch, "compile", lambda *a, backend="inductor", **k: self.compiled.append(backend)
+        )
+        self._wrap(monkeypatch, torch.autocast, "__init__", lambda *a, dtype=None, enabled=True, **k: enabled
+                   and self.autocast.append(dtype))  # fmt: skip
+        self._wrap(monkeypatch, torch.utils.data.DataLoader, "__init__",
+                   lambda *a, num_workers=0, **k: self.workers.append(num_workers))  # fmt: skip
+        self._wrap(
+            monkeypatch, torch.nn.Dropout, "__init__", lambda _, p=0.5, *a, **k: self.dropout.append(p)
+        )
+        self._wrap(
+            monkeypatch,
+            step_module,
+            "all_reduce_gradients",
+            lambda *a, **k: self._count("explicit_reductions"),
+        )
+        self._wrap(
+            monkeypatch, loop_module, "recalibrate_batchnorm", lambda *a, **k: self._count("recalibrations")
+        )
+        self._wrap(monkeypatch, step_module, "mixup_draw", lambda *a, **k: self._count("mixups"))
+        self._wrap(monkeypatch, loop_module, "lr_at", None, after=self.lrs.append)
+
+    def _count(self, name: str) -> None:
+        setattr(self, name, getattr(self, name) + 1)
+
+    @staticmethod
+    def _wrap(monkeypatch, owner, name, before, after=None) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if before is not None:
+                before(*args, **kwargs)
+            result = original(*args, **kwargs)
+            if after is not None:
+                after(result)
+            return result
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+
+FOUR = ["dist.virtual_ranks=4"]  # partitions and exchanges mean something only with several ranks
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory) -> dict:
+    """The smoke run with no option (1 epoch, one rank), and with 4 virtual ranks for 2 epochs
+    (partial 0.1 as configured, and global): what an ignored option leaves unchanged."""
+    return {
+        1: run_in_process(tmp_path_factory.mktemp("base"), "train.epochs=1"),
+        "partial": run_in_process(tmp_path_factory.mktemp("partial"), "train.epochs=2", *FOUR),
+        "global": run_in_process(
+            tmp_path_factory.mktemp("global"),
+            "train.epochs=2",
+            "shuffle.strategy=global",
+            "shuffle.fraction=0",
+            *FOUR,
+        ),
+    }
+
+
+def _final(run: Path, column: str) -> str:
+    return rows(run / "metrics" / "epochs.csv")[-1][column]
+
+
+def _orders(run: Path) -> list[str]:
+    return [row["order_sha"] for row in rows(run / "metrics" / "rank-0.csv")]
+
+
+def _saved(run: Path) -> dict:
+    return Checkpoints.load(Checkpoints(run / "checkpoints", 2).latest())
+
+
+def _model_keys(run: Path) -> set[str]:
+    return set(_saved(run)["model"])
+
+
+def _loss_differs(run, base, column="train_loss") -> bool:
+    return _final(run, column) != _final(base[1], column)
+
+
+def _no_running_stats(run) -> bool:
+    return not any("running_mean" in key for key in _model_keys(run))
+
+
+def _channels_last(run) -> bool:  # every conv weight with more than one input channel
+    weights = [w for w in _saved(run)["model"].values() if w.ndim == 4 and w.shape[1] > 1]
+    return bool(weights) and all(
+        w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights
+    )
+
+
+def _adamw_with_decay_and_warmup(run, spy) -> bool:
+    optimizer = _saved(run)["optimizer"]
+    first_state = next(iter(optimizer["state"].values()))
+    return (
+        optimizer["param_groups"][0]["weight_decay"] == 0.01
+        and "exp_avg" in first_state
+        and (spy.lrs[0] < max(spy.lrs))
+    )
+
+
+def _second_epoch_order_differs(run, base) -> bool:
+    """The first epoch as ``base`` trains it (a warm-up, or nothing selected yet), the second not."""
+    return _orders(run)[0] == _orders(base)[0] and _orders(run)[1] != _orders(base)[1]
+
+
+# Each option's effect, shown in what the trainer called or against the run without it: an option
+# the trainer ignored would leave these exactly as the baseline has them.
+OPTION_EFFECTS = [
+    (["train.mixup_alpha=0.4"], lambda run, spy, base: spy.mixups > 0 and _loss_differs(run, base)),
+    (["train.amp=bf16"], lambda run, spy, base: torch.bfloat16 in spy.autocast),
+    (["train.channels_last=true"], lambda run, spy, base: _channels_last(run)),
+    (
         ["train.compile=true", "train.compile_backend=aot_eager"],
-        ["train.workers=2"],
-        ["model.norm=group"],
+        lambda run, spy, base: spy.compiled == ["aot_eager"],
+    ),
+    (["train.workers=2"], lambda run, spy, base: 2 in spy.workers),
+    (["model.norm=group"], lambda run, spy, base: _no_running_stats(run) and _loss_differs(run, base)),
+    (
         ["model.norm=none", "model.dropout=0.2"],
-        ["model.name=mlp"],
+        lambda run, spy, base: 0.2 in spy.dropout and _no_running_stats(run),
+    ),
+    (["model.name=mlp"], lambda run, spy, base: _model_keys(run).isdisjoint(_model_keys(base[1]))),
+    (
         ["model.name=resnet18", "train.max_steps=3"],
+        lambda run, spy, base: "stages.0.conv1.weight" in _model_keys(run),
+    ),
+    (
         ["model.name=tv:resnet18", "model.width=8", "train.max_steps=2"],
+        lambda run, spy, base: "model.layer4.1.conv2.weight" in _model_keys(run),
+    ),
+    (
         ["train.grad_sync=explicit", "train.bn_recalibrate=true"],
+        lambda run, spy, base: (
+            spy.explicit_reductions > 0 and spy.recalibrations > 0 and _loss_differs(run, base, "test_loss")
+        ),
+    ),
+    (
         ["train.optimizer=adamw", "train.optimizer_kwargs={weight_decay: 0.01}", "train.warmup_epochs=0.5"],
-        ["train.schedule=step", "train.step_epochs=[0]"],
-        ["shuffle.strategy=local", "shuffle.fraction=0", "shuffle.partition=label-sorted"],
-        ["data.name=digits"],
-        ["shuffle.strategy=importance", "shuffle.fraction=0", "shuffle.warmup_epochs=1", "train.epochs=2"],
-        ["shuffle.select=importance", "train.track_losses=true"],
-    ],
-    ids=lambda options: " ".join(options),
+        lambda run, spy, base: _adamw_with_decay_and_warmup(run, spy),
+    ),
+    (["train.schedule=step", "train.step_epochs=[0]"], lambda run, spy, base: _loss_differs(run, base, "lr")),
+    (
+        ["shuffle.strategy=local", "shuffle.fraction=0", "shuffle.partition=label-sorted", *FOUR],
+        lambda run, spy, base: (
+            float(_final(run, "label_js")) > 0.3 > float(_final(base["partial"], "label_js"))
+        ),
+    ),
+    (["data.name=digits"], lambda run, spy, base: _loss_differs(run, base, "samples")),
+    (
+        [
+            "shuffle.strategy=importance",
+            "shuffle.fraction=0",
+            "shuffle.warmup_epochs=1",
+            "train.epochs=2",
+            *FOUR,
+        ],
+        lambda run, spy, base: _second_epoch_order_differs(run, base["global"]),
+    ),
+    (
+        ["shuffle.select=importance", "train.track_losses=true", "train.epochs=2", *FOUR],
+        lambda run, spy, base: _second_epoch_order_differs(run, base["partial"]),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "took_effect"), OPTION_EFFECTS, ids=[" ".join(o) for o, _ in OPTION_EFFECTS]
 )
-def test_every_training_option_trains(tmp_path, options):
+def test_every_training_option_trains_and_takes_effect(
+    tmp_path, options, took_effect, baselines, monkeypatch
+):
+    """Each option trains, and shows its effect: in what the trainer called (a spy on the
+    compile, autocast, DataLoader, dropout, reduction, recalibration, mixup and schedule
+    functions), in the checkpoint, or in a metric that differs from the run without it."""
+    spy = Spy(monkeypatch)
     run = run_in_process(tmp_path, *options)
-    metrics = rows(run / "metrics" / "epochs.csv") if (run / "metrics" / "epochs.csv").exists() else []
-    stopped = any(o.startswith("train.max_steps") for o in options)
-    if stopped:
+    if any(o.startswith("train.max_steps") for o in options):
         assert Checkpoints(run / "checkpoints", 2).latest() is not None
     else:
-        epochs = next((int(o.split("=")[1]) for o in options if o.startswith("train.epochs=")), 1)
-        assert len(metrics) == epochs and float(metrics[0]["train_loss"]) > 0
+        metrics = rows(run / "metrics" / "epochs.csv")
+        assert (
+            len(metrics) == (2 if "train.epochs=2" in options else 1) and float(metrics[0]["train_loss"]) > 0
+        )
+    assert took_effect(run, spy, baselines)
 
 
 def test_real_fashion_mnist_trains(tmp_path, fashion_mnist):
@@ -538,3 +708,30 @@ def test_a_resident_training_set_trains_exactly_as_the_loader_and_resumes_exactl
     )
     with pytest.raises(ConfigError, match="no random augmentation in the train transforms"):
         train(config, load_system_config(system), tmp_path / "flip")
+
+
+def _count_reductions(rank, world, grad_sync):
+    from reshuffle.config import load_run_config
+    from reshuffle.train import step
+
+    config = load_run_config(CONFIGS / "smoke.yaml", [f"train.grad_sync={grad_sync}"])
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+    calls = []
+
+    def hook(_, bucket):
+        calls.append(bucket.index())
+        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+    ddp.register_comm_hook(None, hook)
+    for _ in range(2):
+        with step.gradient_sync(ddp, config):
+            ddp(torch.randn(3, 4)).sum().backward()
+        ddp.zero_grad()
+    return len(calls)
+
+
+def test_explicit_gradient_sync_leaves_the_reduction_to_the_caller(tmp_path):
+    """train.grad_sync=explicit: DDP reduces nothing in backward (the loop reduces once after);
+    the forward used to run outside no_sync, so every step reduced twice."""
+    assert run_ranks(_count_reductions, 2, "explicit") == [0, 0]
+    assert run_ranks(_count_reductions, 2, "overlapped") == [2, 2]

@@ -2,13 +2,10 @@
 
 glibc's ``malloc`` serves every block of 128 KiB or more (a threshold it raises to at most 32 MiB
 as such blocks are freed) with a fresh ``mmap`` and gives it back to the kernel on ``free``. A
-training step on the CPU allocates its activations and their gradients, tens to hundreds of MB,
-and frees them, every step: so every step the kernel maps and zeroes those pages afresh, one
-page fault per 4 KiB. Measured on a 2-core VM (small CNN, batch 1,024, 4 epochs of 10,000
-Fashion-MNIST images): 3.3 million page faults and 7 s of system time in 26 s of CPU time; with
-the freed memory kept, 0.3 million faults, 1 s, and each epoch 1.4x faster (2.0x for the trainer,
-which frees more between epochs). The price is resident memory: a process holds its peak (plus
-fragmentation; +0.4-0.5 GB on that run) until the block ends.
+training step on the CPU allocates its activations and their gradients and frees them, every
+step: so every step the kernel maps and zeroes those pages afresh, one page fault per 4 KiB.
+Keeping the freed memory trades resident memory (the process holds its peak until the block
+ends) for those faults; what it buys and costs is measured in docs/training.md.
 
 :func:`keep_freed_memory` is what ``train.keep_freed_memory`` applies (``auto``: when training on
 the CPU); any training loop can use it::

@@ -44,16 +44,28 @@ def moved_points(group: Group) -> list[tuple[int, float]]:
     ]
 
 
-def frontier_points(groups: Sequence[Group]) -> list[tuple[int, float, list[float]]]:
-    """(group index, MB sent across nodes per rank per epoch, final test accuracies) of every group
-    whose runs record both (``bytes_across_nodes``: nodes of ``dist.ranks_per_node`` ranks)."""
+def frontier_points(
+    groups: Sequence[Group], column: str = "bytes_across_nodes"
+) -> list[tuple[int, float, list[float]]]:
+    """(group index, MB of ``column`` per rank per epoch, final test accuracies) of every group
+    whose runs record both (``bytes_across_nodes``: sent to other nodes of ``dist.ranks_per_node``
+    ranks; ``bytes_planned``: sent to any other rank)."""
     points = []
     for index, group in enumerate(groups):
         world = group.runs[0].epochs[0].get("world_size", 1) or 1
-        moved, accuracies = group.per_run("bytes_across_nodes", "boundaries"), group.per_run("test_acc")
+        moved, accuracies = group.per_run(column, "boundaries"), group.per_run("test_acc")
         if moved and accuracies:
             points.append((index, statistics.fmean(moved) / world / 1e6, accuracies))
     return points
+
+
+def frontier_basis(groups: Sequence[Group]) -> tuple[str, list[tuple[int, float, list[float]]]]:
+    """What the frontier's x axis counts: data sent across nodes when any run sent some, else
+    (every run on one node, or nodes not set) data sent to other ranks."""
+    across = frontier_points(groups)
+    if any(moved > 0 for _, moved, _ in across):
+        return "bytes_across_nodes", across
+    return "bytes_planned", frontier_points(groups, "bytes_planned")
 
 
 def pareto(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -154,12 +166,14 @@ class Figures:
         self.save(figure, title, "bytes.png")
 
     def frontier(self) -> None:
-        """Final accuracy against data moved across nodes per epoch: what each group pays for what
-        it reaches; the groups no other beats in both are joined by a dashed line."""
-        points = frontier_points(self.groups)
+        """Final accuracy against data moved across nodes per epoch (or, when no run sent any
+        across nodes, to other ranks): what each group pays for what it reaches; the groups no
+        other beats in both are joined by a dashed line."""
+        column, points = frontier_basis(self.groups)
         if len(points) < 2:
             return
-        title = "Accuracy vs data moved across nodes"
+        across = column == "bytes_across_nodes"
+        title = "Accuracy vs data moved across nodes" if across else "Accuracy vs data moved per rank"
         figure, axes = self.new_figure()
         for index, moved, accuracies in points:
             mean = statistics.fmean(accuracies)
@@ -168,8 +182,16 @@ class Figures:
                           label=self.groups[index].label)  # fmt: skip
         front = pareto([(moved, statistics.fmean(acc)) for _, moved, acc in points])
         axes.plot([c for c, _ in front], [v for _, v in front], "k--", alpha=0.5, label="frontier")
-        axes.set_xscale("symlog", linthresh=max(1e-3, min((m for _, m, _ in points if m), default=1e-3)))
-        axes.set_xlabel("MB sent to other nodes per rank per epoch (dist.ranks_per_node ranks per node)")
+        if any(moved > 0 for _, moved, _ in points):
+            axes.set_xscale("symlog", linthresh=max(1e-3, min((m for _, m, _ in points if m), default=1e-3)))
+            axes.set_xlim(left=0)  # no negative ticks: nothing moves less than nothing
+        else:
+            axes.set_xlim(0, 1)
+        axes.set_xlabel(
+            "MB sent to other nodes per rank per epoch (dist.ranks_per_node ranks per node)"
+            if across
+            else "MB sent to other ranks per rank per epoch (no run sent any across nodes)"
+        )
         axes.set_ylabel("final test accuracy (bars: seeds' range)")
         axes.set_title(title)
         axes.grid(alpha=0.3)

@@ -39,12 +39,16 @@ from reshuffle.train.outputs import MetricsFiles
 from reshuffle.train.progress import Progress
 from reshuffle.train.recalibrate import recalibrate_batchnorm
 from reshuffle.train.schedule import lr_at
+from reshuffle.train.virtual import train_virtual
 
 log = run_files.log
 
 
 def train(config: RunConfig, system: SystemConfig, run_dir: Path, *, resume: bool = False) -> dict[str, Any]:
-    """Train one rank of ``config``; every rank of the job calls this. Returns the run summary."""
+    """Train one rank of ``config``; every rank of the job calls this (with
+    ``dist.virtual_ranks``, this one process trains them all). Returns the run summary."""
+    if config.dist.virtual_ranks:
+        return train_virtual(config, system, run_dir, resume=resume)
     ctx = distributed.setup(system.backend, config.dist.timeout_s)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
