@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from reshuffle import ShuffledData, ShufflePlanner
 from reshuffle.data.items import ItemError, decode_item, encode_item
@@ -83,6 +83,25 @@ def test_index_mode_is_the_sampler_in_one_process():
         data.set_epoch(epoch)
         assert list(data.sampler) == planner.plan(epoch).indices(1).tolist()
     assert data.dataset[4][1] == 4  # the user's own items, untouched
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_index_mode_with_fewer_samples_than_ranks_is_the_samplers_behaviour(n):
+    """As ShuffleSampler and DistributedSampler: fewer samples than ranks pad by repeating, none
+    yields nothing (ShuffledData refused both); a strategy that needs a sample per rank is refused
+    with the sampler's words."""
+    from reshuffle import ShuffleSampler
+
+    dataset = TensorDataset(torch.arange(n))
+    for rank in range(4):
+        data = ShuffledData(dataset, mode="index", rank=rank, world_size=4, seed=3)
+        sampler = ShuffleSampler(dataset, 4, rank, seed=3)
+        data.set_epoch(2)
+        sampler.set_epoch(2)
+        assert len(data.sampler) == len(sampler) == (1 if n else 0)
+        assert [int(i) for batch in data.loader(batch_size=2) for i in batch[0]] == list(sampler)
+    with pytest.raises(ValueError, match="leave ranks without a sample of their own"):
+        ShuffledData(dataset, mode="index", rank=0, world_size=4, strategy="partial", fraction=0.1)
 
 
 def _train_like_a_user(rank, world, root, mode, epochs, strategy, checkpoint=None, crash_at=None):
@@ -323,3 +342,34 @@ def test_a_resize_cut_short_is_redone_for_the_ranks_whose_new_store_never_commit
         for epoch in (2, 3):
             ids, intact = again[rank][epoch]
             assert intact and ids == planner.plan(epoch).indices(rank).tolist()
+
+
+def _five_partial_epochs(rank, world, root):
+    from reshuffle.store.space import allocated_bytes
+
+    dataset = TensorDataset(torch.randint(0, 256, (400, 65536), dtype=torch.uint8), torch.arange(400) % 10)
+    data = ShuffledData(dataset, root, strategy="partial", fraction=0.1, seed=0, epochs=5, chunk_mb=1)
+    held = []
+    for epoch in range(5):
+        data.set_epoch(epoch)
+        for _ in data.loader(batch_size=64):
+            pass
+        data.end_epoch()  # the next epoch's arrivals are written: the store's peak
+        store = data.store
+        live = int(store.records["length"].sum())
+        held.append((allocated_bytes(store.directory), live, (store.pack_dir / "reserve.bin").exists()))
+    data.close()
+    return held
+
+
+@pytest.mark.slow
+def test_storage_over_five_partial_epochs_stays_within_one_plus_q_and_no_reserve_is_left(tmp_path):
+    """2 gloo ranks, partial 0.1, 5 epochs of 64 KiB samples: at its peak in every epoch (the
+    next epoch's arrivals written beside the samples still to be sent) a rank's store takes at
+    most (1 + Q) times its live bytes plus one exchange chunk, and after the last epoch's commit
+    no space reserved ahead is left (it used to stay, sized for an exchange that never comes)."""
+    chunk = 2**20
+    for held in run_ranks(_five_partial_epochs, 2, str(tmp_path / "store"), timeout=180):
+        for allocated, live, _ in held:
+            assert allocated <= 1.1 * live + chunk, (allocated, live)
+        assert [reserved for _, _, reserved in held] == [False] * 5

@@ -131,29 +131,34 @@ class ShuffledData:
         self.source = source_of(
             dataset, labels, name, transform, read_labels=needs_labels or self.mode == "store"
         )
-        self.planner = ShufflePlanner(
-            len(self.source),
-            self.world_size,
-            strategy=strategy,
-            fraction=fraction,
-            partition=partition,
-            labels=getattr(self.source, "targets", None),
-            seed=seed,
-            drop_last=drop_last,
-            **options,
-        )
-        self.sampler = ShuffleSampler.from_planner(self.planner, self.rank)
-        self.tracker = (
-            LossTracker(self.planner.num_samples)
-            if self.planner.strategy.uses_losses or track_losses
-            else None
-        )
+        self.planner: ShufflePlanner | None = None  # None: fewer samples than ranks, index mode
+        if self.mode == "index" and len(self.source) < self.world_size:
+            # as ShuffleSampler and DistributedSampler: pad by repeating, or with no sample yield
+            # nothing (a strategy or partition other than the defaults is refused, by name)
+            self.sampler = ShuffleSampler(self.source, self.world_size, self.rank, True, seed, drop_last,
+                                          strategy=strategy, fraction=fraction, partition=partition,
+                                          **options)  # fmt: skip
+        else:
+            self.planner = ShufflePlanner(
+                len(self.source),
+                self.world_size,
+                strategy=strategy,
+                fraction=fraction,
+                partition=partition,
+                labels=getattr(self.source, "targets", None),
+                seed=seed,
+                drop_last=drop_last,
+                **options,
+            )
+            self.sampler = ShuffleSampler.from_planner(self.planner, self.rank)
+        uses_losses = self.planner is not None and self.planner.strategy.uses_losses
+        self.tracker = LossTracker(len(self.source)) if uses_losses or track_losses else None
         self.device = _device(group)
         self.store_dir = Path(store_dir) if store_dir is not None else None
         self.dataset: Dataset = self._dataset(dataset, transform)
         self.session: StoreSession | None = None  # store mode's store and exchanges
         if self.mode == "store":
-            assert self.store_dir is not None  # _mode() refuses store mode without one
+            assert self.store_dir is not None and self.planner is not None  # _mode(): store mode has both
             identity = (
                 dict(dataset_id)
                 if isinstance(dataset_id, Mapping)
@@ -206,7 +211,7 @@ class ShuffledData:
         if self.tracker is not None and epoch != self.epoch:
             self.tracker.reset()  # the ended epoch's losses were handed over; a new epoch starts empty
         self.epoch = epoch
-        self.plan = self.planner.plan(epoch)
+        self.plan = self.planner.plan(epoch) if self.planner is not None else None
         self.sampler.set_epoch(epoch)
         if isinstance(self.dataset, KeyedAugmentation):  # reshuffle's own: augmentation keyed by epoch
             self.dataset.set_epoch(epoch, seed=self.seed)
@@ -230,7 +235,7 @@ class ShuffledData:
         if self.tracker is not None:
             if self.world_size > 1:
                 self.tracker.reduce(device=self.device)
-            if self.planner.strategy.uses_losses:
+            if self.planner is not None and self.planner.strategy.uses_losses:
                 self.planner.observe(self.epoch, *(t.numpy() for t in self.tracker.mean()))
         self.last_exchange = None
         if self.session is not None and self._exchanges_after(self.epoch):
@@ -268,7 +273,7 @@ class ShuffledData:
         assert self.epoch is not None
         if self._exchanges_after(self.epoch) and epoch == self.epoch + 1:
             self.end_epoch()
-            self.session.commit()
+            self.session.commit(reserve_next=self._exchanges_after(epoch))
         else:
             self.session.abandon()
         self._ended = None

@@ -167,16 +167,17 @@ class Exchanger:
         if int(flag.item()) != 1:
             raise PeerError(f"rank {self.rank}: another rank failed to prepare epoch {self.store.epoch + 1}")
 
-    def commit(self) -> None:
+    def commit(self, reserve_next: bool = True) -> None:
         """Barrier, then phase 2 on this rank. Then, in the background while the next epoch
         trains (:meth:`settle` waits for it): the space the sent samples occupied is freed (hole
-        punching is slow on some file systems, and nothing reads dead ranges) and the next
-        exchange's landing space is allocated, so that its arrivals copy bytes instead of
-        allocating pages. Freed first, then reserved (for a partial exchange about what was freed)."""
+        punching is slow on some file systems, and nothing reads dead ranges) and, when another
+        exchange follows (``reserve_next``), its landing space is allocated, so that its arrivals
+        copy bytes instead of allocating pages; when none follows, a reserve left is removed.
+        Freed first, then reserved (for a partial exchange about what was freed)."""
         self._collective("the commit barrier", lambda: dist.barrier(group=self.group))
         self.on_phase("commit")
         self.store.commit()
-        arrived = self._stats.bytes_received if self._stats is not None else 0
+        arrived = self._stats.bytes_received if self._stats is not None and reserve_next else 0
         self._upkeep = Background(lambda: self._after_commit(arrived))
 
     def settle(self) -> float:
@@ -193,6 +194,8 @@ class Exchanger:
         self.store.punch_dead_ranges()
         if arrived:
             self.store.reserve(arrived)
+        else:
+            self.store.drop_reserve()
         return time.perf_counter() - started
 
     def exchange(

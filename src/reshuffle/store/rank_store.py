@@ -226,6 +226,10 @@ class RankStore:
             (self.pack_dir / fmt.RESERVE).unlink(missing_ok=True)
             return 0
 
+    def drop_reserve(self) -> None:
+        """Remove the space allocated ahead (no exchange follows: it would only take disk)."""
+        (self.pack_dir / fmt.RESERVE).unlink(missing_ok=True)
+
     def _state(self, epoch: int, generation: int, records: np.ndarray) -> dict[str, Any]:
         """Write the index of ``records`` and return the manifest that commits it."""
         records = np.sort(records, order="id")

@@ -144,10 +144,11 @@ class StoreSession:
         if self.store is not None:
             self.store.check_damage()
 
-    def commit(self) -> None:
-        """Every rank has prepared: commit the next epoch (collective)."""
+    def commit(self, reserve_next: bool = True) -> None:
+        """Every rank has prepared: commit the next epoch (collective); ``reserve_next``: another
+        exchange follows it (space is allocated ahead for its arrivals)."""
         assert self.exchanger is not None
-        self.exchanger.commit()
+        self.exchanger.commit(reserve_next)
 
     def abandon(self) -> None:
         """Wait for an exchange the loop will not commit (a jump): recovery decides its fate."""
