@@ -1,4 +1,5 @@
-# make test   creates .venv if missing, installs reshuffle with its dev extras, runs lint + tests.
+# make test   creates .venv if missing, installs reshuffle with its dev extras, runs lint (ruff,
+#             mypy on src/) + tests.
 # make test-fast  lint + the tests not marked slow (no spawned ranks, no training runs): about
 #                 75 s on 2 cores, for the edit-test loop; CI runs make test.
 # make demo   the main job: a short experiment (see README).
@@ -20,6 +21,7 @@ install: $(STAMP)
 lint: install
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix src tests bench examples

@@ -1,10 +1,16 @@
 """The package's shape: no import cycles, with every import counted (in function bodies and under
-TYPE_CHECKING too), so each layer can be read, tested and changed on its own."""
+TYPE_CHECKING too), so each layer can be read, tested and changed on its own; and its types are
+a promise a type checker holds a user's code to."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "reshuffle"
 
@@ -98,3 +104,26 @@ def test_the_package_has_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 50 and "reshuffle.store.session" in graph["reshuffle.shuffled"]
     assert cycles(graph) == []
+
+
+@pytest.mark.slow
+def test_a_type_checker_catches_a_wrong_argument_at_a_public_call(tmp_path):
+    """mypy on a user's file that calls the public API with wrong argument types names each one,
+    the lazily imported ShuffledData included (before, type checkers saw it as ``object``)."""
+    user = tmp_path / "user.py"
+    user.write_text(
+        "from reshuffle import ShuffledData, ShufflePlanner, ShuffleSampler\n\n"
+        "ShufflePlanner(100, 4, strategy=0.1)\n"
+        "ShuffledData([], store_dir=3.5)\n"
+        "ShuffleSampler([], seed='0')\n"
+        "ShufflePlanner(100, 4, strategy='local')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(PACKAGE.parent.parent / "pyproject.toml"),
+         "--cache-dir", str(tmp_path / "cache"), str(user)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "MYPYPATH": str(PACKAGE.parent)},
+    )  # fmt: skip
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert [line.split(":")[1] for line in errors] == ["3", "4", "5"], result.stdout
+    assert 'Argument "store_dir" to "ShuffledData" has incompatible type "float"' in result.stdout

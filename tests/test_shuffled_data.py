@@ -102,6 +102,8 @@ def test_index_mode_with_fewer_samples_than_ranks_is_the_samplers_behaviour(n):
         assert [int(i) for batch in data.loader(batch_size=2) for i in batch[0]] == list(sampler)
     with pytest.raises(ValueError, match="leave ranks without a sample of their own"):
         ShuffledData(dataset, mode="index", rank=0, world_size=4, strategy="partial", fraction=0.1)
+    with pytest.raises(ValueError, match="no planner"):
+        ShuffledData(dataset, mode="index", rank=0, world_size=4).planner.plan(0)
 
 
 def _train_like_a_user(rank, world, root, mode, epochs, strategy, checkpoint=None, crash_at=None):

@@ -71,9 +71,14 @@ def _stand_ins(directory: Path) -> Path:
 
 
 def _free_job_id() -> int:
-    """A job id whose rendezvous port (PORT_BASE + id % PORT_SPAN) is free on this machine."""
-    with socket.socket() as probe:
-        for offset in range(7919, PORT_SPAN, 7919 * 3):
+    """A job id whose rendezvous port (PORT_BASE + id % PORT_SPAN) is free on this machine: the
+    first of many spread-out candidates that binds (as the rendezvous will, SO_REUSEADDR: a port
+    a test before left in TIME_WAIT is free to it). One candidate used to be tried, and it failed
+    when an earlier test's ranks had used that port."""
+    for offset in range(7919, 7919 + 97 * 200, 97):
+        offset %= PORT_SPAN
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", PORT_BASE + offset))
             except OSError:

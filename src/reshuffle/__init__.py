@@ -17,9 +17,15 @@ The names most users need:
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from reshuffle.memory import keep_freed_memory
 from reshuffle.plan import PARTITIONS, STRATEGIES, EpochPlan, ShufflePlanner
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports them on first use
+    from reshuffle.ddp import settle_buckets
+    from reshuffle.sampler import ShuffleSampler
+    from reshuffle.shuffled import ShuffledData
 
 try:
     __version__ = version("reshuffle")

@@ -103,7 +103,8 @@ class ShuffleSampler(Sampler[int]):
             raise ValueError(f"num_replicas={num_replicas} and world_size={world_size} differ; give one")
         rank, num_replicas = rank_and_world(rank, num_replicas if num_replicas is not None else world_size,
                                             name="num_replicas")  # fmt: skip
-        self.dataset, self.shuffle, self.seed, self.drop_last = dataset, bool(shuffle), seed, bool(drop_last)
+        self.dataset: Sized | None = dataset  # None when made from a planner
+        self.shuffle, self.seed, self.drop_last = bool(shuffle), seed, bool(drop_last)
         plain_order = not self.shuffle or len(dataset) < num_replicas
         if plain_order and (strategy != "global" or fraction or partition != "random" or options):
             why = "shuffle=False yields the sequential order" if not self.shuffle else (
@@ -150,12 +151,16 @@ class ShuffleSampler(Sampler[int]):
         self._dealt: NDArray[np.int64] | None = None
         self._warned = False
 
+    def _dataset_size(self) -> int:
+        assert self.dataset is not None  # a sampler without a planner has its dataset
+        return len(self.dataset)
+
     @property
     def num_samples(self) -> int:
         """Ids per rank per epoch (``DistributedSampler.num_samples``)."""
         if self.planner is not None:
             return self.planner.samples_per_rank
-        n, m = len(self.dataset), self.num_replicas
+        n, m = self._dataset_size(), self.num_replicas
         return n // m if self.drop_last else -(-n // m)
 
     @property
@@ -218,7 +223,7 @@ class ShuffleSampler(Sampler[int]):
             return self._dealt
         if self.planner is not None:
             return self.planner.plan(self.epoch).indices(self.rank)
-        return distributed_order(len(self.dataset), self.num_replicas, self.rank, self.epoch, self.seed,
+        return distributed_order(self._dataset_size(), self.num_replicas, self.rank, self.epoch, self.seed,
                                  self.shuffle, self.drop_last)  # fmt: skip
 
     def __iter__(self) -> Iterator[int]:
@@ -266,7 +271,7 @@ class ShuffleSampler(Sampler[int]):
     def _config(self) -> dict[str, Any]:
         if self.planner is not None:
             return self.planner.config
-        return {"num_samples": len(self.dataset), "world_size": self.num_replicas, "shuffle": self.shuffle,
+        return {"num_samples": self._dataset_size(), "world_size": self.num_replicas, "shuffle": self.shuffle,
                 "seed": self.seed, "drop_last": self.drop_last}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -322,6 +327,7 @@ class ShuffleSampler(Sampler[int]):
         if resized := state.get(self.STATE_RESIZED):
             self._resized = dict(resized)
             old_config = {**config, "world_size": resized["world_size"]}
+            assert self.planner is not None  # a resized state comes from a planned sampler
             self._old = resize.saved_planner(self.planner, old_config, resized["planner"])
         return self._epoch_size(epoch), position
 

@@ -131,7 +131,7 @@ class ShuffledData:
         self.source = source_of(
             dataset, labels, name, transform, read_labels=needs_labels or self.mode == "store"
         )
-        self.planner: ShufflePlanner | None = None  # None: fewer samples than ranks, index mode
+        self._planner: ShufflePlanner | None = None  # None: fewer samples than ranks, index mode
         if self.mode == "index" and len(self.source) < self.world_size:
             # as ShuffleSampler and DistributedSampler: pad by repeating, or with no sample yield
             # nothing (a strategy or partition other than the defaults is refused, by name)
@@ -139,7 +139,7 @@ class ShuffledData:
                                           strategy=strategy, fraction=fraction, partition=partition,
                                           **options)  # fmt: skip
         else:
-            self.planner = ShufflePlanner(
+            self._planner = ShufflePlanner(
                 len(self.source),
                 self.world_size,
                 strategy=strategy,
@@ -150,15 +150,15 @@ class ShuffledData:
                 drop_last=drop_last,
                 **options,
             )
-            self.sampler = ShuffleSampler.from_planner(self.planner, self.rank)
-        uses_losses = self.planner is not None and self.planner.strategy.uses_losses
+            self.sampler = ShuffleSampler.from_planner(self._planner, self.rank)
+        uses_losses = self._planner is not None and self._planner.strategy.uses_losses
         self.tracker = LossTracker(len(self.source)) if uses_losses or track_losses else None
         self.device = _device(group)
         self.store_dir = Path(store_dir) if store_dir is not None else None
         self.dataset: Dataset = self._dataset(dataset, transform)
         self.session: StoreSession | None = None  # store mode's store and exchanges
         if self.mode == "store":
-            assert self.store_dir is not None and self.planner is not None  # _mode(): store mode has both
+            assert self.store_dir is not None  # _mode() refuses store mode without one
             identity = (
                 dict(dataset_id)
                 if isinstance(dataset_id, Mapping)
@@ -184,12 +184,23 @@ class ShuffledData:
         return self._loader
 
     @property
+    def planner(self) -> ShufflePlanner:
+        """The plan of every epoch (:class:`~reshuffle.plan.ShufflePlanner`)."""
+        if self._planner is None:
+            raise ValueError(
+                f"no planner: {len(self.source)} samples for {self.world_size} ranks are dealt as "
+                "DistributedSampler deals them (padded), without a plan; data.sampler holds the order"
+            )
+        return self._planner
+
+    @property
     def store(self) -> RankStore | None:
         """This rank's store (store mode, once the first :meth:`set_epoch` opened it)."""
         return self.session.store if self.session is not None else None
 
     def _dataset(self, dataset: Any, transform: Transform | None) -> Dataset:
         if isinstance(self.source, SampleSource) and not isinstance(self.source, DatasetSource):
+            assert transform is not None  # source_of() asks for one for reshuffle's own sources
             if self.mode == "index":
                 return SourceDataset(self.source, transform)
             return StoreDataset(None, self.source.decoder, transform)
@@ -211,7 +222,7 @@ class ShuffledData:
         if self.tracker is not None and epoch != self.epoch:
             self.tracker.reset()  # the ended epoch's losses were handed over; a new epoch starts empty
         self.epoch = epoch
-        self.plan = self.planner.plan(epoch) if self.planner is not None else None
+        self.plan = self._planner.plan(epoch) if self._planner is not None else None
         self.sampler.set_epoch(epoch)
         if isinstance(self.dataset, KeyedAugmentation):  # reshuffle's own: augmentation keyed by epoch
             self.dataset.set_epoch(epoch, seed=self.seed)
@@ -221,6 +232,7 @@ class ShuffledData:
             and self._exchanges_after(epoch)
             and not self.planner.strategy.needs_losses_of(epoch)  # deferred to end_epoch: needs the losses
         ):
+            assert self.plan is not None  # store mode always has a planner
             self.session.start(epoch, self.plan)
 
     def end_epoch(self) -> ExchangeStats | None:
@@ -235,7 +247,7 @@ class ShuffledData:
         if self.tracker is not None:
             if self.world_size > 1:
                 self.tracker.reduce(device=self.device)
-            if self.planner is not None and self.planner.strategy.uses_losses:
+            if self._planner is not None and self._planner.strategy.uses_losses:
                 self.planner.observe(self.epoch, *(t.numpy() for t in self.tracker.mean()))
         self.last_exchange = None
         if self.session is not None and self._exchanges_after(self.epoch):

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
             run_dirs.append(given)
             default_out = default_out or given.resolve().parent / "report"
     out = Path(args.out) if args.out else default_out
+    assert out is not None  # argparse gives at least one run folder
     print(write_report(run_dirs, out))
     print(f"report: {out / 'report.md'}")
     return 0

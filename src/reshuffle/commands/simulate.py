@@ -244,9 +244,9 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     print(format_table(headers, table))
     failing = sorted({(p.strategy, i, p.workers) for i, p, _ in rows if p.overlap_fails and p.hideable_s > 0})
-    for strategy, implementation, m in failing:
+    for name, implementation, m in failing:
         print(
-            f"overlap fails: {strategy} ({implementation}) at {m} workers: the exchange outlasts the "
+            f"overlap fails: {name} ({implementation}) at {m} workers: the exchange outlasts the "
             "epoch's compute"
         )
     _print_crossover(workload, cluster, args, strategies)

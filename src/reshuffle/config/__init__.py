@@ -92,7 +92,7 @@ def check_run_config(config: RunConfig) -> RunConfig:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
-    non_negative = {
+    non_negative: dict[str, float] = {
         "seed": config.seed,
         "train.lr": train.lr,
         "train.warmup_epochs": train.warmup_epochs,
@@ -105,9 +105,9 @@ def check_run_config(config: RunConfig) -> RunConfig:
         "dist.virtual_ranks": config.dist.virtual_ranks,
         "model.dropout": config.model.dropout,
     }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must not be negative, got {value}")
+    for key, amount in non_negative.items():
+        if amount < 0:
+            raise ConfigError(f"{key} must not be negative, got {amount}")
     if train.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be at least 1, got {train.keep_checkpoints}")
     if not 0.0 <= train.label_smoothing < 1.0:

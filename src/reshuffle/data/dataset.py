@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from collections.abc import Sequence as SequenceABC
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch.utils.data import Dataset, default_collate
 
 from reshuffle.config import ConfigError, DataConfig, SystemConfig, dataset_entry
@@ -37,7 +39,7 @@ class SubsetSource(SampleSource):
     def image(self, index: int) -> torch.Tensor:
         return self.source.image(index)
 
-    def images_at(self, indices: Sequence[int]) -> np.ndarray:
+    def images_at(self, indices: Sequence[int] | NDArray[np.int64]) -> np.ndarray:
         return self.source.images_at(indices)
 
 
@@ -88,7 +90,9 @@ class KeyedAugmentation:
         generator = sample_generator(self.seed, self.epoch, sample_id) if transform.random else None
         return transform(image, generator)
 
-    def augment_batch(self, transform: Transform, images: np.ndarray, ids: Sequence[int]) -> torch.Tensor:
+    def augment_batch(
+        self, transform: Transform, images: np.ndarray, ids: Sequence[int] | NDArray[np.int64]
+    ) -> torch.Tensor:
         """:meth:`augment` on a uint8 batch, vectorised where the pipeline allows."""
         rngs = [sample_generator(self.seed, self.epoch, int(i)) for i in ids] if transform.random else None
         return transform.batch(images, rngs)
@@ -113,7 +117,7 @@ class CollatedBatch(SequenceABC):
         return images[index], int(labels[index]), int(ids[index])
 
 
-def collate(data: object) -> object:
+def collate(data: Any) -> Any:
     """The DataLoader ``collate_fn`` for reshuffle's datasets: batched fetches pass through,
     anything else goes to PyTorch's ``default_collate``."""
     if isinstance(data, CollatedBatch):

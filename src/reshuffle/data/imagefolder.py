@@ -60,7 +60,7 @@ class PillowDecoder:
     height: int
     width: int
 
-    def __call__(self, raw: bytes) -> torch.Tensor:
+    def __call__(self, raw: bytes | memoryview) -> torch.Tensor:
         from PIL import Image
 
         with Image.open(io.BytesIO(raw)) as image:

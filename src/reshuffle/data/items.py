@@ -255,7 +255,8 @@ class DatasetSource(SampleSource):
             )
         self.dataset = dataset
         self.name = name or type(dataset).__name__
-        self.targets = _labels_of(dataset, labels, read_items=read_labels)
+        # None only when nothing needs labels (read_labels=False without dataset.targets): never read then
+        self.targets = _labels_of(dataset, labels, read_items=read_labels)  # type: ignore[assignment]
         self.num_classes = (
             int(self.targets.max()) + 1 if self.targets is not None and self.targets.size else 1
         )
@@ -271,7 +272,7 @@ class DatasetSource(SampleSource):
             raise ItemError(f"sample {index}: {error}") from None
 
     @property
-    def decoder(self) -> Callable[[bytes], Any]:
+    def decoder(self) -> Callable[[bytes | memoryview], Any]:
         return ItemDecoder()
 
 
@@ -283,7 +284,7 @@ def _labels_of(dataset: Any, labels: ArrayLike | None, *, read_items: bool) -> N
     if labels is None:
         labels = [_item_label(dataset[i]) for i in range(len(dataset))]
     if hasattr(labels, "detach"):
-        labels = labels.detach().cpu().numpy()  # type: ignore[union-attr]
+        labels = labels.detach().cpu().numpy()
     array = np.asarray(labels)
     if array.shape != (len(dataset),) or (array.size and array.dtype.kind not in "iu"):
         raise ValueError(

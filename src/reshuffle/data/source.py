@@ -46,7 +46,7 @@ class SampleSource:
         return self.decoder(raw)
 
     @property
-    def decoder(self) -> Callable[[bytes], torch.Tensor]:
+    def decoder(self) -> Callable[[bytes | memoryview], torch.Tensor]:
         """A small picklable callable doing :meth:`decode` without holding the dataset (what
         store-mode DataLoader workers receive)."""
         raise NotImplementedError
@@ -55,7 +55,7 @@ class SampleSource:
         """Decoded sample ``index`` (subclasses with the pixels in memory skip the bytes)."""
         return self.decode(self.raw(index))
 
-    def images_at(self, indices: Sequence[int]) -> np.ndarray:
+    def images_at(self, indices: Sequence[int] | NDArray[np.int64]) -> np.ndarray:
         """Decoded samples ``indices`` as one uint8 array (B, *shape)."""
         return np.stack([self.image(int(i)).numpy() for i in indices])
 
@@ -103,7 +103,7 @@ class ArraySource(SampleSource):
     def image(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self.images[index])
 
-    def images_at(self, indices: Sequence[int]) -> np.ndarray:
+    def images_at(self, indices: Sequence[int] | NDArray[np.int64]) -> np.ndarray:
         return self.images[np.asarray(indices, dtype=np.int64)]
 
 
@@ -115,7 +115,7 @@ class PixelDecoder:
     shape: tuple[int, ...]
     sample_bytes: int
 
-    def __call__(self, raw: bytes) -> torch.Tensor:
+    def __call__(self, raw: bytes | memoryview) -> torch.Tensor:
         if len(raw) != self.sample_bytes:
             raise ValueError(f"a {self.name} sample is {self.sample_bytes} bytes, got {len(raw)}")
         pixels = np.frombuffer(raw, dtype=np.uint8, count=math.prod(self.shape)).reshape(self.shape)

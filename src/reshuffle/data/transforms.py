@@ -14,11 +14,21 @@ Every step is a small class, so pipelines pickle into spawned DataLoader workers
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
 _MASK = 2**64 - 1
+
+
+class Step(Protocol):
+    """One step of a :class:`Pipeline`: a function of a float image (and, if ``random``, a
+    per-sample random stream)."""
+
+    random: bool
+
+    def __call__(self, x: np.ndarray, rng: SampleRandom | None = None) -> np.ndarray: ...
 
 
 class SampleRandom:
@@ -90,7 +100,7 @@ class Pipeline:
     Steps work on numpy arrays: per-sample torch calls cost more than the arithmetic here.
     """
 
-    def __init__(self, steps: Sequence[object]) -> None:
+    def __init__(self, steps: Sequence[Step]) -> None:
         self.steps = list(steps)
         self.random = any(step.random for step in self.steps)
 
@@ -132,7 +142,7 @@ Transform = Pipeline
 
 def build_transform(names: Sequence[str], mean: Sequence[float], std: Sequence[float]) -> Pipeline:
     """The pipeline ``names`` describes (see the module docstring)."""
-    steps: list[object] = []
+    steps: list[Step] = []
     for name in names:
         kind, _, argument = name.partition(":")
         if kind == "normalize" and not argument:

@@ -34,14 +34,14 @@ class _RepeatChannels(nn.Module):
 def build_model(config: ModelConfig, shape: Sequence[int], num_classes: int) -> nn.Module:
     """The model ``config`` names, for inputs of ``shape`` (C, H, W) and ``num_classes`` outputs."""
     channels = int(shape[0])
-    kwargs = {"norm": config.norm, "dropout": config.dropout}
+    norm, dropout = config.norm, config.dropout
     if config.name == "small-cnn":
-        return SmallCNN(channels, num_classes, width=config.width, **kwargs)
+        return SmallCNN(channels, num_classes, width=config.width, norm=norm, dropout=dropout)
     if config.name == "resnet18":
-        return ResNet18(channels, num_classes, width=config.width, **kwargs)
+        return ResNet18(channels, num_classes, width=config.width, norm=norm, dropout=dropout)
     if config.name == "mlp":
         inputs = int(torch.Size(shape).numel())
-        return MLP(inputs, num_classes, width=config.width, **kwargs)
+        return MLP(inputs, num_classes, width=config.width, norm=norm, dropout=dropout)
     if config.name.startswith(TORCHVISION_PREFIX):
         return _torchvision(config.name.removeprefix(TORCHVISION_PREFIX), channels, num_classes, config.norm)
     raise ConfigError(

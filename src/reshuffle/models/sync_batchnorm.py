@@ -12,6 +12,8 @@ On CUDA, :func:`convert_sync_batchnorm` uses PyTorch's own ``nn.SyncBatchNorm`` 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,7 +50,7 @@ def sync_group(size: int, rank: int, world: int) -> dist.ProcessGroup | None:
     if size == world:
         return None
     groups = [dist.new_group(list(range(first, first + size))) for first in range(0, world, size)]
-    return groups[rank // size]
+    return cast(dist.ProcessGroup, groups[rank // size])  # every rank is in its own group
 
 
 def sync_ranks(
@@ -115,6 +117,7 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = (stats[2] / total - mean * mean).clamp_min(0)
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
+                assert self.num_batches_tracked is not None  # tracked with the running statistics
                 self.num_batches_tracked.add_(1)
                 momentum = (
                     self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
@@ -151,9 +154,8 @@ def _convert(module: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Mo
                 converted.weight.copy_(module.weight)
                 converted.bias.copy_(module.bias)
         if module.track_running_stats:
-            converted.running_mean.copy_(module.running_mean)
-            converted.running_var.copy_(module.running_var)
-            converted.num_batches_tracked.copy_(module.num_batches_tracked)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                getattr(converted, name).copy_(getattr(module, name))
         converted.train(module.training)
         converted.group = group
         return converted

@@ -20,6 +20,8 @@ slices the batch into groups of G ranks. ``group`` and ``none`` work per sample 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,11 +57,14 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         )
         mean = var = None
         if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None  # tracked: they exist
             mean, var = self.running_mean.repeat(groups), self.running_var.repeat(groups)
         weight = self.weight.repeat(groups) if self.weight is not None else None
         bias = self.bias.repeat(groups) if self.bias is not None else None
         out = F.batch_norm(side_by_side, mean, var, weight, bias, True, factor, self.eps)
         if update:
+            assert mean is not None and var is not None and self.running_mean is not None
+            assert self.running_var is not None
             self.running_mean.copy_(mean[:channels])  # rank 0's update: what DDP keeps
             self.running_var.copy_(var[:channels])
         return out.reshape(size, groups, channels, *rest).transpose(0, 1).reshape(x.shape)
@@ -91,13 +96,14 @@ class RankDropout(nn.Module):
             for index, part in enumerate(x.chunk(self.groups)):
                 rank = self.first + index
                 # .clone(): a view with an offset crashes torch; .cpu(): the buffer follows the model
-                torch.set_rng_state(self.rank_states[rank].cpu().clone())
+                states = cast(torch.Tensor, self.rank_states)  # a buffer
+                torch.set_rng_state(states[rank].cpu().clone())
                 if part.device.type == "cpu":
                     outputs.append(F.dropout(part, self.p, True))
                 else:  # the mask comes from the rank's CPU stream too: the same on every device
                     keep_mask = torch.empty(part.shape).bernoulli_(1.0 - self.p).to(part.device, part.dtype)
                     outputs.append(part * keep_mask / (1.0 - self.p) if self.p < 1 else part * 0)
-                self.rank_states[rank].copy_(torch.get_rng_state())
+                states[rank].copy_(torch.get_rng_state())
         finally:
             torch.set_rng_state(keep)
         return torch.cat(outputs)

@@ -267,7 +267,7 @@ def _labels(
             )
         return None
     if hasattr(labels, "detach"):  # a torch tensor, without importing torch here
-        labels = labels.detach().cpu().numpy()  # type: ignore[union-attr]
+        labels = labels.detach().cpu().numpy()
     array = np.asarray(labels)
     if array.ndim != 1 or array.shape[0] != num_samples:
         raise ValueError(

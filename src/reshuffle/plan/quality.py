@@ -37,16 +37,15 @@ def class_ids(labels: ArrayLike) -> NDArray[np.int64]:
 
 def js_distance(p: ArrayLike, q: ArrayLike) -> float:
     """Jensen-Shannon distance (base 2, in [0, 1]) between two distributions (or counts)."""
-    p = np.asarray(p, dtype=np.float64)
-    q = np.asarray(q, dtype=np.float64)
-    p, q = p / p.sum(), q / q.sum()
-    middle = (p + q) / 2
+    first, second = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    first, second = first / first.sum(), second / second.sum()
+    middle = (first + second) / 2
 
     def kl(a: NDArray[np.float64]) -> float:
         nonzero = a > 0
         return float(np.sum(a[nonzero] * np.log2(a[nonzero] / middle[nonzero])))
 
-    return float(np.sqrt(max(0.0, (kl(p) + kl(q)) / 2)))
+    return float(np.sqrt(max(0.0, (kl(first) + kl(second)) / 2)))
 
 
 def label_distance(ids: ArrayLike, labels: ArrayLike) -> float:
@@ -118,7 +117,7 @@ def measure(planner: ShufflePlanner, epochs: int, ranks: Sequence[int] | None = 
             entropies.append(order_entropy(order))
             if previous is not None:
                 churns.append(churn(previous.holdings(rank), plan.holdings(rank)))
-            if classes is not None:
+            if classes is not None and dataset is not None:
                 distances.append(js_distance(np.bincount(classes[order], minlength=num_classes), dataset))
         rows.append(
             EpochQuality(

@@ -97,7 +97,7 @@ class Figures:
     def new_figure(self) -> tuple[Any, Any]:
         return self.plt.subplots(figsize=(10.5 if self.crowded else 7.5, 4.5))
 
-    def by_epoch(self, axes: Any, xlabel: str, ylabel: str, title: str, handles: list[Any] = ()) -> None:
+    def by_epoch(self, axes: Any, xlabel: str, ylabel: str, title: str, handles: Sequence[Any] = ()) -> None:
         from matplotlib.ticker import MaxNLocator
 
         axes.set_xlabel(xlabel)

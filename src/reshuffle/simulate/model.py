@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 FLOAT_BYTES = 4
 
@@ -102,7 +102,7 @@ class Cluster:
         if self.implementation not in ("batched", "per-sample"):
             raise ValueError(f"implementation must be batched or per-sample, got {self.implementation!r}")
 
-    def with_(self, **changes: object) -> Cluster:
+    def with_(self, **changes: Any) -> Cluster:
         return replace(self, **changes)
 
 

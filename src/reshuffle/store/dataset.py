@@ -72,7 +72,7 @@ class StoreDataset(_StoreReader, KeyedAugmentation, Dataset):
     def __init__(
         self,
         store: RankStore | None,
-        decode: Callable[[bytes], torch.Tensor],
+        decode: Callable[[bytes | memoryview], torch.Tensor],
         transform: Transform,
     ) -> None:
         self.store = store
@@ -89,7 +89,7 @@ class StoreDataset(_StoreReader, KeyedAugmentation, Dataset):
         gathered = self._held(lambda store: store.samples(ids)) if hasattr(self.decode, "batch") else None
         if gathered is not None:  # equal-length samples and a decoder that takes a whole batch
             raw, labels = gathered
-            batch = self.augment_batch(self.transform, self.decode.batch(raw), ids)
+            batch = self.augment_batch(self.transform, getattr(self.decode, "batch")(raw), ids)  # noqa: B009
             return CollatedBatch(batch, torch.from_numpy(labels), torch.from_numpy(ids))
         raws = self._many(ids)
         store = self._opened()  # refreshed by _many if it had to be
@@ -102,7 +102,7 @@ class StoreDataset(_StoreReader, KeyedAugmentation, Dataset):
 class StoreItems(_StoreReader, Dataset):
     """Item ``i`` is the item the source dataset's ``__getitem__(i)`` returned, read from the store."""
 
-    def __init__(self, store: RankStore | None, decode: Callable[[bytes], Any]) -> None:
+    def __init__(self, store: RankStore | None, decode: Callable[[bytes | memoryview], Any]) -> None:
         self.store = store
         self.decode = decode
 

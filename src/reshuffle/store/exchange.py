@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ class ExchangeStats:
 
 def new_exchange_group(timeout_s: float) -> dist.ProcessGroup:
     """A process group for exchanges (collective: every rank calls it, in the same order)."""
-    return dist.new_group(timeout=datetime.timedelta(seconds=timeout_s))
+    return cast(dist.ProcessGroup, dist.new_group(timeout=datetime.timedelta(seconds=timeout_s)))
 
 
 class Exchanger:

@@ -64,7 +64,7 @@ class PackWriter:
         path = self.directory / fmt.pack_name(self._sequence)
         reserve, self._reserve = self._reserve, None
         self._reserved = reserve is not None and reserve.is_file()
-        if self._reserved:
+        if reserve is not None and self._reserved:
             os.replace(reserve, path)  # its blocks are allocated: writes only copy bytes
         flags = os.O_RDWR if self._reserved else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self._handle = os.fdopen(

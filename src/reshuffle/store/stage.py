@@ -11,7 +11,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -155,12 +155,12 @@ def read_source(
         for i in ids.tolist():
             yield i, int(source.targets[i]), source.raw(i), None
         return
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     with warnings.catch_warnings():  # more workers than cores on purpose: they wait on the disk
         warnings.filterwarnings("ignore", message="This DataLoader will create")
-        loader = DataLoader(
-            _Raw(source, checksum_name), sampler=ids.tolist(), batch_size=STAGE_BATCH,
+        loader: DataLoader[Any] = DataLoader(
+            cast(Dataset[Any], _Raw(source, checksum_name)), sampler=ids.tolist(), batch_size=STAGE_BATCH,
             num_workers=STAGE_WORKERS, prefetch_factor=4, collate_fn=_packed,
         )  # fmt: skip
         batches = iter(loader)

@@ -76,7 +76,7 @@ class Rounds:
         receive_buffers = self.buffers("receive", sum(splits(recv_sizes, 0)))
 
         def fill(index: int) -> int:
-            view, cursor = memoryview(send_buffers[index % 2].numpy()), 0
+            view, cursor = send_buffers[index % 2].numpy().data, 0
             for dst, size in enumerate(splits(send_sizes, index)):
                 if size:
                     outgoing[dst].take(size, view[cursor : cursor + size])
@@ -106,6 +106,7 @@ class Rounds:
                     )
                 # While this round is on the wire, copy the next one out of the store.
                 filled = fill(index + 1) if index + 1 < rounds else 0
+                assert work is not None  # async_op=True returns the work
                 work.wait()
                 if self.device.type != "cpu":
                     received.copy_(device_received)
@@ -182,10 +183,13 @@ def exchange_streams(
     recv_sizes = recv_sizes.cpu()
     if unexpected := [src for src in range(world) if src not in receives and int(recv_sizes[src])]:
         raise ExchangeError(f"rank(s) {unexpected} announced data the plan does not send to this rank")
-    incoming = {
-        src: IncomingStream(src, ids, int(recv_sizes[src]), num_classes, writer)
-        for src, ids in receives.items()
-    }
+    incoming: dict[int, IncomingStream] = {}
+    if receives:
+        assert writer is not None  # a rank the plan sends to has a writer
+        incoming = {
+            src: IncomingStream(src, ids, int(recv_sizes[src]), num_classes, writer)
+            for src, ids in receives.items()
+        }
     largest = max(int(send_sizes.max()), int(recv_sizes.max()))
     count = torch.tensor([rounds_for(largest, peer_chunk)], dtype=torch.int64, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)

@@ -180,13 +180,13 @@ def rank_problems(store: RankStore, *, checksums: bool = True) -> list[str]:
                 f"({actual} bytes, manifest says {expected})"
             )
     if checksums:
-        actual = {
+        on_disk = {
             name: (store.pack_dir / name).stat().st_size
             for name in sizes
             if name not in unsafe and (store.pack_dir / name).is_file()
         }
         ends = store.records["offset"] + store.records["length"]
-        available = np.array([actual.get(fmt.pack_name(int(s)), -1) for s in store.records["pack"]])
+        available = np.array([on_disk.get(fmt.pack_name(int(s)), -1) for s in store.records["pack"]])
         readable = store.records[available >= ends.astype(np.int64)]
         bad = [int(r["id"]) for r in readable if not _intact(store, r)]
         if bad:
@@ -209,7 +209,7 @@ def _intact(store: RankStore, record: np.void) -> bool:
 def stray_files(store: RankStore) -> list[str]:
     """Files in the rank directory that no committed or prepared state explains."""
     wanted = store.referenced_files()
-    lines = []
+    lines: list[str] = []
     for path in sorted(store.directory.rglob("*")):
         relative = path.relative_to(store.directory).as_posix()
         if path.is_dir() and relative == fmt.PACK_DIR:

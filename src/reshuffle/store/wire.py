@@ -74,9 +74,9 @@ class OutgoingStream:
         self.size = headers.nbytes + int(self.records["length"].sum())
         self.payload_bytes = int(self.records["length"].sum())
         self._pieces = self._generate(store, headers.tobytes())
-        self._pending: memoryview | None = None
+        self._pending: bytes | memoryview | None = None
 
-    def _generate(self, store: RankStore, header_block: bytes) -> Iterator[memoryview]:
+    def _generate(self, store: RankStore, header_block: bytes) -> Iterator[bytes | memoryview]:
         yield memoryview(header_block)
         for record in self.records:
             yield store.record_bytes(record)
@@ -140,6 +140,7 @@ class IncomingStream:
             if len(self._headers) == self.header_bytes:
                 self.headers = self._check_headers(np.frombuffer(bytes(self._headers), dtype=fmt.WIRE_HEADER))
         while len(data):
+            assert self.headers is not None  # the header block comes first
             record = self.headers[self._next]
             length = int(record["length"])
             if not self._partial and len(data) >= length:

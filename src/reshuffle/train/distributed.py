@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -98,7 +99,7 @@ def setup(backend: str, timeout_s: float) -> DistContext:
             int(os.environ.get("LOCAL_RANK", "0")),
             int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         )
-        rendezvous: dict[str, object] = {}  # the environment's MASTER_ADDR / MASTER_PORT
+        rendezvous: dict[str, Any] = {}  # the environment's MASTER_ADDR / MASTER_PORT
     else:
         rank, world, local_rank, local_world = 0, 1, 0, 1
         rendezvous = {"store": dist.HashStore()}

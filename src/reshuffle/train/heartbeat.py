@@ -98,6 +98,7 @@ class Heartbeat:
 
     def _beat(self) -> None:
         beat = f"{time.time():.3f} {socket.gethostname()} {os.getpid()} {_start_time(os.getpid())}"
+        assert self.store is not None  # beats start once the store is known
         self.store.set(f"{self._prefix}{self.rank}", beat)
 
     def _run(self) -> None:

@@ -215,7 +215,9 @@ def _worker(config: dict[str, Any], system: dict[str, Any], resume: bool) -> dic
     from torch.distributed.elastic.multiprocessing.errors import record
 
     run_config = from_mapping(RunConfig, config)
-    return record(_train)(run_config, from_mapping(SystemConfig, system), run_dir_of(run_config), resume)
+    summary = record(_train)(run_config, from_mapping(SystemConfig, system), run_dir_of(run_config), resume)
+    assert summary is not None  # record() passes the result through; it returns None only on errors
+    return summary
 
 
 def _train(config: RunConfig, system: SystemConfig, run_dir: Path, resume: bool) -> dict[str, Any]:

@@ -259,8 +259,10 @@ class Run:
         store_mode = data.mode == "store"
         exposed_s = time.perf_counter() - boundary + commit_s if store_mode else math.nan
         exchange_s = (exchange.seconds if exchange else 0.0) if store_mode else math.nan
+        plan = data.plan
+        assert plan is not None  # set_epoch planned this epoch
         if cfg.bn_recalibrate:
-            own = data.plan.indices(ctx.rank)[: cfg.bn_recalibrate_batches * cfg.batch_size].tolist()
+            own = plan.indices(ctx.rank)[: cfg.bn_recalibrate_batches * cfg.batch_size].tolist()
             loader = DataLoader(data.dataset, batch_size=cfg.batch_size, sampler=own, collate_fn=collate)
             recalibrate_batchnorm(self.model, (batch[0] for batch in loader), ctx.device)
         epoch_s = time.perf_counter() - epoch_started
@@ -269,13 +271,13 @@ class Run:
         eval_s = time.perf_counter() - eval_started
 
         last_epoch = epoch + 1 == cfg.epochs
-        churn, coverage, storage = self.footprint.update(data.plan, ctx.rank, last_epoch)
+        churn, coverage, storage = self.footprint.update(plan, ctx.rank, last_epoch)
         per_node = self.config.dist.ranks_per_node or ctx.local_world  # the ranks sharing a node's storage
         rank_values = [
             *stats.to_numbers()[:7], exchange_s, exposed_s,
             exchange.bytes_sent if exchange else 0, exchange.bytes_received if exchange else 0,
             js_distance(stats.label_counts, self.dataset_labels), float(stats.order_hash), epoch_s, train_s,
-            *metrics.moved(data.plan, ctx.rank, last_epoch, per_node), churn, coverage, storage,
+            *metrics.moved(plan, ctx.rank, last_epoch, per_node), churn, coverage, storage,
         ]  # fmt: skip
         ranks = metrics.gather(rank_values, ctx.device, ctx.world_size)
         lr = self.optimizer.param_groups[0]["lr"]

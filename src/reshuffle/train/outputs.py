@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ class MetricsFiles:
         self.wandb = wandb
 
     def write(
-        self, row: dict[str, Any], rank_rows: list[dict[str, Any]], step_rows: list[dict[str, Any]] = ()
+        self, row: dict[str, Any], rank_rows: list[dict[str, Any]], step_rows: Sequence[dict[str, Any]] = ()
     ) -> None:
         _append(self.epochs, EPOCH_COLUMNS, row)
         for step_row in step_rows:  # log.step_losses
@@ -145,4 +146,12 @@ def start_wandb(mode: str, project: str, name: str, run_dir: Path, config: dict[
         raise ImportError(
             "log.wandb needs the wandb package: pip install wandb (or reshuffle[wandb])"
         ) from error
-    return wandb.init(project=project, name=name, dir=str(run_dir), mode=mode, config=config, reinit=True)
+    if mode == "online":
+        return wandb.init(
+            project=project, name=name, dir=str(run_dir), mode="online", config=config, reinit=True
+        )
+    if mode == "offline":
+        return wandb.init(
+            project=project, name=name, dir=str(run_dir), mode="offline", config=config, reinit=True
+        )
+    raise ValueError(f"log.wandb must be online or offline, got {mode!r}")

@@ -50,9 +50,17 @@ def estimate_batchnorm(
     for layer, momentum in zip(layers, momenta, strict=True):
         layer.momentum = momentum
     model.train(was_training)
-    means = torch.cat([layer.running_mean for layer in layers])
-    squares = torch.cat([layer.running_var + layer.running_mean**2 for layer in layers])
+    stats = [_running(layer) for layer in layers]
+    means = torch.cat([mean for mean, _ in stats])
+    squares = torch.cat([var + mean**2 for mean, var in stats])
     return torch.stack([means, squares])
+
+
+def _running(layer: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's running mean and variance (recalibration needs layers that track them)."""
+    if layer.running_mean is None or layer.running_var is None:
+        raise ValueError("train.bn_recalibrate needs BatchNorm layers that track running statistics")
+    return layer.running_mean, layer.running_var
 
 
 @torch.no_grad()
@@ -60,9 +68,8 @@ def assign_batchnorm(model: nn.Module, both: torch.Tensor) -> None:
     """Set the running statistics from averaged :func:`estimate_batchnorm` results."""
     offset = 0
     for layer in batchnorms(model):
-        width = layer.running_mean.numel()
-        layer.running_mean.copy_(both[0, offset : offset + width])
-        layer.running_var.copy_(
-            (both[1, offset : offset + width] - both[0, offset : offset + width] ** 2).clamp_min(0)
-        )
+        mean, var = _running(layer)
+        width = mean.numel()
+        mean.copy_(both[0, offset : offset + width])
+        var.copy_((both[1, offset : offset + width] - both[0, offset : offset + width] ** 2).clamp_min(0))
         offset += width

@@ -127,7 +127,7 @@ def load_agreed(
     source = min(r for r, row in enumerate(table.tolist()) if tuple(row) == best)
     name = Checkpoints.name(*best)
     try:
-        payload: bytes | None = path.read_bytes() if rank == source else None
+        payload: bytes | None = path.read_bytes() if rank == source and path is not None else None
     except OSError as error:
         payload = None
         log.error("--resume: cannot read %s: %s", path, error)
@@ -177,6 +177,7 @@ def _broadcast_bytes(payload: bytes | None, source: int, device: torch.device, s
     if int(size) < 0:
         return None
     if sending:
+        assert payload is not None  # the sender holds the checkpoint
         buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
     else:
         buffer = torch.empty(int(size), dtype=torch.uint8, device=device)

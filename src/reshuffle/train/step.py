@@ -10,6 +10,7 @@ import logging
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from reshuffle.config import ConfigError, RunConfig, SystemConfig
@@ -81,8 +82,8 @@ def forward_ranks(forward, criterion, images, labels, config: RunConfig, epoch: 
         weights.append(torch.full((per_rank,), weight, device=images.device))
         partners.append(labels[part][order])
     logits = forward(torch.cat(mixed))
-    weight = torch.cat(weights)
-    per_sample = weight * criterion(logits.float(), labels) + (1 - weight) * criterion(
+    mixing = torch.cat(weights)
+    per_sample = mixing * criterion(logits.float(), labels) + (1 - mixing) * criterion(
         logits.float(), torch.cat(partners)
     )
     return logits, per_sample
@@ -120,7 +121,7 @@ def example_batch(shape: tuple[int, ...], device: torch.device, channels_last: b
     return batch
 
 
-def gradient_sync(ddp: nn.Module, config: RunConfig) -> contextlib.AbstractContextManager:
+def gradient_sync(ddp: DistributedDataParallel, config: RunConfig) -> contextlib.AbstractContextManager:
     """Around forward and backward: DDP's all-reduce overlapped with backward, or (``explicit``)
     none, the caller reducing once afterwards. ``no_sync`` must cover the forward too: DDP
     decides there whether the next backward reduces."""

@@ -375,4 +375,5 @@ def _recalibrate(model, dataset, plan, world: int, train_cfg, device) -> None:
         )
         estimate = estimate_batchnorm(model, batches, device)
         total = estimate if total is None else total + estimate
+    assert total is not None  # every job has a rank
     assign_batchnorm(model, total / world)
