@@ -36,10 +36,6 @@ images, labels = idx("train-images-idx3", 16, 1, 28, 28), idx("train-labels-idx1
 dataset = TensorDataset(images, labels, torch.arange(len(labels)))  # items: (image, label, id)
 
 dist.init_process_group("gloo")
-# stages this rank's share of the dataset into its store (or reopens the store on a restart)
-data = ShuffledData(dataset, args.store, strategy="partial", fraction=0.1, partition="label-sorted",
-                    labels=labels, seed=0, epochs=args.epochs)  # fmt: skip
-loader = data.loader(batch_size=64, num_workers=2)  # a DataLoader that counts what the loop received
 torch.manual_seed(0)
 model = nn.parallel.DistributedDataParallel(nn.Sequential(
     nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -48,24 +44,27 @@ model = nn.parallel.DistributedDataParallel(nn.Sequential(
 settle_buckets(model, torch.zeros(2, 1, 28, 28))  # exact resume with 3+ ranks (DDP's bucket layout)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 checkpoint, start, trained = os.path.join(os.path.dirname(os.path.abspath(args.store)), "ckpt.pt"), 0, {}
-if os.path.exists(checkpoint):  # resume: model, optimizer and the data path's state (store included)
-    saved = torch.load(checkpoint, weights_only=True)
-    model.module.load_state_dict(saved["model"]), optimizer.load_state_dict(saved["optimizer"])
-    data.load_state_dict(saved["data"])
-    start = saved["epoch"] + 1
-for epoch in range(start, args.epochs):
-    data.set_epoch(epoch)  # commits the exchange that ran during the last epoch, starts the next
-    trained[epoch] = []
-    for x, y, ids in loader:
-        loss = nn.functional.cross_entropy(model(x.float().div(255).sub(0.286).div(0.353)), y)
-        optimizer.zero_grad(), loss.backward(), optimizer.step()
-        trained[epoch] += ids.tolist()
-    state = {"epoch": epoch, "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
-             "data": data.state_dict()}  # fmt: skip
-    if dist.get_rank() == 0:  # every epoch: a store only moves forward, so its checkpoint must too
-        torch.save(state, checkpoint + ".tmp"), os.replace(checkpoint + ".tmp", checkpoint)
-        print(f"epoch {epoch}: last loss {loss.item():.3f}")
-data.close()
+# stages this rank's share into its store (or reopens it); an error a lost rank caused names it
+with ShuffledData(dataset, args.store, strategy="partial", fraction=0.1, partition="label-sorted",
+                  labels=labels, seed=0, epochs=args.epochs) as data:  # fmt: skip
+    loader = data.loader(batch_size=64, num_workers=2)  # a DataLoader that counts what the loop received
+    if os.path.exists(checkpoint):  # resume: model, optimizer and the data path's state (store included)
+        saved = torch.load(checkpoint, weights_only=True)
+        model.module.load_state_dict(saved["model"]), optimizer.load_state_dict(saved["optimizer"])
+        data.load_state_dict(saved["data"])
+        start = saved["epoch"] + 1
+    for epoch in range(start, args.epochs):
+        data.set_epoch(epoch)  # commits the exchange that ran during the last epoch, starts the next
+        trained[epoch] = []
+        for x, y, ids in loader:
+            loss = nn.functional.cross_entropy(model(x.float().div(255).sub(0.286).div(0.353)), y)
+            optimizer.zero_grad(), loss.backward(), optimizer.step()
+            trained[epoch] += ids.tolist()
+        state = {"epoch": epoch, "model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+                 "data": data.state_dict()}  # fmt: skip
+        if dist.get_rank() == 0:  # every epoch: a store only moves forward, so its checkpoint must too
+            torch.save(state, checkpoint + ".tmp"), os.replace(checkpoint + ".tmp", checkpoint)
+            print(f"epoch {epoch}: last loss {loss.item():.3f}")
 if args.ids_out:
     torch.save(trained, f"{args.ids_out}.rank{dist.get_rank()}")
 dist.destroy_process_group()

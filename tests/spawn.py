@@ -9,15 +9,19 @@ test returns early when setup fails.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing
 import os
 import pickle
+import signal
+import subprocess
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -105,3 +109,29 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         details = "\n".join(f"--- rank {o.rank} (exit code {o.exitcode}):\n{o.error}" for o in failures)
         raise AssertionError(f"{len(failures)} of {world_size} ranks failed:\n{details}")
     return [o.value for o in outcomes]
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it (a node lost), then reap it."""
+    for pid in _tree(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)

@@ -5,11 +5,9 @@ commit; the job resumes from node-local logs and loses no sample (issue 17 #10).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ import pytest
 
 from reshuffle.store import verify_store
 from reshuffle.train.distributed import free_port
+from spawn import kill_tree
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SETTINGS = [
@@ -43,31 +42,6 @@ def _node(root: Path, node: int, port: int, *extra: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (torchrun starts its ranks in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo += children.get(current, [])
-    return found
-
-
-def _kill_node(process: subprocess.Popen) -> None:
-    for pid in _tree(process.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait(timeout=30)
-
-
 def _finish(nodes: list[subprocess.Popen]) -> list[subprocess.Popen]:
     """Wait for every node's torchrun to end (a hard 300 s each); kill what is left."""
     try:
@@ -76,7 +50,7 @@ def _finish(nodes: list[subprocess.Popen]) -> list[subprocess.Popen]:
     finally:
         for node in nodes:
             if node.poll() is None:
-                _kill_node(node)
+                kill_tree(node)
     return nodes
 
 
@@ -105,7 +79,7 @@ def test_a_node_killed_before_a_commit_resumes_from_node_local_logs_and_loses_no
         checkpoint = tmp_path / "node-1" / "mn" / "checkpoints" / "epoch-0002-step-0000000.pt"
         _wait_for(lambda: checkpoint.exists() or any(n.poll() is not None for n in nodes), 180, "epoch 2")
         assert checkpoint.exists(), _text(tmp_path / "node-1" / "torchrun.out")[-3000:]
-        _kill_node(nodes[1])
+        kill_tree(nodes[1])
         killed = time.monotonic()
         _wait_for(lambda: "ERROR" in _text(log0), 60, "node 0's rank to fail")
         assert time.monotonic() - killed < 20 + 15  # dist.timeout_s and the naming's wait, at most
@@ -113,7 +87,7 @@ def test_a_node_killed_before_a_commit_resumes_from_node_local_logs_and_loses_no
     finally:
         for node in nodes:
             if node.poll() is None:
-                _kill_node(node)  # torchrun's agent waits 300 s for a lost peer agent at exit
+                kill_tree(node)  # torchrun's agent waits 300 s for a lost peer agent at exit
     port = free_port()
     resumed = _finish([_node(tmp_path, k, port, "--resume") for k in (0, 1)])
     outputs = [_text(tmp_path / f"node-{k}" / "torchrun.out")[-3000:] for k in (0, 1)]

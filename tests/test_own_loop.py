@@ -5,6 +5,7 @@ workers, no batching)."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -274,3 +275,74 @@ def test_an_elastic_mid_epoch_resume_trains_the_rest_once_padding_as_distributed
             assert len(share) - len(set(share)) == sum(
                 everything.count(i) - 1 for i in set(share) if share.count(i) > 1
             )
+
+
+USER_LOOP = """
+import argparse, time
+import torch, torch.distributed as dist
+from torch import nn
+from torch.utils.data import TensorDataset
+from reshuffle import ShuffledData
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--store"); parser.add_argument("--ready"); parser.add_argument("--stop")
+args = parser.parse_args()
+dist.init_process_group("gloo")
+dataset = TensorDataset(torch.randn(512, 8), torch.arange(512) % 4, torch.arange(512))
+model = nn.parallel.DistributedDataParallel(nn.Linear(8, 4))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+with ShuffledData(dataset, args.store, strategy="partial", fraction=0.25, seed=0, epochs=50) as data:
+    loader = data.loader(batch_size=16)
+    for epoch in range(50):
+        stopping = epoch == 1 and dist.get_rank() == 1
+        if stopping and args.stop == "before set_epoch":
+            open(args.ready, "w").close(); time.sleep(600)
+        data.set_epoch(epoch)
+        for step, (x, y, ids) in enumerate(loader):
+            if stopping and step == 3 and args.stop == "inside a step":
+                open(args.ready, "w").close(); time.sleep(600)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["inside a step", "before set_epoch"])
+def test_a_users_loop_names_the_rank_that_was_lost(tmp_path, stop):
+    """A plain DDP loop in `with ShuffledData(...) as data:`, two torchrun "nodes" of one rank.
+    Node 1 (its agent and rank) is killed while rank 1 waits inside a training step, or before
+    set_epoch; rank 0, blocked in DDP's all-reduce or in set_epoch's collective, fails with an
+    error whose message names the lost rank (before: gloo's "Connection closed by peer")."""
+    import subprocess
+    import sys
+    import time
+
+    from reshuffle.train.distributed import free_port
+    from spawn import kill_tree
+
+    script, port, nodes = tmp_path / "loop.py", free_port(), []
+    script.write_text(USER_LOOP)
+    for node in (0, 1):
+        output = open(tmp_path / f"node{node}.out", "w")  # noqa: SIM115 (closed with the process)
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), str(script),
+             "--store", str(tmp_path / f"store{node}"), "--ready", str(tmp_path / "ready"), "--stop", stop],
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        ))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "ready").exists(), (tmp_path / "node1.out").read_text()[-3000:]
+        time.sleep(1)  # rank 0 is waiting for rank 1 now
+        kill_tree(nodes[1])
+        nodes[0].wait(timeout=120)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                kill_tree(node)
+    text = (tmp_path / "node0.out").read_text()
+    assert nodes[0].returncode != 0
+    assert "PeerError: rank 0 failed because rank 1 lost: its connection broke" in text, text[-4000:]

@@ -27,10 +27,12 @@ reshuffle's own sources are served as ``(transform(image), label, id)``, as ``re
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ from reshuffle.data.dataset import KeyedAugmentation, SourceDataset
 from reshuffle.data.items import DatasetSource, source_of
 from reshuffle.data.source import SampleSource
 from reshuffle.data.transforms import Transform
+from reshuffle.heartbeat import Heartbeat, acquire, name_the_silent, release
 from reshuffle.loader import DeliveredLoader
 from reshuffle.losses import LossTracker
 from reshuffle.plan import EpochPlan, ShufflePlanner
@@ -56,6 +59,28 @@ from reshuffle.store.session import StoreSession
 log = logging.getLogger("reshuffle")
 
 MODES = ("index", "store")
+
+
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+
+
+def _names_a_lost_rank(method: Callable[Params, Result]) -> Callable[Params, Result]:
+    """A method whose error, when a peer rank died or hung, names that rank (``PeerError``)."""
+
+    @functools.wraps(method)
+    def named(*args: Params.args, **kwargs: Params.kwargs) -> Result:
+        try:
+            return method(*args, **kwargs)
+        except Exception as error:
+            data = args[0]
+            assert isinstance(data, ShuffledData)
+            found = name_the_silent(error, data._heartbeat, data.timeout_s)
+            if found is error:
+                raise
+            raise found from error
+
+    return named
 
 
 class ShuffledData:
@@ -169,6 +194,9 @@ class ShuffledData:
                 device=self.device, chunk_bytes=int(chunk_mb * 2**20), timeout_s=timeout_s,
                 on_phase=on_exchange_phase,
             )  # fmt: skip
+        self.timeout_s = timeout_s
+        # beats into the launcher's store, so an error a lost or hung peer caused names that rank
+        self._heartbeat: Heartbeat | None = _heartbeat()
         self.epoch: int | None = None  # the epoch set_epoch selected last
         self.plan: EpochPlan | None = None  # that epoch's plan, computed once
         self.last_exchange: ExchangeStats | None = None  # the exchange the last end_epoch finished
@@ -208,6 +236,7 @@ class ShuffledData:
 
     # ----------------------------------------------------------------- the epoch boundary
 
+    @_names_a_lost_rank
     def set_epoch(self, epoch: int) -> None:
         """Select ``epoch``: finish and commit the exchange into it (store mode), start the next
         exchange in the background, and point the sampler at ``epoch``'s order. Collective in
@@ -235,6 +264,7 @@ class ShuffledData:
             assert self.plan is not None  # store mode always has a planner
             self.session.start(epoch, self.plan)
 
+    @_names_a_lost_rank
     def end_epoch(self) -> ExchangeStats | None:
         """Finish the current epoch's data work: reduce the recorded losses and hand them to the
         strategy, then (store mode) wait until every rank has prepared the next epoch's samples.
@@ -294,6 +324,7 @@ class ShuffledData:
 
     # ----------------------------------------------------------------- state
 
+    @_names_a_lost_rank
     def state_dict(self, position: int | None = None) -> dict[str, Any]:
         """Where the data stands: epoch, position in it, plan state (and, mid-epoch with a
         loss-driven strategy, the losses recorded so far, summed over ranks: a collective).
@@ -390,12 +421,39 @@ class ShuffledData:
         no collective."""
         if self.session is not None:
             self.session.close()
+        self._release_heartbeat()
+
+    def _release_heartbeat(self) -> None:
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            release(heartbeat)
 
     def __enter__(self) -> ShuffledData:  # with ShuffledData(...) as data: ... closes it
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        """Close; when the body failed because a peer rank died or hung (your DDP step's
+        ``Connection closed by peer``, a timed-out collective), raise a ``PeerError`` that names that
+        rank, from the original error. A failed body does not wait for an exchange in flight: the
+        next start decides its fate."""
+        if error is None:
+            self.close()
+            return
+        named = (
+            name_the_silent(error, self._heartbeat, self.timeout_s) if isinstance(error, Exception) else error
+        )
+        self._release_heartbeat()
+        if named is not error:
+            raise named from error
+
+
+def _heartbeat() -> Heartbeat | None:
+    """This process's heartbeat when it is one rank of several (the default group's rank)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return acquire(dist.get_rank(), dist.get_world_size())
 
 
 def _mode(mode: str | None, store_dir: str | Path | None) -> str:

@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from reshuffle import heartbeat
 from reshuffle.config import ConfigError, ConfigWarning, RunConfig, SystemConfig, load_system_config
 from reshuffle.config.loading import from_mapping, to_mapping
-from reshuffle.train import distributed, heartbeat
+from reshuffle.train import distributed
 
 log = logging.getLogger("reshuffle")
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from reshuffle import heartbeat
 from reshuffle.config import RunConfig, SystemConfig
 from reshuffle.data.dataset import collate
 from reshuffle.data.source import SampleSource
@@ -33,7 +34,7 @@ from reshuffle.models.sync_batchnorm import sync_ranks
 from reshuffle.plan.quality import js_distance
 from reshuffle.sampler import ShuffleSampler
 from reshuffle.shuffled import ShuffledData
-from reshuffle.train import distributed, heartbeat, inputs, metrics, run_files, state, step
+from reshuffle.train import distributed, inputs, metrics, run_files, state, step
 from reshuffle.train.checkpoint import Checkpoints
 from reshuffle.train.outputs import MetricsFiles
 from reshuffle.train.progress import Progress

@@ -1,5 +1,6 @@
 """Every rank's heartbeat in the launcher's store, so that a collective that timed out names the
-rank that stopped answering instead of blaming the rank that waited for it.
+rank that stopped answering instead of blaming the rank that waited for it. ``reshuffle run``'s
+ranks and :class:`~reshuffle.ShuffledData` in a user's own loop share one per process.
 
 A rank beats from a daemon thread (a key per rank: wall time, host, pid) into the TCP store at
 ``MASTER_ADDR:MASTER_PORT`` (torchrun's and ``reshuffle run``'s agent hosts it, so it outlives
@@ -188,10 +189,38 @@ def name_the_silent(
     return PeerError(f"rank {heartbeat.rank} failed because {hung}{action}")  # raised from ``error``
 
 
+_lock = threading.Lock()
+_shared: Heartbeat | None = None  # this process's heartbeat, while anything holds it
+_holders = 0
+
+
+def acquire(rank: int, world_size: int) -> Heartbeat:
+    """This process's heartbeat, started by the first holder (one key per rank in the store, however
+    many parts of the process want it: the trainer and the ShuffledData it drives)."""
+    global _shared, _holders
+    with _lock:
+        if _shared is None:
+            _shared = Heartbeat.connect(rank, world_size).start()
+        _holders += 1
+        return _shared
+
+
+def release(heartbeat: Heartbeat) -> None:
+    """Let go of :func:`acquire`'s heartbeat; the last holder stops it."""
+    global _shared, _holders
+    with _lock:
+        if heartbeat is not _shared:
+            return
+        _holders -= 1
+        if _holders == 0:
+            heartbeat.stop()
+            _shared = None
+
+
 @contextlib.contextmanager
 def watch(rank: int, world_size: int, timeout_s: float) -> Iterator[Heartbeat]:
     """Beat while the body runs; an error from a collective a silent peer broke names that peer."""
-    heartbeat = Heartbeat.connect(rank, world_size).start()
+    heartbeat = acquire(rank, world_size)
     try:
         yield heartbeat
     except BaseException as error:
@@ -200,7 +229,7 @@ def watch(rank: int, world_size: int, timeout_s: float) -> Iterator[Heartbeat]:
             raise
         raise named from error
     finally:
-        heartbeat.stop()
+        release(heartbeat)
 
 
 def named_in_logs(logs: Path, since: float) -> Iterator[tuple[int, str]]:
