@@ -100,6 +100,11 @@ def _rank_entry(
     import torch.distributed as dist
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import multiprocessing
+
+    # as under torchrun, whose ranks are plain processes: their DataLoader workers are forked
+    # (a spawned rank would spawn them too, a second of imports each)
+    multiprocessing.set_start_method("fork", force=True)
     store = dist.FileStore(str(Path(tmp) / "rendezvous"), world_size)
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)

@@ -295,6 +295,23 @@ def test_every_training_option_trains_and_takes_effect(
     assert took_effect(run, spy, baselines)
 
 
+def test_a_virtual_run_goes_through_the_same_epoch_loop_and_summary_as_a_real_one(tmp_path):
+    """One epoch loop for both (train/epochs.py): the same summary.json keys (the virtual run's
+    used to lack ``name``), the same per-epoch columns, and max_steps stops both the same way."""
+    real = run_in_process(tmp_path, "train.epochs=2", name="real")
+    virtual = run_in_process(tmp_path, "train.epochs=2", "dist.virtual_ranks=2", name="virtual")
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (real, virtual)]
+    assert summaries[0].keys() == summaries[1].keys() and summaries[1]["name"] == "virtual"
+    assert summaries[1]["world_size"] == 2 and summaries[1]["status"] == "completed"
+    assert (
+        rows(real / "metrics" / "epochs.csv")[0].keys() == rows(virtual / "metrics" / "epochs.csv")[0].keys()
+    )
+    stopped = run_in_process(
+        tmp_path, "train.epochs=2", "dist.virtual_ranks=2", "train.max_steps=3", name="stop"
+    )
+    assert not (stopped / "summary.json").exists() and not (stopped / "metrics" / "epochs.csv").exists()
+
+
 def test_real_fashion_mnist_trains(tmp_path, fashion_mnist):
     run = run_in_process(
         tmp_path, "data.name=fashion-mnist", "data.train_limit=2048", "data.test_limit=512", "model.width=16"

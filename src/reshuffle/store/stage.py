@@ -7,6 +7,7 @@ no manifest, so the next attempt starts that rank over.
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -146,6 +147,12 @@ STAGE_BATCH = 64
 READ_IN_WORKERS_FROM = 4096
 
 
+# The staging workers only read the source and checksum bytes: forked, they start at once. A rank
+# started by multiprocessing's spawn (torch.multiprocessing.spawn) would otherwise spawn them too,
+# each importing torch afresh: measured, 8.5 s of an 11.6 s staging of 1 GB.
+WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 def read_source(
     source: SampleSource, ids: NDArray[np.int64], checksum_name: str
 ) -> Iterator[tuple[int, int, bytes | memoryview, int | None]]:
@@ -162,6 +169,7 @@ def read_source(
         loader: DataLoader[Any] = DataLoader(
             cast(Dataset[Any], _Raw(source, checksum_name)), sampler=ids.tolist(), batch_size=STAGE_BATCH,
             num_workers=STAGE_WORKERS, prefetch_factor=4, collate_fn=_packed,
+            multiprocessing_context=WORKER_START,
         )  # fmt: skip
         batches = iter(loader)
     position = 0

@@ -36,6 +36,7 @@ from reshuffle.sampler import ShuffleSampler
 from reshuffle.shuffled import ShuffledData
 from reshuffle.train import distributed, inputs, metrics, run_files, state, step
 from reshuffle.train.checkpoint import Checkpoints
+from reshuffle.train.epochs import run_epochs
 from reshuffle.train.outputs import MetricsFiles
 from reshuffle.train.progress import Progress
 from reshuffle.train.recalibrate import recalibrate_batchnorm
@@ -88,23 +89,8 @@ def _train(
     run = Run.build(config, system, run_dir, ctx, data, source, checkpoints, saved, resume, start_epoch)
     run.resident = inputs.resident_copy(data, ctx.device, config.train.resident)
     run.total_steps = start_epoch * run.steps_per_epoch + run.first_step()
-    last_row: dict[str, Any] = {}
-    for epoch in range(start_epoch, config.train.epochs):
-        epoch_started = time.perf_counter()
-        data.set_epoch(epoch)  # commits the exchange into this epoch, starts the next one
-        commit_s = time.perf_counter() - epoch_started if epoch > start_epoch else 0.0
-        first_step = run.first_step()  # > 0 in a resumed epoch (of another world size: its rest, dealt)
-        partial = state.partial_of(saved, ctx.rank, ctx.world_size) if saved and start_step else None
-        stats, finished = run.train_epoch(epoch, first_step, partial)
-        if not finished:
-            log.info("stopped at train.max_steps=%d (a checkpoint holds it)", config.train.max_steps)
-            break
-        last_row = run.finish_epoch(epoch, stats, epoch_started, commit_s)
-        if run.reached_max_steps():
-            break
-        saved = None
-    data.close()  # an exchange in flight and the last commit's upkeep end with the job
-    return run_files.finish(run_dir, config, ctx.world_size, last_row, time.time() - started, run.outputs)
+    partial = state.partial_of(saved, ctx.rank, ctx.world_size) if saved and start_step else None
+    return run_epochs(run, data, config, run_dir, ctx.world_size, start_epoch, partial, started)
 
 
 @dataclasses.dataclass
@@ -222,6 +208,7 @@ class Run:
                 self.save(epoch, at + 1, stats)
             if self.reached_max_steps() and at + 1 < self.steps_per_epoch:
                 self.progress.finish()
+                log.info("stopped at train.max_steps=%d (a checkpoint holds it)", cfg.max_steps)
                 return stats, False
         self.progress.finish()
         return stats, True

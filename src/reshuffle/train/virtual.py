@@ -33,20 +33,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from reshuffle.config import ConfigError, RunConfig, SystemConfig, planner_settings
+from reshuffle.config import ConfigError, RunConfig, SystemConfig
 from reshuffle.data import SourceDataset, open_source, transform_for
 from reshuffle.data.dataset import collate
-from reshuffle.losses import LossTracker
+from reshuffle.data.source import SampleSource
 from reshuffle.memory import keep_freed_memory
 from reshuffle.models import build_model
 from reshuffle.models.norm import batchnorms
 from reshuffle.models.sync_batchnorm import sync_group_size
 from reshuffle.models.virtual import set_groups, virtualize
-from reshuffle.plan import EpochPlan, ShufflePlanner
-from reshuffle.plan.planner import plain
+from reshuffle.plan import EpochPlan
 from reshuffle.plan.quality import js_distance
-from reshuffle.train import distributed, metrics, run_files, state, step
+from reshuffle.shuffled import ShuffledData
+from reshuffle.train import distributed, inputs, metrics, run_files, state, step
 from reshuffle.train.checkpoint import Checkpoints
+from reshuffle.train.epochs import run_epochs
 from reshuffle.train.outputs import MetricsFiles
 from reshuffle.train.progress import Progress
 from reshuffle.train.recalibrate import assign_batchnorm, estimate_batchnorm
@@ -93,32 +94,23 @@ def _train(
             f"{checkpoints.latest()} is a mid-epoch checkpoint; virtual runs resume at epoch ends"
         )
     start_epoch = int(saved[state.EPOCH]) if saved else 0
-    run = VirtualRun.build(config, system, run_dir, ctx, checkpoints, saved, resume, start_epoch)
-    last_row: dict[str, Any] = {}
-    stopped = False
-    for epoch in range(start_epoch, config.train.epochs):
-        epoch_started = time.perf_counter()
-        totals = run.train_epoch(epoch)
-        if totals is None:
-            log.info(
-                "stopped after train.max_steps=%d steps (virtual runs checkpoint at epoch ends)",
-                run.total_steps,
-            )
-            stopped = True
-            break
-        last_row = run.finish_epoch(epoch, totals, epoch_started)
-    run.outputs.close()
-    summary = {
-        "status": "stopped" if stopped else "completed",
-        "epochs": config.train.epochs,
-        "world_size": run.world,
-        "virtual_ranks": run.world,
-        "wall_s": time.time() - started,
-        "final": last_row,
-    }
-    if not stopped:
-        run_files.write_summary(run_dir, summary)
-    return summary
+    if start_epoch >= config.train.epochs:
+        log.info("run %s already finished (%d epochs); nothing to do", config.name, config.train.epochs)
+        return run_files.saved_summary(run_dir)
+    # the plans of every rank, as M real ranks would have them (rank 0's sampler is not used)
+    world = config.dist.virtual_ranks
+    every_rank = dataclasses.replace(
+        ctx, rank=0, world_size=world, local_world=config.dist.ranks_per_node or 1
+    )
+    data, source = inputs.shuffled_data(config, system, run_dir, every_rank)
+    if saved and PLANNER in saved[state.DATA]:  # a checkpoint written before virtual runs had a data path
+        data.planner.load_state_dict(saved[state.DATA][PLANNER])
+    elif saved:
+        data.load_state_dict(saved[state.DATA])
+    run = VirtualRun.build(
+        config, system, run_dir, ctx, data, source, checkpoints, saved, resume, start_epoch
+    )
+    return run_epochs(run, data, config, run_dir, world, start_epoch, None, started)
 
 
 def _check(config: RunConfig) -> None:
@@ -176,15 +168,13 @@ class VirtualRun:
     ctx: distributed.DistContext
     world: int
     chunk: int  # ranks per forward
-    planner: ShufflePlanner
-    train_dataset: SourceDataset
+    data: ShuffledData  # the data path of all M ranks: their plans, the dataset, the losses
     test_loader: DataLoader
     model: nn.Module
     forward: Any  # model, or model compiled
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     criterion: nn.Module
-    tracker: LossTracker
     checkpoints: Checkpoints
     outputs: MetricsFiles
     progress: Progress
@@ -196,18 +186,11 @@ class VirtualRun:
     @classmethod
     def build(
         cls, config: RunConfig, system: SystemConfig, run_dir: Path, ctx: distributed.DistContext,
-        checkpoints: Checkpoints, saved: dict[str, Any] | None, resume: bool, start_epoch: int,
+        data: ShuffledData, train_source: SampleSource, checkpoints: Checkpoints,
+        saved: dict[str, Any] | None, resume: bool, start_epoch: int,
     ) -> VirtualRun:  # fmt: skip
         world, cfg = config.dist.virtual_ranks, config.train
-        train_source = open_source(config.data, "train", system)
         test_source = open_source(config.data, "test", system)
-        planner = ShufflePlanner(
-            len(train_source), world, partition=config.shuffle.partition, labels=train_source.targets,
-            seed=config.seed, drop_last=config.shuffle.drop_last,
-            **planner_settings(config.shuffle, config.dist.ranks_per_node),
-        )  # fmt: skip
-        if saved:
-            planner.load_state_dict(saved[state.DATA][PLANNER])
         test_loader = DataLoader(
             SourceDataset(test_source, transform_for(config.data, "test", system)),
             batch_size=cfg.batch_size * 2, num_workers=cfg.workers, collate_fn=collate,
@@ -233,14 +216,12 @@ class VirtualRun:
             hosts=run_files.gather_hosts(ctx.device, 1), virtual_ranks=world, ranks_per_forward=chunk,
         )  # fmt: skip
         run = cls(
-            config, ctx, world, chunk, planner,
-            SourceDataset(train_source, transform_for(config.data, "train", system)), test_loader, model,
+            config, ctx, world, chunk, data, test_loader, model,
             torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model, optimizer, scaler,
-            nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing),
-            LossTracker(len(train_source)), checkpoints,
+            nn.CrossEntropyLoss(reduction="none", label_smoothing=cfg.label_smoothing), checkpoints,
             MetricsFiles(run_dir, resume_epoch=start_epoch, tensorboard=config.log.tensorboard),
             Progress(config.log.progress, config.log.every_steps, enabled=True),
-            metrics.Footprint(planner, start_epoch, list(range(world))),
+            metrics.Footprint(data.planner, start_epoch, list(range(world))),
             metrics.mean_sample_bytes(train_source),
             np.bincount(train_source.targets, minlength=train_source.num_classes),
         )  # fmt: skip
@@ -250,21 +231,27 @@ class VirtualRun:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.planner.samples_per_rank / self.config.train.batch_size)
+        return math.ceil(self.data.planner.samples_per_rank / self.config.train.batch_size)
 
-    @property
-    def tracking(self) -> bool:
-        return self.planner.strategy.uses_losses or self.config.train.track_losses
+    def first_step(self) -> int:
+        return 0  # virtual runs resume at epoch ends
 
-    def train_epoch(self, epoch: int) -> EpochTotals | None:
-        """Every rank's steps of ``epoch``; None when ``train.max_steps`` stopped it part-way."""
+    def reached_max_steps(self) -> bool:
+        return bool(self.config.train.max_steps) and self.total_steps >= self.config.train.max_steps
+
+    def train_epoch(
+        self, epoch: int, first_step: int, partial: list[float] | None
+    ) -> tuple[EpochTotals | None, bool]:
+        """Every rank's steps of ``epoch`` (the data path selected it); whether it ran to its end
+        (``train.max_steps`` can stop it part-way: a virtual run keeps no mid-epoch checkpoint)."""
         cfg, batch, steps = self.config.train, self.config.train.batch_size, self.steps_per_epoch
         started = time.perf_counter()
-        totals = EpochTotals.zeros(self.planner.plan(epoch), len(self.dataset_labels))
+        plan = self.data.plan
+        assert plan is not None  # set_epoch planned this epoch
+        totals = EpochTotals.zeros(plan, len(self.dataset_labels))
         order = totals.order
-        self.train_dataset.set_epoch(epoch, seed=self.config.seed)
         loader = DataLoader(
-            self.train_dataset,
+            self.data.dataset,
             batch_sampler=[order[:, s * batch : (s + 1) * batch].reshape(-1).tolist() for s in range(steps)],
             num_workers=cfg.workers, collate_fn=collate, pin_memory=cfg.pin_memory,
         )  # fmt: skip
@@ -279,12 +266,14 @@ class VirtualRun:
                 totals.step_rows.append({"epoch": epoch, "step": at, "loss": step_loss})
             self.progress.step(at, step_loss)
             self.total_steps += 1
-            if cfg.max_steps and self.total_steps >= cfg.max_steps and at + 1 < steps:
+            if self.reached_max_steps() and at + 1 < steps:
                 self.progress.finish()
-                return None
+                log.info("stopped after train.max_steps=%d steps (virtual runs checkpoint at epoch ends)",
+                         self.total_steps)  # fmt: skip
+                return None, False
         self.progress.finish()
         totals.train_s = time.perf_counter() - started
-        return totals
+        return totals, True
 
     def step(
         self, epoch: int, at: int, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
@@ -313,8 +302,7 @@ class VirtualRun:
             totals.loss_sum[first : ranks.stop] += detached.sum(1).cpu().numpy()
             hits = (logits.detach().argmax(1) == labels[part]).view(len(ranks), per_rank)
             totals.correct[first : ranks.stop] += hits.sum(1).cpu().numpy()
-            if self.tracking:
-                self.tracker.add(ids[part], per_sample.detach())
+            self.data.record_losses(ids[part], per_sample.detach())
         set_groups(model, 1)
         step.optimizer_step(self.optimizer, self.scaler)
         totals.samples += per_rank
@@ -322,14 +310,14 @@ class VirtualRun:
         np.add.at(totals.label_counts, (rank_of, labels.cpu().numpy()), 1)
         return step_loss
 
-    def finish_epoch(self, epoch: int, totals: EpochTotals, epoch_started: float) -> dict[str, Any]:
+    def finish_epoch(
+        self, epoch: int, totals: EpochTotals, epoch_started: float, commit_s: float
+    ) -> dict[str, Any]:
         """Recalibration, losses to the plan, evaluation, the metrics rows and the checkpoint."""
         cfg, world, plan = self.config.train, self.world, totals.plan
         if cfg.bn_recalibrate and batchnorms(self.model):
-            _recalibrate(self.model, self.train_dataset, plan, world, cfg, self.ctx.device)
-        if self.tracking and self.planner.strategy.uses_losses:
-            self.planner.observe(epoch, *(t.numpy() for t in self.tracker.mean()))
-        self.tracker.reset()
+            _recalibrate(self.model, self.data.dataset, plan, world, cfg, self.ctx.device)
+        self.data.end_epoch()  # the epoch's losses to the plan (a loss-driven strategy's next partition)
         epoch_s = time.perf_counter() - epoch_started
         eval_started = time.perf_counter()
         scores = step.evaluate(self.model, self.test_loader, self.criterion, self.ctx.device, self.config)
@@ -356,7 +344,7 @@ class VirtualRun:
         if last_epoch or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
             checkpoint = state.build(
                 epoch + 1, 0, self.config, self.model, self.optimizer, self.scaler,
-                {PLANNER: plain(self.planner.state_dict())}, state.gather_rng(self.ctx.device, 1), None,
+                self.data.state_dict(), state.gather_rng(self.ctx.device, 1), None,
             )  # fmt: skip
             self.checkpoints.save(checkpoint, epoch + 1, 0)
         return row
