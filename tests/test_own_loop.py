@@ -277,6 +277,41 @@ def test_an_elastic_mid_epoch_resume_trains_the_rest_once_padding_as_distributed
             )
 
 
+@pytest.mark.parametrize("workers", [{"num_workers": 2, "persistent_workers": True}, {"num_workers": 0}])
+def test_augmentation_resumed_from_an_end_of_epoch_state_is_the_uninterrupted_runs(workers):
+    """Random crops and flips through persistent DataLoader workers: resumed from a state taken
+    after epoch 1's last batch, epoch 2 trains the very tensors an uninterrupted run trains. The
+    draws are keyed by (seed, epoch, sample id), not taken from a worker's random stream, which a
+    DataLoader reseeds for every pass (so worker-drawn augmentation differs after any resume)."""
+    from reshuffle.data.synthetic import load_synthetic
+    from reshuffle.data.transforms import build_transform
+
+    def make():
+        source = load_synthetic("train", num_samples=96, shape=(1, 8, 8))
+        crops = build_transform(["random-crop:2", "horizontal-flip"], [0.5], [0.25])
+        return ShuffledData(source, strategy="partial", fraction=0.25, rank=0, world_size=2, seed=3,
+                            transform=crops)  # fmt: skip
+
+    def epoch_tensors(data, loader, epoch):
+        data.set_epoch(epoch)
+        return torch.cat([batch[0] for batch in loader] or [torch.empty(0)])
+
+    data = make()
+    loader = data.loader(batch_size=8, **workers)
+    uninterrupted = [epoch_tensors(data, loader, epoch) for epoch in range(3)]
+    data = make()
+    loader = data.loader(batch_size=8, **workers)
+    for epoch in range(2):
+        epoch_tensors(data, loader, epoch)
+    state = data.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    loader = resumed.loader(batch_size=8, **workers)
+    assert epoch_tensors(resumed, loader, 1).numel() == 0  # nothing of the finished epoch is left
+    assert torch.equal(epoch_tensors(resumed, loader, 2), uninterrupted[2])
+    assert not torch.equal(uninterrupted[1], uninterrupted[2])
+
+
 USER_LOOP = """
 import argparse, time
 import torch, torch.distributed as dist

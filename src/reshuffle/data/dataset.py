@@ -75,14 +75,31 @@ def transform_for(data: DataConfig, split: str, system: SystemConfig) -> Transfo
 
 
 class KeyedAugmentation:
-    """Mixin: random transforms draw from a generator keyed by (seed, epoch, sample id)."""
+    """Mixin: random transforms draw from a generator keyed by (seed, epoch, sample id), so a
+    sample's augmentation is the same in any worker, after any resume.
+
+    The epoch lives in shared memory: DataLoader workers that outlive an epoch
+    (``persistent_workers``) hold a copy of the dataset made when they started, and would
+    otherwise key every later epoch's draws with that epoch. Subclasses call
+    :meth:`_share_epoch` in ``__init__``."""
 
     seed = 0
-    epoch = 0
+    _epoch: torch.Tensor | None = None
+
+    def _share_epoch(self) -> None:
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0]) if self._epoch is not None else 0
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
-        """Key the next epoch's augmentation (call before creating the epoch's DataLoader)."""
-        self.epoch = epoch
+        """Key the next epoch's augmentation, in this process and in its DataLoader workers (the
+        seed is copied when workers start: set it before the first epoch)."""
+        if self._epoch is None:
+            self._share_epoch()
+        assert self._epoch is not None
+        self._epoch[0] = epoch
         if seed is not None:
             self.seed = seed
 
@@ -134,6 +151,7 @@ class SourceDataset(KeyedAugmentation, Dataset):
     def __init__(self, source: SampleSource, transform: Transform) -> None:
         self.source = source
         self.transform = transform
+        self._share_epoch()
         self.targets = source.targets
 
     def __len__(self) -> int:

@@ -75,6 +75,7 @@ class StoreDataset(_StoreReader, KeyedAugmentation, Dataset):
         decode: Callable[[bytes | memoryview], torch.Tensor],
         transform: Transform,
     ) -> None:
+        self._share_epoch()
         self.store = store
         self.decode = decode
         self.transform = transform
