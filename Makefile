@@ -1,7 +1,7 @@
 # make test   creates .venv if missing, installs reshuffle with its dev extras, runs lint (ruff,
 #             mypy on src/) + tests.
 # make test-fast  lint + the tests not marked slow (no spawned ranks, no training runs): about
-#                 75 s on 2 cores, for the edit-test loop; CI runs make test.
+#                 90 s on 2 cores, for the edit-test loop; CI runs make test.
 # make demo   the main job: a short experiment (see README).
 PYTHON ?= python3
 VENV ?= .venv
