@@ -6,6 +6,8 @@ epoch by a Callback. `use_distributed_sampler=False`: each rank already reads on
     pip install 'reshuffle[lightning]'
     python examples/lightning_store.py --store /tmp/fm/store --epochs 3   # Lightning starts 2 ranks
     python examples/lightning_store.py --store /tmp/fm/store --epochs 5   # resumes from last.ckpt
+    python examples/lightning_store.py --store /tmp/b/store --every 5 --stop-after 15   # then again:
+    python examples/lightning_store.py --store /tmp/b/store --every 5   # resumes mid-epoch, exactly
 """
 
 import argparse
@@ -26,6 +28,8 @@ parser.add_argument("--store", required=True, help="node-local directory for the
 parser.add_argument("--epochs", type=int, default=3)
 parser.add_argument("--limit", type=int, default=60000, help="train on the first N images")
 parser.add_argument("--ids-out", help="write the ids each rank trained on here")
+parser.add_argument("--every", type=int, help="also checkpoint every N steps (mid-epoch)")
+parser.add_argument("--stop-after", type=int, help="stop after N steps in all (as a preemption would)")
 args = parser.parse_args()
 
 
@@ -59,6 +63,9 @@ class SetEpoch(L.Callback):  # commits the exchange that ran during the last epo
     def on_train_epoch_start(self, trainer, module):  # before the epoch's first batch is fetched
         trainer.datamodule.data.set_epoch(trainer.current_epoch)
 
+    def on_train_start(self, trainer, module):  # a restart mid-epoch skips that epoch's hook above
+        trainer.datamodule.data.set_epoch(trainer.current_epoch)
+
 
 class Classifier(L.LightningModule):
     def __init__(self):
@@ -84,14 +91,20 @@ class Classifier(L.LightningModule):
 
 
 if __name__ == "__main__":
-    folder = os.path.dirname(os.path.abspath(args.store))
-    # every epoch: a store only moves forward, so its checkpoint must too
-    checkpoints = L.callbacks.ModelCheckpoint(dirpath=os.path.join(folder, "ckpt"), save_last=True)
+    folder = os.path.join(os.path.dirname(os.path.abspath(args.store)), "ckpt")
+    # every epoch: a store only moves forward, so its checkpoint must too; with --every, also every
+    # N steps, and last.ckpt is the newest of those (one saved when max_steps stops the run would
+    # claim the epoch was over)
+    callbacks = [SetEpoch(), L.callbacks.ModelCheckpoint(dirpath=folder, save_last=not args.every)]
+    if args.every:  # mid-epoch too: the DataModule's state is exact at any step
+        callbacks.append(
+            L.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=args.every)
+        )
     trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=args.epochs,
-                        use_distributed_sampler=False, callbacks=[SetEpoch(), checkpoints], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    last = os.path.join(folder, "ckpt", "last.ckpt")
+                        max_steps=args.stop_after or -1, use_distributed_sampler=False, callbacks=callbacks,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     model = Classifier()
-    trainer.fit(model, datamodule=FashionStore(), ckpt_path=last if os.path.exists(last) else None)
+    resume = os.path.isdir(folder) and any(name.startswith("last") for name in os.listdir(folder))
+    trainer.fit(model, datamodule=FashionStore(), ckpt_path="last" if resume else None)  # newest last*
     if args.ids_out:
         torch.save(model.trained, f"{args.ids_out}.rank{trainer.global_rank}")

@@ -123,6 +123,30 @@ def test_stateful_dataloader_example_stopped_mid_epoch_resumes_at_the_next_batch
     assert verify_store(store) == []
 
 
+def test_lightning_example_stopped_mid_epoch_resumes_at_the_next_batch(
+    tmp_path, fashion_mnist, reference_orders
+):
+    """examples/lightning_store.py with a checkpoint every 5 steps, stopped after 15 (batch 4 of
+    epoch 1), then started again: Lightning restores the DataModule's state from last.ckpt and
+    the two runs together train every rank on exactly the ids ``reshuffle run`` trains (before,
+    a restart mid-epoch skipped on_train_epoch_start, so the store was never opened)."""
+    store, ids = tmp_path / "example" / "store", tmp_path / "example" / "ids"
+    common = ["--data", str(fashion_mnist), "--store", str(store), "--limit", str(LIMIT), "--epochs", "3",
+              "--every", "5"]  # fmt: skip
+    first = _python(ROOT / "examples" / "lightning_store.py", *common, "--stop-after", "15", "--ids-out",
+                    f"{ids}-first")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _python(ROOT / "examples" / "lightning_store.py", *common, "--ids-out", f"{ids}-second")
+    assert second.returncode == 0, second.stderr[-3000:]
+    for rank in (0, 1):
+        before, after = torch.load(f"{ids}-first.rank{rank}"), torch.load(f"{ids}-second.rank{rank}")
+        assert sorted(before) == [0, 1] and sorted(after) == [1, 2] and len(before[1]) == 3 * 64
+        trained = {0: before[0], 1: before[1] + after[1], 2: after[2]}
+        for epoch, order in trained.items():
+            assert f"{order_hash(order):013x}" == reference_orders[rank][epoch], (rank, epoch)
+    assert verify_store(store) == []
+
+
 def test_a_byte_flipped_in_a_kept_sample_stops_the_users_loop_before_its_checkpoint(tmp_path, fashion_mnist):
     """examples/ddp_store.py (2 gloo ranks, DataLoader workers): after 2 epochs, one byte of a
     sample rank 1 keeps into epoch 2 is flipped on its disk. Run on to 3 epochs, the loop stops in

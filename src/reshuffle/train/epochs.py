@@ -21,7 +21,8 @@ from reshuffle.train.outputs import MetricsFiles
 
 class Ranks(Protocol):
     """What the epoch loop asks of the ranks this process trains: one rank of a DDP job
-    (:class:`Run`), or every rank of a virtual one (:class:`~reshuffle.train.virtual.VirtualRun`)."""
+    (:class:`~reshuffle.train.loop.Run`), or every rank of a virtual one
+    (:class:`~reshuffle.train.virtual.VirtualRun`)."""
 
     @property
     def outputs(self) -> MetricsFiles | None:
