@@ -60,10 +60,11 @@ def _python(script: Path, *arguments: str, timeout: float = 240) -> subprocess.C
     )  # fmt: skip
 
 
-LAUNCH = {"ddp_store.py": _torchrun, "accelerate_store.py": _torchrun, "lightning_store.py": _python}
+LAUNCH = {"ddp_store.py": _torchrun, "accelerate_store.py": _torchrun, "lightning_store.py": _python,
+          "stateful_store.py": _torchrun}  # fmt: skip
 
 
-@pytest.mark.parametrize("example", sorted(LAUNCH))
+@pytest.mark.parametrize("example", ["accelerate_store.py", "ddp_store.py", "lightning_store.py"])
 def test_example_trains_the_ids_reshuffle_run_trains_and_resumes(
     example, tmp_path, fashion_mnist, reference_orders
 ):
@@ -100,47 +101,35 @@ def test_example_trains_the_ids_reshuffle_run_trains_and_resumes(
     assert verify_store(store) == []
 
 
-def test_stateful_dataloader_example_stopped_mid_epoch_resumes_at_the_next_batch(
-    tmp_path, fashion_mnist, reference_orders
-):
-    """examples/stateful_store.py (2 gloo ranks, StatefulDataLoader with 2 workers, store mode)
-    stopped after 18 steps (batch 7 of epoch 1) and started again: the two runs together train
-    every rank on exactly the ids, in the order, ``reshuffle run`` trains on; nothing of epoch 1
-    is repeated or skipped; the stores verify."""
-    store, ids = tmp_path / "example" / "store", tmp_path / "example" / "ids"
-    common = ["--data", str(fashion_mnist), "--store", str(store), "--limit", str(LIMIT), "--epochs", "3"]
-    first = _torchrun(ROOT / "examples" / "stateful_store.py", *common, "--stop-after", "18",
-                      "--ids-out", f"{ids}-first")  # fmt: skip
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = _torchrun(ROOT / "examples" / "stateful_store.py", *common, "--ids-out", f"{ids}-second")
-    assert second.returncode == 0, second.stderr[-3000:]
-    for rank in (0, 1):
-        before, after = torch.load(f"{ids}-first.rank{rank}"), torch.load(f"{ids}-second.rank{rank}")
-        assert sorted(before) == [0, 1] and sorted(after) == [1, 2] and len(before[1]) == 6 * 64
-        trained = {0: before[0], 1: before[1] + after[1], 2: after[2]}
-        for epoch, order in trained.items():
-            assert f"{order_hash(order):013x}" == reference_orders[rank][epoch], (rank, epoch)
-    assert verify_store(store) == []
+# (example, options of both runs, steps before the stop): each stops inside epoch 1 (12 steps
+# per epoch of 750 samples per rank at batch 64), right after a step checkpoint
+STOPPED_MID_EPOCH = {
+    "stateful_store.py": ([], 18),  # StatefulDataLoader with 2 workers, a checkpoint every 5 steps and at 18
+    "lightning_store.py": (["--every", "5"], 15),  # Lightning's step checkpoints
+}
 
 
-def test_lightning_example_stopped_mid_epoch_resumes_at_the_next_batch(
-    tmp_path, fashion_mnist, reference_orders
+@pytest.mark.parametrize("example", sorted(STOPPED_MID_EPOCH))
+def test_an_example_stopped_mid_epoch_resumes_at_the_next_batch(
+    example, tmp_path, fashion_mnist, reference_orders
 ):
-    """examples/lightning_store.py with a checkpoint every 5 steps, stopped after 15 (batch 4 of
-    epoch 1), then started again: Lightning restores the DataModule's state from last.ckpt and
-    the two runs together train every rank on exactly the ids ``reshuffle run`` trains (before,
-    a restart mid-epoch skipped on_train_epoch_start, so the store was never opened)."""
+    """The example (2 CPU ranks, store mode) stopped mid-epoch 1 right after a checkpoint, then
+    started again: the two runs together train every rank on exactly the ids, in the order,
+    ``reshuffle run`` trains on (nothing of epoch 1 repeated or skipped); the stores verify.
+    Lightning's restart from a mid-epoch checkpoint skips on_train_epoch_start: its store was
+    never opened before the example also selected the epoch in on_train_start."""
+    options, stop = STOPPED_MID_EPOCH[example]
     store, ids = tmp_path / "example" / "store", tmp_path / "example" / "ids"
     common = ["--data", str(fashion_mnist), "--store", str(store), "--limit", str(LIMIT), "--epochs", "3",
-              "--every", "5"]  # fmt: skip
-    first = _python(ROOT / "examples" / "lightning_store.py", *common, "--stop-after", "15", "--ids-out",
-                    f"{ids}-first")  # fmt: skip
+              *options]  # fmt: skip
+    first = LAUNCH[example](ROOT / "examples" / example, *common, "--stop-after", str(stop), "--ids-out",
+                            f"{ids}-first")  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _python(ROOT / "examples" / "lightning_store.py", *common, "--ids-out", f"{ids}-second")
+    second = LAUNCH[example](ROOT / "examples" / example, *common, "--ids-out", f"{ids}-second")
     assert second.returncode == 0, second.stderr[-3000:]
     for rank in (0, 1):
         before, after = torch.load(f"{ids}-first.rank{rank}"), torch.load(f"{ids}-second.rank{rank}")
-        assert sorted(before) == [0, 1] and sorted(after) == [1, 2] and len(before[1]) == 3 * 64
+        assert sorted(before) == [0, 1] and sorted(after) == [1, 2] and len(before[1]) == (stop - 12) * 64
         trained = {0: before[0], 1: before[1] + after[1], 2: after[2]}
         for epoch, order in trained.items():
             assert f"{order_hash(order):013x}" == reference_orders[rank][epoch], (rank, epoch)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import re
@@ -24,9 +25,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import torch.distributed as dist
 
@@ -248,3 +250,53 @@ def _logged_at(line: str) -> float:
         return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
     except ValueError:
         return 0.0
+
+
+class Watch:
+    """This process's heartbeat held by one part of a job (:class:`~reshuffle.ShuffledData`), so
+    that an error a lost or hung peer caused names that peer (:meth:`named`). Holds nothing in a
+    single process or without torch.distributed."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.heartbeat = acquire(dist.get_rank(), dist.get_world_size()) if several else None
+
+    def named(self, error: BaseException) -> BaseException:
+        """``error``, or a ``PeerError`` naming the silent peer that caused it."""
+        return (
+            name_the_silent(error, self.heartbeat, self.timeout_s) if isinstance(error, Exception) else error
+        )
+
+    def release(self) -> None:
+        heartbeat, self.heartbeat = self.heartbeat, None
+        if heartbeat is not None:
+            release(heartbeat)
+
+
+class Watched(Protocol):
+    watch: Watch
+
+
+Owner = TypeVar("Owner", bound=Watched)
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+
+
+def names_lost_ranks(
+    method: Callable[Concatenate[Owner, Params], Result],
+) -> Callable[Concatenate[Owner, Params], Result]:
+    """A method whose error, when a peer rank died or hung, names that rank (``PeerError``,
+    raised from the original), through its owner's :class:`Watch`."""
+
+    @functools.wraps(method)
+    def named(owner: Owner, *args: Params.args, **kwargs: Params.kwargs) -> Result:
+        try:
+            return method(owner, *args, **kwargs)
+        except Exception as error:
+            found = owner.watch.named(error)
+            if found is error:
+                raise
+            raise found from error
+
+    return named

@@ -51,3 +51,23 @@ class DeliveredLoader(DataLoader):
             return size
         per_batch = 1 if self.batch_size is None else int(self.batch_size)
         return min(size, self._start + self._batches * per_batch)
+
+
+def trained_position(loader: DeliveredLoader | None, sampler: ShuffleSampler, *, ended: bool) -> int | None:
+    """The current epoch's trained position when it is known exactly: what ``loader`` delivered
+    in this epoch's pass; None when the sampler's own position is exact (nothing fetched in this
+    pass yet, or the loop declared the epoch over: ``ended``). Otherwise a ``ValueError`` naming
+    the fixes: a prefetching DataLoader takes the last ids while the loop is still some batches
+    short of them, so even a sampler at the epoch's end cannot say whether the loop got there."""
+    if loader is not None and loader.epoch == sampler.epoch:
+        return loader.position
+    if sampler.position == sampler.resumed_at or ended:
+        return None
+    raise ValueError(
+        f"state_dict() cannot tell what your loop trained: the sampler has handed out {sampler.position} "
+        f"of {sampler.epoch_size} ids, and a DataLoader with workers fetches batches ahead. Build the "
+        "loader with data.loader(batch_size=..., num_workers=...) (it counts the batches it delivers), "
+        "or call data.end_epoch() after the epoch's last batch, or pass "
+        "state_dict(position=samples_trained_this_epoch); torchdata's StatefulDataLoader keeps the "
+        "sampler's state in its own"
+    )

@@ -27,12 +27,11 @@ reshuffle's own sources are served as ``(transform(image), label, id)``, as ``re
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,12 +43,11 @@ from reshuffle.data.dataset import KeyedAugmentation, SourceDataset
 from reshuffle.data.items import DatasetSource, source_of
 from reshuffle.data.source import SampleSource
 from reshuffle.data.transforms import Transform
-from reshuffle.heartbeat import Heartbeat, acquire, name_the_silent, release
-from reshuffle.loader import DeliveredLoader
+from reshuffle.heartbeat import Watch, names_lost_ranks
+from reshuffle.loader import DeliveredLoader, trained_position
 from reshuffle.losses import LossTracker
 from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.plan.partitions import PARTITIONS
-from reshuffle.plan.resize import saved_planner
 from reshuffle.sampler import ShuffleSampler, rank_and_world
 from reshuffle.store.dataset import StoreDataset, StoreItems
 from reshuffle.store.exchange import ExchangeStats
@@ -59,28 +57,6 @@ from reshuffle.store.session import StoreSession
 log = logging.getLogger("reshuffle")
 
 MODES = ("index", "store")
-
-
-Params = ParamSpec("Params")
-Result = TypeVar("Result")
-
-
-def _names_a_lost_rank(method: Callable[Params, Result]) -> Callable[Params, Result]:
-    """A method whose error, when a peer rank died or hung, names that rank (``PeerError``)."""
-
-    @functools.wraps(method)
-    def named(*args: Params.args, **kwargs: Params.kwargs) -> Result:
-        try:
-            return method(*args, **kwargs)
-        except Exception as error:
-            data = args[0]
-            assert isinstance(data, ShuffledData)
-            found = name_the_silent(error, data._heartbeat, data.timeout_s)
-            if found is error:
-                raise
-            raise found from error
-
-    return named
 
 
 class ShuffledData:
@@ -194,9 +170,8 @@ class ShuffledData:
                 device=self.device, chunk_bytes=int(chunk_mb * 2**20), timeout_s=timeout_s,
                 on_phase=on_exchange_phase,
             )  # fmt: skip
-        self.timeout_s = timeout_s
         # beats into the launcher's store, so an error a lost or hung peer caused names that rank
-        self._heartbeat: Heartbeat | None = _heartbeat()
+        self.watch = Watch(timeout_s)
         self.epoch: int | None = None  # the epoch set_epoch selected last
         self.plan: EpochPlan | None = None  # that epoch's plan, computed once
         self.last_exchange: ExchangeStats | None = None  # the exchange the last end_epoch finished
@@ -236,7 +211,7 @@ class ShuffledData:
 
     # ----------------------------------------------------------------- the epoch boundary
 
-    @_names_a_lost_rank
+    @names_lost_ranks
     def set_epoch(self, epoch: int) -> None:
         """Select ``epoch``: finish and commit the exchange into it (store mode), start the next
         exchange in the background, and point the sampler at ``epoch``'s order. Collective in
@@ -264,7 +239,7 @@ class ShuffledData:
             assert self.plan is not None  # store mode always has a planner
             self.session.start(epoch, self.plan)
 
-    @_names_a_lost_rank
+    @names_lost_ranks
     def end_epoch(self) -> ExchangeStats | None:
         """Finish the current epoch's data work: reduce the recorded losses and hand them to the
         strategy, then (store mode) wait until every rank has prepared the next epoch's samples.
@@ -324,7 +299,7 @@ class ShuffledData:
 
     # ----------------------------------------------------------------- state
 
-    @_names_a_lost_rank
+    @names_lost_ranks
     def state_dict(self, position: int | None = None) -> dict[str, Any]:
         """Where the data stands: epoch, position in it, plan state (and, mid-epoch with a
         loss-driven strategy, the losses recorded so far, summed over ranks: a collective).
@@ -343,7 +318,7 @@ class ShuffledData:
         if self.session is not None:  # no state describes an epoch that met a damaged sample
             self.session.check_damage()
         if position is None:
-            position = self._trained_position()
+            position = trained_position(self._loader, self.sampler, ended=self._ended == self.epoch)
         sampler = self.sampler.state_dict()
         if position is not None:
             sampler[ShuffleSampler.STATE_POSITION] = int(position)
@@ -362,24 +337,6 @@ class ShuffledData:
                 state[self.STATE_LOSSES] = self.tracker.state_dict()
         return state
 
-    def _trained_position(self) -> int | None:
-        """The epoch's trained position when it is known exactly (None: the sampler's own is)."""
-        loader, sampler = self._loader, self.sampler
-        if loader is not None and loader.epoch == sampler.epoch:
-            return loader.position
-        if sampler.position == sampler.resumed_at or self._ended == self.epoch:
-            return None  # nothing fetched in this pass yet, or the loop declared the epoch over
-        # A prefetching DataLoader takes the last ids while the loop is still some batches short
-        # of them: even a sampler at the epoch's end cannot say whether the loop got there.
-        raise ValueError(
-            f"state_dict() cannot tell what your loop trained: the sampler has handed out {sampler.position} "
-            f"of {sampler.epoch_size} ids, and a DataLoader with workers fetches batches ahead. Build the "
-            "loader with data.loader(batch_size=..., num_workers=...) (it counts the batches it delivers), "
-            "or call data.end_epoch() after the epoch's last batch, or pass "
-            "state_dict(position=samples_trained_this_epoch); torchdata's StatefulDataLoader keeps the "
-            "sampler's state in its own"
-        )
-
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict` (of any mode: the plan is the same). The next
         :meth:`set_epoch` of the saved epoch continues at the saved position; of the next epoch,
@@ -389,23 +346,9 @@ class ShuffledData:
         stores through the exchange (:mod:`reshuffle.store.resize`)."""
         sampler = state[self.STATE_SAMPLER]
         if self.session is not None:
-            self.session.resize_from = None
-        if (
-            self.session is not None
-            and sampler[ShuffleSampler.STATE_CONFIG].get("world_size") != self.world_size
-        ):
-            old = saved_planner(self.planner, sampler[ShuffleSampler.STATE_CONFIG], sampler["planner"])
-            if (
-                not state.get(self.STATE_ENDED)
-                and 0 < sampler[ShuffleSampler.STATE_POSITION] < old.samples_per_rank
-            ):
-                raise ValueError(
-                    f"store mode resumes a state of {old.world_size} ranks with {self.world_size} only at an "
-                    f"epoch boundary (this one was saved mid-epoch): resume with {old.world_size} ranks to "
-                    "the epoch's end"
-                )
-            if state.get(self.STATE_STORE_DIR):  # an older state names none: staged from the source
-                self.session.resize_from = (old, Path(state[self.STATE_STORE_DIR]))
+            self.session.load(sampler[ShuffleSampler.STATE_CONFIG], sampler[ShuffleSampler.STATE_PLANNER],
+                              int(sampler[ShuffleSampler.STATE_POSITION]), bool(state.get(self.STATE_ENDED)),
+                              state.get(self.STATE_STORE_DIR))  # fmt: skip
         self.sampler.load_state_dict(sampler)
         if self.tracker is not None:
             self.tracker.reset()
@@ -413,20 +356,13 @@ class ShuffledData:
                 self.tracker.load_state_dict(state[self.STATE_LOSSES])
         self.epoch = int(state[self.STATE_SAMPLER][ShuffleSampler.STATE_EPOCH])
         self._ended = self.epoch if state.get(self.STATE_ENDED) else None
-        if self.session is not None:
-            self.session.synchronized = False
 
     def close(self) -> None:
         """Wait for an exchange in flight (a restart decides its fate) and the store's upkeep;
         no collective."""
         if self.session is not None:
             self.session.close()
-        self._release_heartbeat()
-
-    def _release_heartbeat(self) -> None:
-        heartbeat, self._heartbeat = self._heartbeat, None
-        if heartbeat is not None:
-            release(heartbeat)
+        self.watch.release()
 
     def __enter__(self) -> ShuffledData:  # with ShuffledData(...) as data: ... closes it
         return self
@@ -441,19 +377,10 @@ class ShuffledData:
         if error is None:
             self.close()
             return
-        named = (
-            name_the_silent(error, self._heartbeat, self.timeout_s) if isinstance(error, Exception) else error
-        )
-        self._release_heartbeat()
+        named = self.watch.named(error)
+        self.watch.release()
         if named is not error:
             raise named from error
-
-
-def _heartbeat() -> Heartbeat | None:
-    """This process's heartbeat when it is one rank of several (the default group's rank)."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
-    return acquire(dist.get_rank(), dist.get_world_size())
 
 
 def _mode(mode: str | None, store_dir: str | Path | None) -> str:

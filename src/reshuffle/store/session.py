@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import EpochPlan, ShufflePlanner
+from reshuffle.plan.resize import saved_planner
 from reshuffle.store.collectives import agree, gather_errors, gather_ints
 from reshuffle.store.exchange import Exchanger, ExchangeStats, new_exchange_group
 from reshuffle.store.rank_store import RankStore
@@ -72,6 +73,25 @@ class StoreSession:
         self.exchanger: Exchanger | None = None
         self.synchronized = False  # the stores agreed and are at the epoch the loop selected
         self.resize_from: tuple[ShufflePlanner, Path] | None = None  # (old planner, old root)
+
+    def load(self, config: dict[str, Any], planned: dict[str, Any], position: int, ended: bool,
+             old_root: str | None) -> None:  # fmt: skip
+        """A loaded state (the sampler's ``config``, ``planned`` state and ``position``): the next
+        :meth:`open` recovers the stores to it; one of another world size, saved at an epoch
+        boundary, fills new stores from the old ones at ``old_root`` through the exchange."""
+        self.synchronized, self.resize_from = False, None
+        world = self.planner.world_size
+        if config.get("world_size") == world:
+            return
+        old = saved_planner(self.planner, config, planned)
+        if not ended and 0 < position < old.samples_per_rank:
+            raise ValueError(
+                f"store mode resumes a state of {old.world_size} ranks with {world} only at an epoch "
+                f"boundary (this one was saved mid-epoch): resume with {old.world_size} ranks to the "
+                "epoch's end"
+            )
+        if old_root:  # an older state names none: staged from the source
+            self.resize_from = (old, Path(old_root))
 
     @property
     def running(self) -> bool:
