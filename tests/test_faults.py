@@ -302,6 +302,12 @@ def test_the_job_error_names_the_rank_that_caused_the_others_to_fail():
         root_failure(hung)[:4:3] == (2, 0)
         and root_failure(hung).why == "hung: " + silent[len("rank 2 hung: ") :]
     )
+    # rank 0 stopped the hung rank 2; rank 1 then saw its connection break and was recorded first
+    lost = "rank 2 lost: its connection broke and it has not beaten for 13 s (pid 9 on h: it died, ...)"
+    hung[1] = _Failure(3, f"PeerError: rank 1 failed because {lost}")
+    assert root_failure(hung)[:4:3] == (2, 0) and root_failure(hung).why.startswith("hung: ")
+    del hung[0]  # nobody stopped it: it was lost
+    assert root_failure(hung)[:4:3] == (2, 1) and root_failure(hung).why.startswith("lost: ")
 
 
 @pytest.mark.slow
@@ -561,3 +567,76 @@ def test_a_rank_that_cannot_open_its_store_fails_every_rank_at_once(tmp_path):
         outcomes[0][0] == "PeerError" and "caused by rank 1: StoreError: rank 1: stray file" in outcomes[0][1]
     )
     assert outcomes[0][2] < 20
+
+
+class Blobs(torch.utils.data.Dataset):
+    """A user's dataset of encoded images: (bytes of 20-30 KB, label) items (the ImageNet case)."""
+
+    def __init__(self, num: int = 24) -> None:
+        self.targets = [i % 3 for i in range(num)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = np.random.default_rng(index).integers(0, 256, 20_000 + 397 * index, dtype=np.uint8)
+        return image.tobytes(), self.targets[index]
+
+
+def _blob_store(root):
+    from reshuffle.data.items import DatasetSource
+    from reshuffle.store.dataset import StoreItems
+
+    source = DatasetSource(Blobs())
+    store = stage(root, 0, source, ShufflePlanner(len(source), 1, strategy="local", seed=0))[0]
+    return store, StoreItems(store, source.decoder)
+
+
+def test_a_large_bytes_item_is_read_in_two_parts_and_both_are_checked(tmp_path, monkeypatch):
+    """An item's large bytes value is read straight into the bytes it returns (head and body
+    apart, reshuffle.data.items): the items are the dataset's, and a byte flipped in the head or
+    in the body, or a pack cut inside a body, is a CorruptSampleError naming the sample. Records
+    written whole (before RSI2) read as they were."""
+    from reshuffle.data import items
+
+    store, dataset = _blob_store(tmp_path / "store")
+    ids = store.ids.tolist()
+    assert dataset.__getitems__(ids) == [Blobs()[i] for i in ids]
+    assert all(isinstance(r, tuple) for r in store.read_many(store.ids, items.head_size))  # split
+    for position, at in ((3, 6), (5, 13), (9, None)):  # the head's size, its value; the body
+        bad = _flip(store, position, at)
+        with pytest.raises(CorruptSampleError, match=rf"sample {bad} in this rank's own store is damaged"):
+            dataset.__getitems__([bad])
+    last = store.records[-1]
+    pack = store.pack_dir / pack_name(int(last["pack"]))
+    with open(pack, "r+b") as handle:
+        handle.truncate(int(last["offset"]) + int(last["length"]) - 100)
+    with pytest.raises(CorruptSampleError, match=rf"sample {int(last['id'])} .*its pack is truncated"):
+        list(store.read_many(np.array([last["id"]]), items.head_size))  # the pack shrank since it opened
+
+    monkeypatch.setattr(items, "BODY_FROM", 1 << 30)  # records as a store before RSI2 wrote them
+    store, dataset = _blob_store(tmp_path / "old")
+    assert not any(isinstance(r, tuple) for r in store.read_many(store.ids, items.head_size))
+    assert dataset.__getitems__(store.ids.tolist()) == [Blobs()[i] for i in store.ids.tolist()]
+
+
+def test_a_batch_announces_its_reads_unless_the_last_came_from_the_page_cache(tmp_path, monkeypatch):
+    """POSIX_FADV_WILLNEED for every read of a batch pays when the reads go to the disk and costs
+    a system call per sample when they do not: a batch after one read from the page cache is not
+    announced; in such a batch the second slow read announces the rest, and the next batch whole."""
+    from reshuffle.store import reads
+
+    store, _ = _blob_store(tmp_path / "store")
+    announced: list[int] = []
+    real = store.reader._announce
+    monkeypatch.setattr(store.reader, "_announce", lambda where: (announced.append(where.size), real(where)))
+    batch = store.ids[:10]
+    monkeypatch.setattr(reads, "FROM_CACHE_WITHIN", 3600.0)  # every read is fast
+    for _ in range(3):
+        list(store.read_many(batch))
+    assert announced == [10]  # the first batch (nothing known yet), then none
+    monkeypatch.setattr(reads, "FROM_CACHE_WITHIN", -1.0)  # every read is slow: the disk's
+    list(store.read_many(batch))
+    assert announced == [10, 8]  # the rest of the batch after its second slow read
+    list(store.read_many(batch))
+    assert announced == [10, 8, 10]

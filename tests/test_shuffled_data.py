@@ -53,6 +53,31 @@ def test_items_round_trip_without_pickle():
         decode_item(b"nope")
 
 
+def test_an_item_with_a_large_bytes_value_keeps_it_as_the_records_body(monkeypatch):
+    """The largest bytes value of BODY_FROM bytes or more goes last (``RSI2``), so a store read
+    returns it without a copy; decoded whole or as (head, body) the item is equal, with every
+    other value (None included) in place. Items written before ``RSI2`` still decode."""
+    from reshuffle.data import items
+
+    jpeg = bytes(range(256)) * 80  # 20 KiB
+    item = {"image": jpeg, "thumb": b"small", "meta": (None, 3, [jpeg[:100], None])}
+    record = encode_item(item)
+    assert record[:4] == b"RSI2" and record.endswith(jpeg)
+    cut = items.head_size(record[:512])
+    assert cut == len(record) - len(jpeg)
+    for back in (decode_item(record), decode_item(record[:cut], record[cut:])):
+        assert back == item and type(back["image"]) is bytes
+    assert encode_item((b"x" * 100, 1))[:4] == b"RSI1"  # small: one part, as before
+    assert items.head_size(encode_item((b"x" * 100, 1))) is None
+    monkeypatch.setattr(items, "BODY_FROM", 1 << 30)  # as a store written before RSI2
+    old = encode_item(item)
+    assert old[:4] == b"RSI1" and decode_item(old) == item
+    with pytest.raises(ValueError, match="head is truncated"):
+        decode_item(record[: cut - 1], record[cut:])
+    with pytest.raises(ValueError, match="bad magic"):
+        decode_item(old[:cut], record[cut:])
+
+
 def test_pil_images_round_trip():
     from PIL import Image
 

@@ -155,6 +155,7 @@ CONSEQUENCES = ("PeerError", "Connection closed by peer", "Connection reset by p
                 "DistBackendError", "Timed out", "timed out", "NCCL communicator was aborted")  # fmt: skip
 HUNG = re.compile(r"rank (\d+) ((?:hung|lost): [^\n]*)")  # group 2: "hung: ..." / "lost: ..."
 LOST = ("Connection reset", "Connection closed", "Broken pipe")  # a peer's process or node went away
+STOPPED = "stopped rank(s)"  # in the error of the rank that stopped the silent one
 
 
 def is_consequence(error: BaseException | str) -> bool:
@@ -185,9 +186,7 @@ def name_the_silent(
     # logged before stopping it: the launcher may see the stopped rank die before this one
     logging.getLogger("reshuffle").error("%s", hung)
     stopped = heartbeat.stop_silent(silent)
-    action = (
-        f"; rank {heartbeat.rank} stopped rank(s) {', '.join(map(str, stopped))} (SIGKILL)" if stopped else ""
-    )
+    action = f"; rank {heartbeat.rank} {STOPPED} {', '.join(map(str, stopped))} (SIGKILL)" if stopped else ""
     return PeerError(f"rank {heartbeat.rank} failed because {hung}{action}")  # raised from ``error``
 
 

@@ -8,6 +8,7 @@ pickled: a corrupt or hostile store can produce a wrong item or an error, never 
 The format (little-endian), one *value* per item::
 
     item   := b"RSI1" value
+            | b"RSI2" size:u32 value body     (size: the value's bytes; the value holds 'X' tags)
     value  := tag:u8 body
     tag 'T' torch.Tensor  dtype:str  ndim:u8  shape:u64*ndim  data:blob   (any dtype, bfloat16 too)
     tag 'N' numpy array   dtype:str  ndim:u8  shape:u64*ndim  data:blob   (numeric and bool dtypes)
@@ -20,7 +21,14 @@ The format (little-endian), one *value* per item::
     tag '0' None
     tag '(' tuple, '[' list   count:u32  value*count
     tag '{' dict          count:u32  (key:str value)*count                (string keys)
+    tag 'X' the body      (bytes: the record's last part, after the value)
     str    := length:u16 utf-8;  blob := length:u64 bytes
+
+An item whose largest ``bytes`` value is ``BODY_FROM`` bytes or more (an encoded JPEG and its
+label, the ImageNet case) is written ``RSI2``: that value goes last, as the *body*, so a store read
+fetches it straight into its own ``bytes`` object (:meth:`PackReader.many
+<reshuffle.store.reads.PackReader.many>` with :func:`head_size`) and decoding returns it without
+copying it out of the record. Stores written before ``RSI2`` hold ``RSI1`` items; both decode.
 
 Tensors come back on the CPU, contiguous; numpy scalars come back as 0-d arrays.
 """
@@ -39,6 +47,9 @@ from reshuffle.data.source import SampleSource
 from reshuffle.data.transforms import Transform
 
 MAGIC = b"RSI1"
+MAGIC_BODY = b"RSI2"  # the value, then the body (see above)
+# The least bytes value written as the body: below it a second read costs more than the copy it saves.
+BODY_FROM = 16 << 10
 SUPPORTED = "torch tensors, numpy arrays, PIL images, bytes, str, int, float, bool, None, and tuples, lists "
 SUPPORTED += "or str-keyed dicts of these"
 
@@ -49,20 +60,57 @@ class ItemError(TypeError):
 
 def encode_item(item: Any) -> bytes:
     """``item`` as bytes in the format above. Raises :class:`ItemError` naming an unsupported type."""
-    out = bytearray(MAGIC)
-    _encode(item, out, "item")
-    return bytes(out)
+    body = _largest_bytes(item)
+    if body is None or len(body) < BODY_FROM:
+        out = bytearray(MAGIC)
+        _encode(item, out, "item", None)
+        return bytes(out)
+    value = bytearray()
+    _encode(item, value, "item", body)
+    return b"".join((MAGIC_BODY, struct.pack("<I", len(value)), value, body))
 
 
-def decode_item(data: bytes | memoryview) -> Any:
-    """The item :func:`encode_item` wrote. Raises ValueError on bytes of another format."""
+def head_size(prefix: bytes) -> int | None:
+    """How many of a record's first bytes come before its body, read from ``prefix`` (its first
+    bytes, 8 or more); None for a record without a body (``RSI1``, or not an item)."""
+    if prefix[:4] != MAGIC_BODY or len(prefix) < 8:
+        return None
+    return 8 + _U32.unpack_from(prefix, 4)[0]
+
+
+def decode_item(data: bytes | memoryview, body: bytes | None = None) -> Any:
+    """The item :func:`encode_item` wrote: from the whole record ``data``, or from its head
+    (``data``, :func:`head_size` bytes) and its ``body`` read apart. Raises ValueError on bytes of
+    another format."""
     view = memoryview(data)
-    if bytes(view[:4]) != MAGIC:
+    magic = view[:4].tobytes()
+    if magic == MAGIC_BODY:
+        head = 8 + _U32.unpack_from(view, 4)[0] if len(view) >= 8 else len(view) + 1
+        if head > len(view) or (body is not None and head != len(view)):
+            raise ValueError("an encoded item's head is truncated; the sample is corrupt")
+        if body is None:  # the whole record: the body is what follows the head
+            view, body = view[:head], view[head:].tobytes()
+        value, end = _decode(view, 8, body)
+    elif magic == MAGIC and body is None:
+        value, end = _decode(view, 4, None)
+    else:
         raise ValueError("not an encoded dataset item (bad magic); the store holds another format")
-    value, end = _decode(view, 4)
     if end != len(view):
         raise ValueError(f"an encoded item has {len(view) - end} trailing byte(s); the sample is corrupt")
     return value
+
+
+def _largest_bytes(value: Any) -> bytes | bytearray | memoryview | None:
+    """The longest bytes-like value in ``item`` (the body of an ``RSI2`` record), or None."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return value
+    parts = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    found = None
+    for part in parts:
+        candidate = _largest_bytes(part)
+        if candidate is not None and (found is None or len(candidate) > len(found)):
+            found = candidate
+    return found
 
 
 def _str(text: str, out: bytearray) -> None:
@@ -79,8 +127,11 @@ def _shape(shape: Sequence[int], out: bytearray) -> None:
     out += struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
 
 
-def _encode(value: Any, out: bytearray, where: str) -> None:
-    if isinstance(value, torch.Tensor):
+def _encode(value: Any, out: bytearray, where: str, body: Any) -> None:
+    """Append ``value`` to ``out``; ``body`` (the record's body, or None) is written as 'X'."""
+    if body is not None and value is body:
+        out += b"X"
+    elif isinstance(value, torch.Tensor):
         flat = value.detach().cpu().contiguous().reshape(-1)
         out += b"T"
         _str(str(value.dtype).removeprefix("torch."), out)
@@ -122,14 +173,14 @@ def _encode(value: Any, out: bytearray, where: str) -> None:
     elif isinstance(value, (tuple, list)):
         out += (b"(" if isinstance(value, tuple) else b"[") + struct.pack("<I", len(value))
         for position, part in enumerate(value):
-            _encode(part, out, f"{where}[{position}]")
+            _encode(part, out, f"{where}[{position}]", body)
     elif isinstance(value, dict):
         out += b"{" + struct.pack("<I", len(value))
         for key, part in value.items():
             if not isinstance(key, str):
                 raise ItemError(f"{where}: dict keys must be str to be stored, got {type(key).__name__}")
             _str(key, out)
-            _encode(part, out, f"{where}[{key!r}]")
+            _encode(part, out, f"{where}[{key!r}]", body)
     else:
         raise ItemError(
             f"{where}: a {type(value).__module__}.{type(value).__qualname__} cannot be stored without "
@@ -161,9 +212,18 @@ def _read_shape(view: memoryview, at: int) -> tuple[tuple[int, ...], int]:
     return tuple(struct.unpack_from(f"<{ndim}Q", view, at + 1)), at + 1 + 8 * ndim
 
 
-def _decode(view: memoryview, at: int) -> tuple[Any, int]:
-    tag, at = bytes(view[at : at + 1]), at + 1
-    if tag == b"T":
+def _decode(view: memoryview, at: int, body: bytes | None) -> tuple[Any, int]:
+    tag, at = view[at], at + 1  # an int: the most common tags are compared first
+    if tag == _BODY:
+        if body is None:
+            raise ValueError("an encoded item refers to a body it does not have; the sample is corrupt")
+        return body, at
+    if tag == _BYTES:
+        data, at = _read_blob(view, at)
+        return bytes(data), at
+    if tag == _INT:
+        return _I64.unpack_from(view, at)[0], at + 8
+    if tag == _TENSOR:
         name, at = _read_str(view, at)
         shape, at = _read_shape(view, at)
         data, at = _read_blob(view, at)
@@ -172,56 +232,60 @@ def _decode(view: memoryview, at: int) -> tuple[Any, int]:
             raise ValueError(f"an encoded tensor names an unknown dtype {name!r}")
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0)
         return raw.to(torch.uint8).view(dtype).reshape(shape), at
-    if tag == b"N":
+    if tag == _NUMPY:
         name, at = _read_str(view, at)
         shape, at = _read_shape(view, at)
         data, at = _read_blob(view, at)
         return np.frombuffer(data, dtype=np.dtype(name)).reshape(shape).copy(), at
-    if tag == b"P":
+    if tag == _PIL:
         from PIL import Image
 
         mode, at = _read_str(view, at)
         size = struct.unpack_from("<II", view, at)
         data, at = _read_blob(view, at + 8)
         return Image.frombytes(mode, size, bytes(data)), at
-    if tag == b"B":
-        data, at = _read_blob(view, at)
-        return bytes(data), at
-    if tag == b"S":
+    if tag == _STR:
         data, at = _read_blob(view, at)
         return bytes(data).decode(), at
-    if tag == b"I":
-        return struct.unpack_from("<q", view, at)[0], at + 8
-    if tag == b"F":
+    if tag == _FLOAT:
         return struct.unpack_from("<d", view, at)[0], at + 8
-    if tag == b"?":
+    if tag == _BOOL:
         return bool(view[at]), at + 1
-    if tag == b"0":
+    if tag == _NONE:
         return None, at
-    if tag in (b"(", b"["):
+    if tag in (_TUPLE, _LIST):
         (count,) = struct.unpack_from("<I", view, at)
         at += 4
         parts = []
         for _ in range(count):
-            part, at = _decode(view, at)
+            part, at = _decode(view, at, body)
             parts.append(part)
-        return (tuple(parts) if tag == b"(" else parts), at
-    if tag == b"{":
+        return (tuple(parts) if tag == _TUPLE else parts), at
+    if tag == _DICT:
         (count,) = struct.unpack_from("<I", view, at)
         at += 4
         result = {}
         for _ in range(count):
             key, at = _read_str(view, at)
-            result[key], at = _decode(view, at)
+            result[key], at = _decode(view, at, body)
         return result, at
-    raise ValueError(f"an encoded item has an unknown tag {tag!r}; the sample is corrupt")
+    raise ValueError(f"an encoded item has an unknown tag {bytes([tag])!r}; the sample is corrupt")
+
+
+_I64, _U32 = struct.Struct("<q"), struct.Struct("<I")
+# the tags as ints (what indexing a memoryview gives)
+_BODY, _BYTES, _INT, _TENSOR, _NUMPY, _PIL, _STR = b"XBITNPS"
+_FLOAT, _BOOL, _NONE, _TUPLE, _LIST, _DICT = b"F?0([{"
 
 
 class ItemDecoder:
-    """Picklable ``bytes -> item`` (what store-mode DataLoader workers receive)."""
+    """Picklable ``record -> item`` (what store-mode DataLoader workers receive): a record is its
+    bytes, or ``(head, body)`` when a read split it where :meth:`head_size` said."""
 
-    def __call__(self, raw: bytes | memoryview) -> Any:
-        return decode_item(raw)
+    head_size = staticmethod(head_size)
+
+    def __call__(self, raw: bytes | memoryview | tuple[bytes, bytes]) -> Any:
+        return decode_item(*raw) if isinstance(raw, tuple) else decode_item(raw)
 
 
 class DatasetSource(SampleSource):

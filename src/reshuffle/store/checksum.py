@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from typing import Any
 
 import crc32c
 
 from reshuffle.store import format as fmt
 
-Checksum = Callable[[Any], int]  # bytes-like (bytes, memoryview, a uint8 array row) -> uint32
+# (bytes-like, the checksum of the bytes before it = 0) -> uint32: a record read in parts is
+# checked as one (bytes, memoryview, a uint8 array row)
+Checksum = Callable[..., int]
 
 CHECKSUMS: dict[str, Checksum] = {"crc32": zlib.crc32, "crc32c": crc32c.crc32c}
 DEFAULT = "crc32c"  # new stores; a store.json without the key was written with crc32

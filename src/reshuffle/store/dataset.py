@@ -52,9 +52,11 @@ class _StoreReader:
     def _sample(self, sample_id: int) -> tuple[bytes | memoryview, int]:
         return self._held(lambda store: store.sample(sample_id))
 
-    def _many(self, sample_ids: np.ndarray) -> Iterator[bytes]:
-        """A batch's bytes, its disk reads announced together (see :meth:`RankStore.read_many`)."""
-        return self._held(lambda store: store.read_many(sample_ids))
+    def _many(
+        self, sample_ids: np.ndarray, head_size: Callable[[bytes], int | None] | None = None
+    ) -> Iterator[Any]:
+        """A batch's records, their disk reads announced together (see :meth:`RankStore.read_many`)."""
+        return self._held(lambda store: store.read_many(sample_ids, head_size))
 
     def __len__(self) -> int:
         return len(self.store) if self.store is not None else 0
@@ -108,8 +110,11 @@ class StoreItems(_StoreReader, Dataset):
         self.decode = decode
 
     def __getitem__(self, sample_id: int) -> Any:
-        return self.decode(self._sample(int(sample_id))[0])
+        return self.__getitems__([sample_id])[0]
 
     def __getitems__(self, sample_ids: Sequence[int]) -> list[Any]:
-        """A whole batch (what a DataLoader asks for): the reads of its samples overlap."""
-        return [self.decode(raw) for raw in self._many(np.asarray(sample_ids, dtype=np.int64))]
+        """A whole batch (what a DataLoader asks for): the reads of its samples overlap, and an
+        item's large bytes value is read straight into the ``bytes`` it returns (the decoder's
+        ``head_size``, :mod:`reshuffle.data.items`)."""
+        head_size = getattr(self.decode, "head_size", None)
+        return [self.decode(raw) for raw in self._many(np.asarray(sample_ids, dtype=np.int64), head_size)]

@@ -19,7 +19,7 @@ holes where samples left (cheap, at the epoch boundary).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,10 +166,14 @@ class RankStore:
         worker reads per item (:class:`~reshuffle.store.reads.CorruptSampleError` if damaged)."""
         return self.reader.sample(self.reader.where(sample_id))
 
-    def read_many(self, sample_ids: NDArray[np.int64]) -> Iterator[bytes]:
+    def read_many(
+        self, sample_ids: NDArray[np.int64], head_size: Callable[[bytes], int | None] | None = None
+    ) -> Iterator[bytes | tuple[bytes, bytes]]:
         """The stored bytes of each of ``sample_ids`` (lazily), checked; a batch's disk reads
-        overlap. A KeyError for an id not held comes before the first."""
-        return self.reader.many(self.position(sample_ids))
+        overlap. A KeyError for an id not held comes before the first. With ``head_size``, a
+        record with a body comes as ``(head, body)`` (:meth:`PackReader.many
+        <reshuffle.store.reads.PackReader.many>`)."""
+        return self.reader.many(self.position(sample_ids), head_size)
 
     def samples(self, sample_ids: NDArray[np.int64]) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
         """``(bytes, labels)`` of many samples at once, checked: a (B, L) uint8 array when all B

@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ from reshuffle.store.checksum import LEGACY, checksum
 # holds several of them); larger ones are read with pread. Set between the two sizes measured
 # (784 B and 110 KB, bench/exchange.py and bench/scale.py), not tuned in between.
 MAPPED_BELOW = 16 << 10
+# Records of this many bytes or more may be read in two parts (:meth:`PackReader.many`): the first
+# PROBE bytes hold the head of any item ``reshuffle.data.items`` writes with a body.
+SPLIT_FROM = 16 << 10
+PROBE = 512
+# A read of n bytes that took longer than FROM_CACHE_WITHIN + n / FROM_CACHE_RATE seconds came from
+# the disk: the page cache copies 4 GB/s or more on any machine a store runs on (8 GB/s measured
+# here), a disk's random read takes 50 us or more before its first byte (NVMe: about 80 us).
+FROM_CACHE_WITHIN = 50e-6
+FROM_CACHE_RATE = 4e9
 
 
 class CorruptSampleError(fmt.StoreError):
@@ -73,6 +83,7 @@ class PackReader:
         uniform = self.lengths.size and self.lengths.min() == self.lengths.max()
         self._uniform_length = int(self.lengths[0]) if uniform else None  # every sample's, if equal
         self._one_pack = bool(self.packs.size) and self.packs.min() == self.packs.max()
+        self._from_cache = False  # every read of the last batch came from the page cache
 
     def where(self, sample_id: int) -> int:
         where = int(self.ids.searchsorted(sample_id))
@@ -103,13 +114,60 @@ class PackReader:
             raise self.damaged(sample_id, sequence, "its bytes do not match their checksum", note_damage)
         return payload
 
-    def many(self, where: NDArray[np.int64]) -> Iterator[bytes]:
-        """The bytes of the records at positions ``where``, each checked, their reads announced
-        together first (:meth:`_announce`). Lazily: a caller that decodes each as it comes keeps
-        one raw buffer alive at a time (a fresh buffer per sample costs page faults)."""
-        self._announce(where)
-        for position in where.tolist():
-            yield self.sample(position)[0]
+    def many(
+        self, where: NDArray[np.int64], head_size: Callable[[bytes], int | None] | None = None
+    ) -> Iterator[bytes | tuple[bytes, bytes]]:
+        """The records at positions ``where``, each checked. Lazily: a caller that decodes each as
+        it comes keeps one raw buffer alive at a time (a fresh buffer per sample costs page faults).
+
+        The batch's reads are announced together first (:meth:`_announce`) unless the last
+        batch's reads came from the page cache: then announcing costs a system call per sample and
+        gains nothing. A read counts as the disk's when it takes longer than the page cache could
+        (``FROM_CACHE_WITHIN``, ``FROM_CACHE_RATE``); one such read per batch is allowed for (a
+        preempted worker), the second announces the rest of the batch and the next batch.
+
+        With ``head_size`` (a decoder's: a record's first ``PROBE`` bytes -> how many of them come
+        before its body, or None), a record of ``SPLIT_FROM`` bytes or more that has a body comes
+        as ``(head, body)``: the body is read straight into its own ``bytes``, so a decoder can
+        return it without copying it out of the record (the ImageNet case: a JPEG and its label)."""
+        announced = not self._from_cache
+        if announced:
+            self._announce(where)
+        slow = 0  # reads that came from the disk (or were preempted: one is allowed for)
+        files, check, clock = self._files, self.checksum, time.perf_counter
+        columns = (self.ids, self.packs, self.offsets, self.lengths, self.crcs)
+        # one loop over plain ints: per sample, a method call costs as much as the checksum
+        rows = zip(*(column[where].tolist() for column in columns), strict=True)
+        for done, (sample_id, sequence, start, length, crc) in enumerate(rows):
+            descriptor, size = files.get(sequence) or self._file(sequence, sample_id)
+            if start + length > size:
+                raise self._truncated(sample_id, sequence, size, start + length)
+            began = clock()
+            if head_size is not None and length >= SPLIT_FROM:
+                head = os.pread(descriptor, PROBE, start)
+                cut = head_size(head)
+            else:
+                cut = None
+            record: bytes | tuple[bytes, bytes]
+            if cut is not None and cut < length:  # else a damaged head: the whole read finds it
+                head = head[:cut] if cut <= len(head) else os.pread(descriptor, cut, start)
+                body = os.pread(descriptor, length - cut, start + cut)
+                got, record = len(head) + len(body), (head, body)
+            else:
+                record = os.pread(descriptor, length, start)
+                got = len(record)
+            if clock() - began > FROM_CACHE_WITHIN + length / FROM_CACHE_RATE:
+                slow += 1
+                if slow == 2 and not announced:
+                    self._announce(where[done + 1 :])
+                    announced = True
+            self._from_cache = slow < 2
+            if got != length:  # the pack shrank since it was opened
+                raise self._truncated(sample_id, sequence, start + got, start + length)
+            found = check(record[1], check(record[0])) if isinstance(record, tuple) else check(record)
+            if found != crc:
+                raise self.damaged(sample_id, sequence, "its bytes do not match their checksum")
+            yield record
 
     def _announce(self, where: NDArray[np.int64]) -> None:
         """Tell the kernel every range a batch will read (``POSIX_FADV_WILLNEED``), so that reads
@@ -117,10 +175,12 @@ class PackReader:
         cache it costs a lookup per sample."""
         if where.size < 2 or not hasattr(os, "posix_fadvise"):
             return
-        for position in where[np.lexsort((self.offsets[where], self.packs[where]))].tolist():
-            descriptor, _ = self._file(int(self.packs[position]), int(self.ids[position]))
-            os.posix_fadvise(descriptor, int(self.offsets[position]), int(self.lengths[position]),
-                             os.POSIX_FADV_WILLNEED)  # fmt: skip
+        ordered = where[np.lexsort((self.offsets[where], self.packs[where]))]
+        files, willneed = self._files, os.POSIX_FADV_WILLNEED
+        columns = (self.ids, self.packs, self.offsets, self.lengths)
+        for sample_id, sequence, start, length in zip(*(c[ordered].tolist() for c in columns), strict=True):
+            descriptor, _ = files.get(sequence) or self._file(sequence, sample_id)
+            os.posix_fadvise(descriptor, start, length, willneed)
 
     def samples(self, where: NDArray[np.int64]) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
         """``(bytes, labels)`` at positions ``where`` as a (B, L) uint8 array, every row checked,

@@ -190,11 +190,15 @@ def root_failure(failures: dict[int, Any], logs: Path | None = None, since: floa
         return text == "killed by SIGTERM" or heartbeat.is_consequence(text)
 
     ordered = sorted(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
-    for reporter, failure in ordered:  # a rank that named a peer that stopped answering
+    # A rank that named a peer that stopped answering; first the one that stopped it: the others
+    # may then see its connection break ("lost") and fail before the stopper's error is recorded.
+    naming = [(reporter, failure) for reporter, failure in ordered if heartbeat.HUNG.search(why(failure))]
+    naming.sort(key=lambda item: heartbeat.STOPPED not in why(item[1]))  # stable: earliest first
+    if naming:
+        reporter, failure = naming[0]
         hung = heartbeat.HUNG.search(why(failure))
-        if hung:
-            cause = hung.group(2).split("; rank ")[0]
-            return RootFailure(int(hung.group(1)), cause, len(failures) - 1, reporter)
+        assert hung is not None  # it was found above
+        return RootFailure(int(hung.group(1)), hung.group(2).split("; rank ")[0], len(failures) - 1, reporter)
     causes = [(rank, failure) for rank, failure in ordered if not consequence(failure)]
     if not causes:  # a peer's error may carry the cause: "caused by rank R: ..."
         for _, failure in ordered:
