@@ -143,6 +143,10 @@ def check_labels(store: RankStore, labels: np.ndarray) -> None:
 # (docs/benchmarks.md, "Reading the scale table"). Processes, not threads: a user's dataset need
 # not be thread-safe, and DataLoader workers are what it is written for.
 STAGE_WORKERS = 8
+# A staging's first DIRECT_AFTER bytes go through the page cache (a small store is then warm for
+# its first epoch); packs begun after it are written around it (:mod:`reshuffle.store.direct`): a
+# store that size gains little from the cache, and copying into it costs the staging process CPU.
+DIRECT_AFTER = 1 << 30
 STAGE_BATCH = 64
 READ_IN_WORKERS_FROM = 4096
 
@@ -222,7 +226,7 @@ def stage_records(
     max_pack_bytes: int,
 ) -> None:
     """Write ``(id, label, bytes, checksum or None)`` samples as the store's first committed state."""
-    writer = store.pack_writer(max_pack_bytes)
+    writer = store.pack_writer(max_pack_bytes, direct_after=DIRECT_AFTER)
     try:
         for sample_id, label, payload, crc in samples:
             writer.append(sample_id, label, payload, crc)
