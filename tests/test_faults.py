@@ -432,7 +432,7 @@ def test_a_full_disk_under_direct_writes_is_named_and_leaves_nothing(tmp_path, m
     from reshuffle.data.synthetic import load_synthetic
     from reshuffle.store import direct, packs
 
-    monkeypatch.setattr(importlib.import_module("reshuffle.store.stage"), "DIRECT_AFTER", 0)
+    monkeypatch.setattr(importlib.import_module("reshuffle.store.stage"), "direct_after", lambda: 0)
     plain = os.O_WRONLY | os.O_CREAT | os.O_TRUNC  # the same buffering on any file system
     monkeypatch.setattr(packs, "open_direct", lambda path, _: direct.DirectFile(os.open(path, plain)))
     monkeypatch.setattr(direct, "BUFFER", 2 * direct.ALIGN)

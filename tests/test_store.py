@@ -372,7 +372,7 @@ def test_a_direct_file_holds_exactly_what_was_written_across_buffers_and_flushes
 
 
 def test_a_staging_beyond_direct_after_writes_its_packs_around_the_page_cache(tmp_path, monkeypatch):
-    """Packs begun after DIRECT_AFTER bytes are written with O_DIRECT where the file system
+    """Packs begun after direct_after() bytes are written with O_DIRECT where the file system
     allows it (plain writes where it does not): the store holds every sample exactly."""
     import importlib
 
@@ -383,7 +383,9 @@ def test_a_staging_beyond_direct_after_writes_its_packs_around_the_page_cache(tm
     opened = []
     real = packs.open_direct
     monkeypatch.setattr(packs, "open_direct", lambda *a: opened.append(real(*a)) or opened[-1])
-    monkeypatch.setattr(staging, "DIRECT_AFTER", 20_000)
+    available = staging.direct_after()  # half the page cache available, on Linux
+    assert available is None or 0 < available < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(staging, "direct_after", lambda: 20_000)
     num = 300
     source = load_synthetic("train", num_samples=num, shape=(1, 10, 10), sample_bytes=333)
     planner = ShufflePlanner(num, 1, strategy="local", seed=2)
