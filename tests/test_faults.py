@@ -668,3 +668,19 @@ def test_a_batch_announces_its_reads_unless_the_last_came_from_the_page_cache(tm
     assert announced == [10, 8]  # the rest of the batch after its second slow read
     list(store.read_many(batch))
     assert announced == [10, 8, 10]
+
+
+def test_a_stopped_heartbeat_has_no_thread_left_in_a_store_call():
+    """Heartbeat.stop waits for its thread: a daemon thread still inside a store call when the
+    interpreter exits is ended mid-call and aborts the process ("terminate called without an
+    active exception", once in a user's loop example at exit)."""
+    from reshuffle.heartbeat import Heartbeat
+
+    class SlowStore:  # a beat that takes a while, as over a busy network
+        def set(self, key, value):
+            time.sleep(0.3)
+
+    heartbeat = Heartbeat(0, 2, SlowStore()).start()  # type: ignore[arg-type]
+    time.sleep(1.1)  # inside the second beat
+    heartbeat.stop()
+    assert heartbeat._thread is not None and not heartbeat._thread.is_alive()

@@ -36,6 +36,7 @@ from reshuffle.store.wire import PeerError
 
 INTERVAL_S = 1.0
 STALE_S = 10.0  # ten missed beats
+STOP_WITHIN_S = 15.0  # longer than a store call's timeout (10 s, Heartbeat.connect)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,12 @@ class Heartbeat:
         return self
 
     def stop(self) -> None:
+        """Stop beating and wait for the thread: one left inside a store call when the interpreter
+        exits is ended mid-call, and the process aborts ("terminate called without an active
+        exception"). A beat is one short store call; a store that does not answer times out."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=STOP_WITHIN_S)
 
     def _beat(self) -> None:
         beat = f"{time.time():.3f} {socket.gethostname()} {os.getpid()} {_start_time(os.getpid())}"
