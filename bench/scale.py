@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import itertools
 import json
@@ -511,9 +512,9 @@ def main() -> None:
     labels = [i % args.classes for i in range(args.count)]
     if args.write:  # in a process of its own: a store's job lock lives as long as its process
         if args.direct:  # as a store bigger than the page cache is written (here, one that fits is not)
-            import reshuffle.store.stage
-
-            reshuffle.store.stage.direct_after = lambda: 0
+            # the module (``reshuffle.store.stage`` as an attribute is the package's function)
+            stage_module = importlib.import_module("reshuffle.store.stage")
+            stage_module.direct_after = lambda: 0
         print(json.dumps(write_format(args.write, args.root, files, labels)))
         return
     if args.profile:

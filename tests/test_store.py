@@ -337,9 +337,9 @@ def test_a_manifest_with_bad_fields_is_named(tmp_path):
 
 
 def test_a_large_staging_reads_the_source_in_workers_and_stores_it_exactly(tmp_path):
-    """A rank staging READ_IN_WORKERS_FROM samples or more reads them in DataLoader workers
-    (batches through shared memory, checksums computed there): every sample lands intact, with
-    the checksum the store's reads verify, in the plan's holdings."""
+    """A rank staging READ_IN_WORKERS_FROM samples or more reads them in DataLoader workers, each
+    writing its batches into packs of its own (checksums computed there): every sample lands
+    intact, with the checksum the store's reads verify, in the plan's holdings."""
     from reshuffle.store.stage import READ_IN_WORKERS_FROM
 
     num = READ_IN_WORKERS_FROM + 123
@@ -349,6 +349,63 @@ def test_a_large_staging_reads_the_source_in_workers_and_stores_it_exactly(tmp_p
     assert np.array_equal(store.ids, np.arange(num))
     assert all(store.read(int(i)) == source.raw(int(i)) for i in range(0, num, 7))  # checked reads
     assert verify_store(tmp_path) == []
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_staging_workers_roll_their_own_packs_without_sharing_one(tmp_path, monkeypatch, direct):
+    """Each staging worker rolls its packs over at max_pack_bytes to sequences no other worker
+    takes (first + worker, then + workers): records never point into another worker's pack, no
+    pack outgrows the limit by more than a sample, and every sample reads back exactly, through
+    the page cache or around it (packs written with O_DIRECT where the file system allows)."""
+    import importlib
+
+    staging = importlib.import_module("reshuffle.store.stage")  # the module, not its stage()
+    if direct:
+        monkeypatch.setattr(staging, "direct_after", lambda: 0)  # forked workers inherit it
+    num, size, limit = staging.READ_IN_WORKERS_FROM + 500, 700, 40_000
+    source = load_synthetic("train", num_samples=num, shape=(1, 10, 10), sample_bytes=size)
+    store, _ = stage(tmp_path, 0, source, ShufflePlanner(num, 1, strategy="local", seed=3),
+                     max_pack_bytes=limit)  # fmt: skip
+    records = store.records
+    packs = sorted(store.pack_dir.glob("pack-*.bin"))
+    assert len(packs) == np.unique(records["pack"]).size > staging.STAGE_WORKERS  # every worker rolled
+    for path in packs:
+        held = records[records["pack"] == int(path.stem.split("-")[1])]
+        ends = np.sort(held["offset"] + held["length"])
+        starts = np.sort(held["offset"])
+        assert starts[0] == 0 and np.all(starts[1:] == ends[:-1])  # back to back, no sample overlaps
+        assert path.stat().st_size == ends[-1] <= limit + len(source.raw(0))
+    assert np.array_equal(store.ids, np.arange(num))
+    assert all(store.read(int(i)) == source.raw(int(i)) for i in range(num))
+    assert verify_store(tmp_path) == []
+
+
+def test_a_staging_worker_that_fails_leaves_no_pack_and_names_the_disk(tmp_path, monkeypatch):
+    """A full disk met in one staging worker (its OSError's errno reaches the main process): the
+    named StoreError, every worker ended, no pack left behind, and the next staging succeeds."""
+    import errno
+    import multiprocessing
+
+    from reshuffle.store.stage import READ_IN_WORKERS_FROM
+
+    num = READ_IN_WORKERS_FROM + 200
+    source = load_synthetic("train", num_samples=num, shape=(1, 4, 4), sample_bytes=64)
+    planner = ShufflePlanner(num, 1, strategy="local", seed=2)
+    raw = source.raw
+
+    def failing(index: int) -> bytes:
+        if index == num // 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return raw(index)
+
+    monkeypatch.setattr(source, "raw", failing)
+    with pytest.raises(StoreError, match=r"staging failed: no space left on the disk holding .*Free space"):
+        stage(tmp_path, 0, source, planner)
+    assert not multiprocessing.active_children()
+    assert not list((tmp_path / "rank-00000" / "packs").glob("pack-*.bin"))
+    monkeypatch.setattr(source, "raw", raw)
+    store, _ = stage(tmp_path, 0, source, planner)
+    assert len(store) == num and verify_store(tmp_path) == []
 
 
 def test_a_direct_file_holds_exactly_what_was_written_across_buffers_and_flushes(tmp_path, monkeypatch):

@@ -29,8 +29,12 @@ class PackWriter:
         root: Path | None = None,
         checksum_name: str = DEFAULT,
         direct_after: int | None = None,
+        stride: int = 1,
     ) -> None:
         self.directory = directory
+        # a new pack's sequence is the last one's + stride (writers in several processes, each
+        # starting at its own first_sequence, never pick the same)
+        self.stride = stride
         # packs opened once this many bytes were written are written around the page cache
         # (:mod:`reshuffle.store.direct`); None: never
         self.direct_after = direct_after
@@ -45,6 +49,7 @@ class PackWriter:
         self._reserve = reserve  # preallocated file that becomes the first pack, if it exists
         self._reserved = False  # the open pack came from it (its tail is cut at the end)
         self._records: list[tuple[int, int, int, int, int, int]] = []
+        self._handed = 0  # records already returned by flush_records
         self.sequences: list[int] = []
         self._syncing: list[Background] = []  # fsyncs of full packs, running
 
@@ -64,10 +69,18 @@ class PackWriter:
             self._handle.flush()
             os.fdatasync(self._handle.fileno())
 
+    def flush_records(self) -> np.ndarray:
+        """Everything appended so far in its pack files (not yet durable: :meth:`close`, or an
+        fsync of each pack, makes it so); the records appended since the last call."""
+        if self._handle is not None:
+            self._handle.flush()
+        records, self._handed = self._records[self._handed :], len(self._records)
+        return np.array(records, dtype=fmt.RECORD)
+
     def _roll(self) -> None:
         self._finish_file(wait=False)
         if self._handle is not None or self.sequences:
-            self._sequence += 1
+            self._sequence += self.stride
         path = self.directory / fmt.pack_name(self._sequence)
         reserve, self._reserve = self._reserve, None
         self._reserved = reserve is not None and reserve.is_file()

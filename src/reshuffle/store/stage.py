@@ -8,22 +8,21 @@ no manifest, so the next attempt starts that rank over.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import ShufflePlanner
 from reshuffle.store import format as fmt
-from reshuffle.store.checksum import DEFAULT, checksum
+from reshuffle.store.checksum import DEFAULT
 from reshuffle.store.meta import StoreMeta, read_meta
-from reshuffle.store.packs import MAX_PACK_BYTES
+from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.rank_store import RankStore
 from reshuffle.store.wire import describe_failure
 
@@ -102,7 +101,7 @@ def stage(
     store.remove_unreferenced()  # a previous staging that died half-way
     started = time.perf_counter()
     ids = planner.plan(epoch).holdings(rank)
-    stage_records(store, epoch, read_source(source, ids, store.meta.checksum), max_pack_bytes)
+    store.commit_first(epoch, write_packs(store, source, ids, max_pack_bytes))
     size = int(store.records["length"].sum())
     return store, (
         f"rank {rank}: staged {len(store)} samples ({size / 2**20:.1f} MiB) for epoch {epoch} "
@@ -138,16 +137,17 @@ def check_labels(store: RankStore, labels: np.ndarray) -> None:
 
 
 # Staging reads the source through this many DataLoader workers once a rank stages at least
-# READ_IN_WORKERS_FROM samples: the source's reads (small files, decoding a user's item) overlap
-# each other and the pack writes; more workers than cores, since they mostly wait on the disk
-# (docs/benchmarks.md, "Reading the scale table"). Processes, not threads: a user's dataset need
-# not be thread-safe, and DataLoader workers are what it is written for.
+# READ_IN_WORKERS_FROM samples, each worker writing what it read into packs of its own: the
+# source's reads (small files, decoding a user's item) overlap each other and the pack writes, and
+# no sample's bytes pass through the main process (docs/benchmarks.md, "Reading the scale
+# table"). More workers than cores, since they mostly wait on the disk. Processes, not threads: a
+# user's dataset need not be thread-safe, and DataLoader workers are what it is written for.
 STAGE_WORKERS = 8
 STAGE_BATCH = 64
 READ_IN_WORKERS_FROM = 4096
 
 
-# The staging workers only read the source and checksum bytes: forked, they start at once. A rank
+# The staging workers only read the source and write packs: forked, they start at once. A rank
 # started by multiprocessing's spawn (torch.multiprocessing.spawn) would otherwise spawn them too,
 # each importing torch afresh: measured, 8.5 s of an 11.6 s staging of 1 GB.
 WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
@@ -157,9 +157,8 @@ def direct_after() -> int | None:
     """How many bytes a rank stages through the page cache before it writes its packs around it
     (:mod:`reshuffle.store.direct`): half of what the page cache can take now (``MemAvailable``).
     A store that fits stays cached for its first epoch; beyond that, cached pages would be evicted
-    before an epoch reads them, and copying into them costs the staging process CPU (measured:
-    4.2 GB from a warm source, 450-555 MB/s through the cache, 731-775 around it). None where the
-    memory is unknown (not Linux): always through the page cache."""
+    before an epoch reads them, and copying into them costs the staging processes CPU. None where
+    the memory is unknown (not Linux): always through the page cache."""
     try:
         with open("/proc/meminfo") as meminfo:
             kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
@@ -168,83 +167,127 @@ def direct_after() -> int | None:
     return kib * 1024 // 2
 
 
-def read_source(
-    source: SampleSource, ids: NDArray[np.int64], checksum_name: str
-) -> Iterator[tuple[int, int, bytes | memoryview, int | None]]:
-    """``(id, label, stored bytes, checksum or None)`` of ``ids``, in order; read (and
-    checksummed) in DataLoader workers when there are many."""
-    if ids.size < READ_IN_WORKERS_FROM:
-        for i in ids.tolist():
-            yield i, int(source.targets[i]), source.raw(i), None
-        return
+def write_packs(
+    store: RankStore, source: SampleSource, ids: NDArray[np.int64], max_pack_bytes: int
+) -> np.ndarray:
+    """Write the samples ``ids`` of ``source`` into new packs of ``store``, durably; their records.
+    On a failure nothing written is left (a full disk is not left full by this rank)."""
+    if ids.size >= READ_IN_WORKERS_FROM:
+        return _write_in_workers(store, source, ids, max_pack_bytes)
+    writer = store.pack_writer(max_pack_bytes, direct_after=direct_after())
+    try:
+        for sample_id in ids.tolist():
+            writer.append(sample_id, int(source.targets[sample_id]), source.raw(sample_id))
+        return writer.close()
+    except BaseException as error:
+        writer.abort()
+        _fail(error, store)
+
+
+def _fail(error: BaseException, store: RankStore) -> NoReturn:
+    """Raise ``error``; an ``OSError`` as the StoreError naming the disk and the fix."""
+    if isinstance(error, OSError):
+        raise describe_failure(error, store.rank, store.directory, "staging") from error
+    raise error
+
+
+def _write_in_workers(
+    store: RankStore, source: SampleSource, ids: NDArray[np.int64], max_pack_bytes: int
+) -> np.ndarray:
+    """:func:`write_packs` by ``STAGE_WORKERS`` DataLoader workers, each appending its batches
+    to packs of its own (sequences ``first + worker``, ``+ STAGE_WORKERS`` for each next one);
+    this process collects the records and makes every pack durable at the end."""
+    first = store.next_pack_sequence()
+    after = direct_after()
+    packing = _Packing(
+        source, store.pack_dir, store.directory, store.meta.checksum, first, max_pack_bytes,
+        None if after is None else after // STAGE_WORKERS,
+    )  # fmt: skip
+    try:
+        records = _records_of(packing, ids)
+        for sequence in np.unique(records["pack"]).tolist():
+            _fsync(store.pack_dir / fmt.pack_name(sequence))
+        fmt.fsync_dir(store.pack_dir)
+        return records
+    except BaseException as error:
+        for path in store.pack_dir.glob("pack-*.bin"):
+            sequence = fmt.pack_sequence(path.name)
+            if sequence is not None and sequence >= first:
+                path.unlink(missing_ok=True)
+        _fail(error, store)
+
+
+def _records_of(packing: _Packing, ids: NDArray[np.int64]) -> np.ndarray:
+    """The records of ``ids`` that staging's workers wrote, once they have all ended (on an
+    error too: a worker still writing would leave a pack behind)."""
     from torch.utils.data import DataLoader, Dataset
 
     with warnings.catch_warnings():  # more workers than cores on purpose: they wait on the disk
         warnings.filterwarnings("ignore", message="This DataLoader will create")
         loader: DataLoader[Any] = DataLoader(
-            cast(Dataset[Any], _Raw(source, checksum_name)), sampler=ids.tolist(), batch_size=STAGE_BATCH,
-            num_workers=STAGE_WORKERS, prefetch_factor=4, collate_fn=_packed,
+            cast(Dataset[Any], packing), sampler=ids.tolist(), batch_size=STAGE_BATCH,
+            num_workers=STAGE_WORKERS, prefetch_factor=4, collate_fn=_as_is,
             multiprocessing_context=WORKER_START,
         )  # fmt: skip
-        batches = iter(loader)
-    position = 0
-    for payload, lengths, checksums in batches:
-        data, start = memoryview(payload.numpy()), 0
-        for length, crc in zip(lengths.tolist(), checksums.tolist(), strict=True):
-            i = int(ids[position])
-            yield i, int(source.targets[i]), data[start : start + length], crc
-            start += length
-            position += 1
+        batches, parts = iter(loader), []
+    try:
+        for part in batches:
+            if isinstance(part, BaseException):  # a worker's OSError, its errno kept
+                raise part
+            parts.append(part)
+    finally:
+        del batches  # shuts the workers down (a traceback would keep the iterator alive)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=fmt.RECORD)
 
 
-class _Raw:
-    """A source's stored bytes as a map-style dataset (what staging's DataLoader workers read)."""
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
-    def __init__(self, source: SampleSource, checksum_name: str) -> None:
+
+class _Packing:
+    """Staging's map-style dataset: a batch of ids is read from the source and appended to this
+    worker's own packs, in the worker; the batch's records are what it returns (an ``OSError``
+    is returned, not raised, so that its errno reaches the main process: a DataLoader re-raises a
+    worker's error as a new one of its type, without it)."""
+
+    def __init__(
+        self, source: SampleSource, pack_dir: Path, root: Path, checksum_name: str,
+        first: int, max_bytes: int, direct_after: int | None,
+    ) -> None:  # fmt: skip
         self.source = source
-        self.checksum = checksum(checksum_name)
+        self.pack_dir, self.root, self.checksum_name = pack_dir, root, checksum_name
+        self.first = first
+        self.max_bytes = max_bytes
+        self.direct_after = direct_after
+        self._writer: PackWriter | None = None
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[bytes, int]:
-        raw = self.source.raw(int(index))
-        return raw, self.checksum(raw)
+    def __getitems__(self, ids: list[int]) -> np.ndarray | OSError:
+        try:
+            writer = self._writer or self._open()
+            for sample_id in ids:
+                writer.append(sample_id, int(self.source.targets[sample_id]), self.source.raw(sample_id))
+            return writer.flush_records()
+        except OSError as error:
+            return error
+
+    def _open(self) -> PackWriter:
+        from torch.utils.data import get_worker_info
+
+        worker = get_worker_info()
+        index, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        self._writer = PackWriter(
+            self.pack_dir, self.first + index, self.max_bytes, root=self.root,
+            checksum_name=self.checksum_name, direct_after=self.direct_after, stride=workers,
+        )  # fmt: skip
+        return self._writer
 
 
-def _packed(items: list[tuple[bytes, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of samples as one uint8 tensor and their lengths: a tensor reaches the main
-    process through shared memory (bytes would go through a pipe, and a tensor per sample would
-    pay a shared-memory segment each). The tensor is made in shared memory and the samples copied
-    into it once: a private buffer would be zeroed, filled, then copied into shared memory when
-    the DataLoader sends it (three passes over the bytes instead of one)."""
-    total = sum(len(raw) for raw, _ in items)
-    payload = torch.empty(0, dtype=torch.uint8)
-    if total:
-        payload.set_(torch.UntypedStorage._new_shared(total))  # torch.multiprocessing's own allocation
-        view, start = payload.numpy().data, 0
-        for raw, _ in items:
-            view[start : start + len(raw)] = raw
-            start += len(raw)
-    lengths = torch.tensor([len(raw) for raw, _ in items], dtype=torch.int64)
-    return payload, lengths, torch.tensor([crc for _, crc in items], dtype=torch.int64)
-
-
-def stage_records(
-    store: RankStore,
-    epoch: int,
-    samples: Iterable[tuple[int, int, bytes | memoryview, int | None]],
-    max_pack_bytes: int,
-) -> None:
-    """Write ``(id, label, bytes, checksum or None)`` samples as the store's first committed state."""
-    writer = store.pack_writer(max_pack_bytes, direct_after=direct_after())
-    try:
-        for sample_id, label, payload, crc in samples:
-            writer.append(sample_id, label, payload, crc)
-        records = writer.close()
-    except BaseException as error:
-        writer.abort()  # a full disk is not left full by this rank's partial pack
-        if isinstance(error, OSError):
-            raise describe_failure(error, store.rank, store.directory, "staging") from error
-        raise
-    store.commit_first(epoch, records)
+def _as_is(batch: Any) -> Any:
+    return batch
