@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
 import itertools
 import json
@@ -137,6 +136,7 @@ def write_format(system: str, root: Path, files: list[str], labels: list[int]) -
     """Write the set in ``system``'s format under ``root`` (from scratch); seconds, until durable."""
     target = root / FORMATS[system]
     shutil.rmtree(target, ignore_errors=True)
+    os.sync()  # the removal's discards (a disk mounted with discard) before the clock starts
     source = Files(files, labels)
     started = time.perf_counter()
     if system == "reshuffle-store":
@@ -176,49 +176,25 @@ def _litdata_item(item: tuple[str, int]) -> dict[str, Any]:
         return {"image": handle.read(), "label": item[1]}
 
 
-def copy_bound_seconds(root: Path, files: list[str], readers: int = 8) -> float:
-    """The least a staging that reads its source from the disk it writes to can take: the cold
-    JPEGs read by ``readers`` threads and written, in the order they come, into one file with
-    direct I/O (16 MiB writes), nothing else done; seconds until durable (the file then removed)."""
-    import mmap
-    import queue
-
-    evict(root / "images")
-    arrivals: queue.Queue[bytes | None] = queue.Queue(256)
-
-    def read(part: list[str]) -> None:
-        for name in part:
-            with open(name, "rb") as handle:
-                arrivals.put(handle.read())
-        arrivals.put(None)
-
-    target = root / "copy.bin"
-    threads = [threading.Thread(target=read, args=(files[i::readers],)) for i in range(readers)]
+def copy_bound_seconds(root: Path, nbytes: int) -> float:
+    """The least a staging that reads its source from the disk it writes to can take, from the
+    disk alone: ``dd`` reading a cold file of ``nbytes`` sequentially with direct I/O while another
+    ``dd`` writes as many bytes beside it (16 MiB blocks, both at once, until durable). A staging
+    reads its source as well as writing the store, so its rate is bounded by the disk's combined
+    read and write rate over two; reading many small files instead of one can only be slower."""
+    source, target = root / "copy-source.bin", root / "copy-target.bin"
+    count = max(1, nbytes // (16 << 20))
+    subprocess.run(["dd", "if=/dev/urandom", f"of={source}", "bs=16M", f"count={count}", "oflag=direct",
+                    "conv=fsync", "status=none"], check=True)  # fmt: skip
     started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
-    buffer, fill, offset, done = mmap.mmap(-1, 16 << 20), 0, 0, 0
-    while done < readers:
-        data = arrivals.get()
-        if data is None:
-            done += 1
-            continue
-        view = memoryview(data)
-        while view.nbytes:
-            take = min(view.nbytes, len(buffer) - fill)
-            buffer[fill : fill + take] = view[:take]
-            fill, view = fill + take, view[take:]
-            if fill == len(buffer):
-                os.pwrite(descriptor, buffer, offset)
-                offset, fill = offset + fill, 0
-    os.pwrite(descriptor, memoryview(buffer)[: -(-fill // 4096) * 4096], offset)
-    os.ftruncate(descriptor, offset + fill)
-    os.fsync(descriptor)
+    reader = subprocess.Popen(["dd", f"if={source}", "of=/dev/null", "bs=16M", "iflag=direct", "status=none"])
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "oflag=direct",
+                    "conv=fsync", "status=none"], check=True)  # fmt: skip
+    reader.wait()
     seconds = time.perf_counter() - started
-    os.close(descriptor)
+    source.unlink()
     target.unlink()
-    return seconds
+    return seconds * nbytes / (count * (16 << 20))
 
 
 def warm(files: list[str]) -> None:
@@ -501,7 +477,6 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the table; leave docs/benchmarks.md")
     parser.add_argument("--epoch", choices=SYSTEMS, help=argparse.SUPPRESS)  # the children's entries
     parser.add_argument("--write", choices=SYSTEMS, help=argparse.SUPPRESS)
-    parser.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)  # packs around the cache
     parser.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="per sample CPU of warm reads, then exit")
     args = parser.parse_args()
@@ -511,10 +486,6 @@ def main() -> None:
     ]
     labels = [i % args.classes for i in range(args.count)]
     if args.write:  # in a process of its own: a store's job lock lives as long as its process
-        if args.direct:  # as a store bigger than the page cache is written (here, one that fits is not)
-            # the module (``reshuffle.store.stage`` as an attribute is the package's function)
-            stage_module = importlib.import_module("reshuffle.store.stage")
-            stage_module.direct_after = lambda: 0
         print(json.dumps(write_format(args.write, args.root, files, labels)))
         return
     if args.profile:
@@ -532,10 +503,9 @@ def main() -> None:
     conditions = list(args.conditions)
     staging = {}
 
-    def write(system: str, direct: bool = False) -> float:
+    def write(system: str) -> float:
         command = [sys.executable, __file__, "--write", system, "--root", str(args.root),
                    "--count", str(args.count), "--classes", str(args.classes)]  # fmt: skip
-        command += ["--direct"] if direct else []
         written = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
         return set_bytes / float(written.stdout.strip().splitlines()[-1]) / 1e6
 
@@ -543,15 +513,17 @@ def main() -> None:
         evict(args.root / "images")  # every writer reads the JPEGs from the disk
         staging[system] = {"mb_per_s": write(system)}
         print(f"staged {system}: {staging[system]['mb_per_s']:.0f} MB/s", flush=True)
-    if "reshuffle-store" in staging:  # packs around the page cache; the source in it (another device)
+    if "reshuffle-store" in staging:  # a page cache smaller than the store; the source in it
         evict(args.root / "images")
-        staging["reshuffle-store"]["direct_mb_per_s"] = write("reshuffle-store", direct=True)
-        warm(files)
+        holder = hold_memory(int(args.cache_share * set_bytes) + (1 << 30))
+        staging["reshuffle-store"]["pressure_mb_per_s"] = write("reshuffle-store")
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        warm(files)  # as from another device; the store the epochs read is this one
         staging["reshuffle-store"]["warm_source_mb_per_s"] = write("reshuffle-store")
-        staging["reshuffle-store"]["warm_source_direct_mb_per_s"] = write("reshuffle-store", direct=True)
-        write("reshuffle-store")  # the store the epochs read, as staged here
     dd_seconds = statistics.median(dd_write_seconds(args.root, set_bytes) for _ in range(3))
-    copy_mb = set_bytes / copy_bound_seconds(args.root, files) / 1e6
+    copy_mb = set_bytes / copy_bound_seconds(args.root, set_bytes) / 1e6
     staging["copy-bound"] = {"mb_per_s": copy_mb}
     store_bytes = (
         sum(p.stat().st_size for p in (args.root / "store").rglob("*") if p.is_file())
@@ -639,9 +611,8 @@ def report(args, staging, dd_seconds, set_bytes, store_bytes, epochs, conditions
     nan = float("nan")
     store_staging = staging.get("reshuffle-store", {})
     copy_mb = staging.get("copy-bound", {}).get("mb_per_s", nan)
-    cold_mb, direct_mb = store_staging.get("mb_per_s", nan), store_staging.get("direct_mb_per_s", nan)
+    cold_mb, pressure_mb = store_staging.get("mb_per_s", nan), store_staging.get("pressure_mb_per_s", nan)
     warm_mb = store_staging.get("warm_source_mb_per_s", nan)
-    warm_direct_mb = store_staging.get("warm_source_direct_mb_per_s", nan)
     markdown = f"""## Store mode at scale: real JPEGs against the peers (`bench/scale.py`)
 
 {machine()}, {os.cpu_count()} CPUs; {args.count:,} JPEGs ({set_bytes / 1e9:.2f} GB, {args.classes} classes,
@@ -655,13 +626,13 @@ the peak over the run of the main process and of the busiest worker. Command:
 {table}
 
 Staging, against `dd`'s direct write of as many bytes on the same disk ({dd_mb:.0f} MB/s, median
-of 3). The table's column: the JPEGs cold on that disk, the store (it fits in memory here)
-written through the page cache, {cold_mb / dd_mb:.2f} of `dd`; its packs written around the page
-cache (as a store bigger than memory is) {direct_mb:.0f} MB/s, {direct_mb / dd_mb:.2f}. The JPEGs
-in the page cache (as from another device): {warm_mb:.0f} MB/s through the page cache,
-{warm_direct_mb:.0f} MB/s ({warm_direct_mb / dd_mb:.2f} of `dd`) around it. The disk's own bound for a
-staging that reads its source from the disk it writes to (8 threads read the cold JPEGs, one
-direct writer, nothing else): {copy_mb:.0f} MB/s, {copy_mb / dd_mb:.2f} of `dd`. The store holds
+of 3). The table's column: the JPEGs cold on that disk, {cold_mb / dd_mb:.2f} of `dd`. The same with
+the page cache held to {args.cache_share:.0%} of the store, as for a store bigger than memory:
+{pressure_mb:.0f} MB/s ({pressure_mb / dd_mb:.2f}). The JPEGs in the page cache (as from another
+device): {warm_mb:.0f} MB/s ({warm_mb / dd_mb:.2f}). The disk's own bound for a staging that reads
+its source from the disk it writes to (one `dd` reading a cold file while another writes as many
+bytes, both sequential with direct I/O): {copy_mb:.0f} MB/s, {copy_mb / dd_mb:.2f} of `dd`; the
+store's staging from the cold JPEGs is {cold_mb / copy_mb:.2f} of it. The store holds
 {store_bytes / 1e9:.2f} GB for {set_bytes / 1e9:.2f} GB of JPEGs.
 
 {"; ".join(ratios)}.

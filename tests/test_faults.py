@@ -423,34 +423,6 @@ def test_a_full_or_unwritable_disk_names_the_path_and_the_fix_and_leaves_nothing
     assert not list((tmp_path / "store" / "rank-00000" / "packs").glob("pack-*.bin"))
 
 
-def test_a_full_disk_under_direct_writes_is_named_and_leaves_nothing(tmp_path, monkeypatch):
-    """A staging writing around the page cache (reshuffle.store.direct) that fills the disk: the
-    write in the background thread fails, the error is the same named StoreError, no pack is left."""
-    import importlib
-
-    from reshuffle import ShufflePlanner
-    from reshuffle.data.synthetic import load_synthetic
-    from reshuffle.store import direct, packs
-
-    monkeypatch.setattr(importlib.import_module("reshuffle.store.stage"), "direct_after", lambda: 0)
-    plain = os.O_WRONLY | os.O_CREAT | os.O_TRUNC  # the same buffering on any file system
-    monkeypatch.setattr(packs, "open_direct", lambda path, _: direct.DirectFile(os.open(path, plain)))
-    monkeypatch.setattr(direct, "BUFFER", 2 * direct.ALIGN)
-    real_write, calls = direct._write_all, []
-
-    def failing_write(*args):
-        calls.append(1)
-        if len(calls) > 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(*args)
-
-    monkeypatch.setattr(direct, "_write_all", failing_write)
-    source = load_synthetic("train", num_samples=60, sample_bytes=1000)
-    with pytest.raises(StoreError, match=r"no space left on the disk holding .*Free space there"):
-        stage(tmp_path / "store", 0, source, ShufflePlanner(60, 1, seed=1))
-    assert len(calls) > 3 and not list((tmp_path / "store" / "rank-00000" / "packs").glob("pack-*.bin"))
-
-
 def test_a_collective_failure_is_a_peer_error_and_ours_pass_unchanged(tmp_path):
     error = describe_failure(RuntimeError("Connection closed by peer"), 1, tmp_path, "the commit barrier")
     assert isinstance(error, PeerError) and "rank 1: the commit barrier failed" in str(error)

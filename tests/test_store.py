@@ -351,17 +351,13 @@ def test_a_large_staging_reads_the_source_in_workers_and_stores_it_exactly(tmp_p
     assert verify_store(tmp_path) == []
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_staging_workers_roll_their_own_packs_without_sharing_one(tmp_path, monkeypatch, direct):
+def test_staging_workers_roll_their_own_packs_without_sharing_one(tmp_path):
     """Each staging worker rolls its packs over at max_pack_bytes to sequences no other worker
     takes (first + worker, then + workers): records never point into another worker's pack, no
-    pack outgrows the limit by more than a sample, and every sample reads back exactly, through
-    the page cache or around it (packs written with O_DIRECT where the file system allows)."""
+    pack outgrows the limit by more than a sample, and every sample reads back exactly."""
     import importlib
 
     staging = importlib.import_module("reshuffle.store.stage")  # the module, not its stage()
-    if direct:
-        monkeypatch.setattr(staging, "direct_after", lambda: 0)  # forked workers inherit it
     num, size, limit = staging.READ_IN_WORKERS_FROM + 500, 700, 40_000
     source = load_synthetic("train", num_samples=num, shape=(1, 10, 10), sample_bytes=size)
     store, _ = stage(tmp_path, 0, source, ShufflePlanner(num, 1, strategy="local", seed=3),
@@ -380,78 +376,31 @@ def test_staging_workers_roll_their_own_packs_without_sharing_one(tmp_path, monk
     assert verify_store(tmp_path) == []
 
 
-def test_a_staging_worker_that_fails_leaves_no_pack_and_names_the_disk(tmp_path, monkeypatch):
-    """A full disk met in one staging worker (its OSError's errno reaches the main process): the
-    named StoreError, every worker ended, no pack left behind, and the next staging succeeds."""
+def test_a_staging_worker_that_fills_the_disk_leaves_no_pack_and_names_the_disk(tmp_path, monkeypatch):
+    """A full disk met by one staging worker's pack write (its OSError's errno reaches the main
+    process): the named StoreError, every worker ended, no pack left behind (the other workers'
+    packs too), and the next staging succeeds."""
     import errno
     import multiprocessing
 
+    from reshuffle.store import packs
     from reshuffle.store.stage import READ_IN_WORKERS_FROM
 
     num = READ_IN_WORKERS_FROM + 200
     source = load_synthetic("train", num_samples=num, shape=(1, 4, 4), sample_bytes=64)
     planner = ShufflePlanner(num, 1, strategy="local", seed=2)
-    raw = source.raw
+    append = packs.PackWriter.append
 
-    def failing(index: int) -> bytes:
-        if index == num // 2:
+    def filling(self, sample_id, *args, **kwargs):  # forked workers inherit it
+        if sample_id == num // 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return raw(index)
+        return append(self, sample_id, *args, **kwargs)
 
-    monkeypatch.setattr(source, "raw", failing)
+    monkeypatch.setattr(packs.PackWriter, "append", filling)
     with pytest.raises(StoreError, match=r"staging failed: no space left on the disk holding .*Free space"):
         stage(tmp_path, 0, source, planner)
     assert not multiprocessing.active_children()
     assert not list((tmp_path / "rank-00000" / "packs").glob("pack-*.bin"))
-    monkeypatch.setattr(source, "raw", raw)
+    monkeypatch.setattr(packs.PackWriter, "append", append)
     store, _ = stage(tmp_path, 0, source, planner)
     assert len(store) == num and verify_store(tmp_path) == []
-
-
-def test_a_direct_file_holds_exactly_what_was_written_across_buffers_and_flushes(tmp_path, monkeypatch):
-    """DirectFile gathers writes into aligned buffers, writes full ones in a thread and the last
-    block padded, then cuts the file to size; a flush mid-way and later writes rewrite that block.
-    (Over a plain descriptor here, so the logic is checked on any file system.)"""
-    from reshuffle.store import direct
-
-    monkeypatch.setattr(direct, "BUFFER", 3 * direct.ALIGN)
-    rng = np.random.default_rng(0)
-    chunks = [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in rng.integers(0, 9000, 40)]
-    path = tmp_path / "pack.bin"
-    handle = direct.DirectFile(os.open(path, os.O_WRONLY | os.O_CREAT))
-    for index, chunk in enumerate(chunks):
-        handle.write(chunk)
-        if index in (5, 6, 20):
-            handle.flush()
-            assert path.read_bytes() == b"".join(chunks[: index + 1])
-    handle.close()
-    assert path.read_bytes() == b"".join(chunks)
-
-
-def test_a_staging_beyond_direct_after_writes_its_packs_around_the_page_cache(tmp_path, monkeypatch):
-    """Packs begun after direct_after() bytes are written with O_DIRECT where the file system
-    allows it (plain writes where it does not): the store holds every sample exactly."""
-    import importlib
-
-    from reshuffle.store import packs
-
-    staging = importlib.import_module("reshuffle.store.stage")  # the module, not its stage()
-
-    opened = []
-    real = packs.open_direct
-    monkeypatch.setattr(packs, "open_direct", lambda *a: opened.append(real(*a)) or opened[-1])
-    available = staging.direct_after()  # half the page cache available, on Linux
-    assert available is None or 0 < available < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    monkeypatch.setattr(staging, "direct_after", lambda: 20_000)
-    num = 300
-    source = load_synthetic("train", num_samples=num, shape=(1, 10, 10), sample_bytes=333)
-    planner = ShufflePlanner(num, 1, strategy="local", seed=2)
-    store, _ = stage(tmp_path / "store", 0, source, planner, max_pack_bytes=30_000)
-    try:  # does this file system take O_DIRECT?
-        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
-        direct = True
-    except OSError:
-        direct = False
-    assert len(opened) == 3 and all((handle is not None) == direct for handle in opened)  # packs 2-4 of 4
-    assert all(store.read(i) == source.raw(i) for i in range(num))
-    assert verify_store(tmp_path / "store") == []

@@ -12,7 +12,6 @@ import numpy as np
 from reshuffle.store import format as fmt
 from reshuffle.store.background import Background
 from reshuffle.store.checksum import DEFAULT, checksum
-from reshuffle.store.direct import open_direct
 
 MAX_PACK_BYTES = 256 << 20  # a pack rolls over beyond this, so compaction rewrites bounded files
 
@@ -28,17 +27,12 @@ class PackWriter:
         reserve: Path | None = None,
         root: Path | None = None,
         checksum_name: str = DEFAULT,
-        direct_after: int | None = None,
         stride: int = 1,
     ) -> None:
         self.directory = directory
         # a new pack's sequence is the last one's + stride (writers in several processes, each
         # starting at its own first_sequence, never pick the same)
         self.stride = stride
-        # packs opened once this many bytes were written are written around the page cache
-        # (:mod:`reshuffle.store.direct`); None: never
-        self.direct_after = direct_after
-        self._total = 0  # bytes written by this writer, all packs
         self.checksum_name = checksum_name  # the store's (StoreMeta.checksum)
         self.checksum = checksum(checksum_name)
         self.root = root or directory  # no file is written outside it (the rank's store directory)
@@ -61,7 +55,6 @@ class PackWriter:
         self._handle.write(payload)
         self._records.append((sample_id, label, self._written, len(payload), self._sequence, crc))
         self._written += len(payload)
-        self._total += len(payload)
 
     def sync(self) -> None:
         """Push what was written so far to disk, so the final fsync has little left to do."""
@@ -86,13 +79,10 @@ class PackWriter:
         self._reserved = reserve is not None and reserve.is_file()
         if reserve is not None and self._reserved:
             os.replace(reserve, path)  # its blocks are allocated: writes only copy bytes
-        direct = self.direct_after is not None and self._total >= self.direct_after and not self._reserved
-        self._handle = open_direct(path, self.root) if direct else None
-        if self._handle is None:
-            flags = os.O_RDWR if self._reserved else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            self._handle = os.fdopen(
-                fmt.open_for_writing(path, flags, self.root), "r+b" if self._reserved else "wb"
-            )
+        flags = os.O_RDWR if self._reserved else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self._handle = os.fdopen(
+            fmt.open_for_writing(path, flags, self.root), "r+b" if self._reserved else "wb"
+        )
         self.sequences.append(self._sequence)
         self._written = 0
 

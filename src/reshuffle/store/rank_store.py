@@ -211,16 +211,13 @@ class RankStore:
         existing = [fmt.pack_sequence(p.name) for p in self.pack_dir.glob("pack-*.bin")]
         return max([s for s in existing if s is not None] + [0]) + 1
 
-    def pack_writer(
-        self, max_bytes: int = MAX_PACK_BYTES, *, reserved: bool = False, direct_after: int | None = None
-    ) -> PackWriter:
+    def pack_writer(self, max_bytes: int = MAX_PACK_BYTES, *, reserved: bool = False) -> PackWriter:
         """A writer of new packs; with ``reserved``, its first pack is the space :meth:`reserve`
-        allocated (when there is one); packs begun after ``direct_after`` bytes are written around
-        the page cache (:class:`PackWriter`)."""
+        allocated (when there is one)."""
         reserve = self.pack_dir / fmt.RESERVE if reserved else None
         return PackWriter(
             self.pack_dir, self.next_pack_sequence(), max_bytes, reserve, root=self.directory,
-            checksum_name=self.meta.checksum, direct_after=direct_after,
+            checksum_name=self.meta.checksum,
         )  # fmt: skip
 
     def reserve(self, size: int) -> int:

@@ -153,20 +153,6 @@ READ_IN_WORKERS_FROM = 4096
 WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
-def direct_after() -> int | None:
-    """How many bytes a rank stages through the page cache before it writes its packs around it
-    (:mod:`reshuffle.store.direct`): half of what the page cache can take now (``MemAvailable``).
-    A store that fits stays cached for its first epoch; beyond that, cached pages would be evicted
-    before an epoch reads them, and copying into them costs the staging processes CPU. None where
-    the memory is unknown (not Linux): always through the page cache."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-    return kib * 1024 // 2
-
-
 def write_packs(
     store: RankStore, source: SampleSource, ids: NDArray[np.int64], max_pack_bytes: int
 ) -> np.ndarray:
@@ -174,7 +160,7 @@ def write_packs(
     On a failure nothing written is left (a full disk is not left full by this rank)."""
     if ids.size >= READ_IN_WORKERS_FROM:
         return _write_in_workers(store, source, ids, max_pack_bytes)
-    writer = store.pack_writer(max_pack_bytes, direct_after=direct_after())
+    writer = store.pack_writer(max_pack_bytes)
     try:
         for sample_id in ids.tolist():
             writer.append(sample_id, int(source.targets[sample_id]), source.raw(sample_id))
@@ -198,11 +184,7 @@ def _write_in_workers(
     to packs of its own (sequences ``first + worker``, ``+ STAGE_WORKERS`` for each next one);
     this process collects the records and makes every pack durable at the end."""
     first = store.next_pack_sequence()
-    after = direct_after()
-    packing = _Packing(
-        source, store.pack_dir, store.directory, store.meta.checksum, first, max_pack_bytes,
-        None if after is None else after // STAGE_WORKERS,
-    )  # fmt: skip
+    packing = _Packing(source, store.pack_dir, store.directory, store.meta.checksum, first, max_pack_bytes)
     try:
         records = _records_of(packing, ids)
         for sequence in np.unique(records["pack"]).tolist():
@@ -256,13 +238,12 @@ class _Packing:
 
     def __init__(
         self, source: SampleSource, pack_dir: Path, root: Path, checksum_name: str,
-        first: int, max_bytes: int, direct_after: int | None,
+        first: int, max_bytes: int,
     ) -> None:  # fmt: skip
         self.source = source
         self.pack_dir, self.root, self.checksum_name = pack_dir, root, checksum_name
         self.first = first
         self.max_bytes = max_bytes
-        self.direct_after = direct_after
         self._writer: PackWriter | None = None
 
     def __len__(self) -> int:
@@ -284,7 +265,7 @@ class _Packing:
         index, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         self._writer = PackWriter(
             self.pack_dir, self.first + index, self.max_bytes, root=self.root,
-            checksum_name=self.checksum_name, direct_after=self.direct_after, stride=workers,
+            checksum_name=self.checksum_name, stride=workers,
         )  # fmt: skip
         return self._writer
 
