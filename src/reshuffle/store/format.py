@@ -145,8 +145,8 @@ def lock_directory(directory: Path) -> int:
     return fd
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable."""
+def fsync_path(path: Path) -> None:
+    """Make ``path`` durable: a file's bytes, or a rename or unlink in a directory."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -163,7 +163,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:

@@ -109,7 +109,7 @@ class PackWriter:
         self._finish_file()
         self._join_syncs()
         if self.sequences:
-            fmt.fsync_dir(self.directory)
+            fmt.fsync_path(self.directory)
         return np.array(self._records, dtype=fmt.RECORD)  # tuples are in RECORD's field order
 
     def abort(self) -> None:

@@ -304,7 +304,7 @@ class RankStore:
         # Parse before the rename, so a damaged prepared state never becomes the manifest.
         self._parse(fmt.read_json(prepared, "prepared state"), prepared)
         os.replace(prepared, self.directory / fmt.MANIFEST)
-        fmt.fsync_dir(self.directory)
+        fmt.fsync_path(self.directory)
         before = self.records
         self._load(self.directory / fmt.MANIFEST)
         if self.dirty_packs is not None:
@@ -318,7 +318,7 @@ class RankStore:
 
     def discard_prepared(self) -> None:
         (self.directory / fmt.PREPARED).unlink(missing_ok=True)
-        fmt.fsync_dir(self.directory)
+        fmt.fsync_path(self.directory)
 
     def remove_unreferenced(self) -> int:
         """Delete pack, index and temporary files no state refers to; refuse foreign files."""

@@ -8,7 +8,6 @@ no manifest, so the next attempt starts that rank over.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 import warnings
 from pathlib import Path
@@ -188,8 +187,8 @@ def _write_in_workers(
     try:
         records = _records_of(packing, ids)
         for sequence in np.unique(records["pack"]).tolist():
-            _fsync(store.pack_dir / fmt.pack_name(sequence))
-        fmt.fsync_dir(store.pack_dir)
+            fmt.fsync_path(store.pack_dir / fmt.pack_name(sequence))
+        fmt.fsync_path(store.pack_dir)
         return records
     except BaseException as error:
         for path in store.pack_dir.glob("pack-*.bin"):
@@ -220,14 +219,6 @@ def _records_of(packing: _Packing, ids: NDArray[np.int64]) -> np.ndarray:
     finally:
         del batches  # shuts the workers down (a traceback would keep the iterator alive)
     return np.concatenate(parts) if parts else np.empty(0, dtype=fmt.RECORD)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class _Packing:
