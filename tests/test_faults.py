@@ -620,26 +620,85 @@ def test_a_large_bytes_item_is_read_in_two_parts_and_both_are_checked(tmp_path, 
     assert dataset.__getitems__(store.ids.tolist()) == [Blobs()[i] for i in store.ids.tolist()]
 
 
-def test_a_batch_announces_its_reads_unless_the_last_came_from_the_page_cache(tmp_path, monkeypatch):
+def test_a_batch_announces_its_reads_when_the_kernel_says_they_will_go_to_the_disk(tmp_path, monkeypatch):
     """POSIX_FADV_WILLNEED for every read of a batch pays when the reads go to the disk and costs
-    a system call per sample when they do not: a batch after one read from the page cache is not
-    announced; in such a batch the second slow read announces the rest, and the next batch whole."""
+    a system call per sample when they do not. The kernel is asked (a one-byte RWF_NOWAIT read)
+    for the batch's first record and after a slow read: a cached batch is never announced however
+    slow its reads (a preempted worker), an uncached one is, from the record found uncached."""
+    import errno
+
     from reshuffle.store import reads
 
     store, _ = _blob_store(tmp_path / "store")
+    reader = store.reader
     announced: list[int] = []
-    real = store.reader._announce
-    monkeypatch.setattr(store.reader, "_announce", lambda where: (announced.append(where.size), real(where)))
+    real = reader._announce
+    monkeypatch.setattr(reader, "_announce", lambda where: (announced.append(where.size), real(where)))
+    asked: list[int] = []
+    uncached: set[int] = set()  # offsets whose page the kernel says is not cached
+
+    def preadv(descriptor, buffers, offset, flags=0):
+        assert flags == os.RWF_NOWAIT
+        asked.append(offset)
+        if offset in uncached:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        return 1
+
+    monkeypatch.setattr(reads.os, "preadv", preadv)
+    monkeypatch.setattr(reader, "_can_ask", True)
+    batch = store.ids[:10]
+    offsets = [int(o) for o in reader.offsets[store.position(batch)]]
+    monkeypatch.setattr(reads, "FROM_CACHE_WITHIN", -1.0)  # every read is slow (preempted)
+    list(store.read_many(batch))
+    assert announced == [] and len(asked) == 10  # the first record, then after each slow read
+    uncached.update(offsets[4:])  # the rest of the batch is not in the page cache
+    asked.clear()
+    list(store.read_many(batch))
+    assert announced == [6] and len(asked) == 5  # found at the fifth record: not asked again
+    uncached.update(offsets)
+    monkeypatch.setattr(reads, "FROM_CACHE_WITHIN", 3600.0)  # fast reads: asked once, announced
+    list(store.read_many(batch))
+    assert announced == [6, 10]
+
+
+def test_where_the_kernel_cannot_tell_the_time_reads_take_decides(tmp_path, monkeypatch):
+    """Without RWF_NOWAIT (an old kernel, a file system without it: the first ask fails), a batch
+    after one read from the page cache is not announced; in such a batch the second slow read
+    announces the rest, and the next batch whole."""
+    import errno
+
+    from reshuffle.store import reads
+
+    store, _ = _blob_store(tmp_path / "store")
+    reader = store.reader
+    announced: list[int] = []
+    real = reader._announce
+    monkeypatch.setattr(reader, "_announce", lambda where: (announced.append(where.size), real(where)))
+
+    def unsupported(*args):
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(reads.os, "preadv", unsupported)
     batch = store.ids[:10]
     monkeypatch.setattr(reads, "FROM_CACHE_WITHIN", 3600.0)  # every read is fast
     for _ in range(3):
         list(store.read_many(batch))
-    assert announced == [10]  # the first batch (nothing known yet), then none
+    assert announced == [10] and not reader._can_ask  # the first batch (nothing known yet), then none
     monkeypatch.setattr(reads, "FROM_CACHE_WITHIN", -1.0)  # every read is slow: the disk's
     list(store.read_many(batch))
     assert announced == [10, 8]  # the rest of the batch after its second slow read
     list(store.read_many(batch))
     assert announced == [10, 8, 10]
+
+
+def test_the_kernel_says_a_just_written_pack_is_in_the_page_cache(tmp_path):
+    """The real question, asked of this machine's kernel and file system: a pack just written
+    is in the page cache (or the kernel cannot tell, and the reader falls back to timing)."""
+    store, _ = _blob_store(tmp_path / "store")
+    reader = store.reader
+    descriptor, _ = reader._file(int(reader.packs[0]), int(reader.ids[0]))
+    assert reader._in_page_cache(descriptor, int(reader.offsets[0])) in (True, None)
+    assert reader._can_ask == (reader._in_page_cache(descriptor, 0) is True)
 
 
 def test_a_stopped_heartbeat_has_no_thread_left_in_a_store_call():

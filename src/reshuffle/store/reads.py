@@ -84,6 +84,9 @@ class PackReader:
         self._uniform_length = int(self.lengths[0]) if uniform else None  # every sample's, if equal
         self._one_pack = bool(self.packs.size) and self.packs.min() == self.packs.max()
         self._from_cache = False  # every read of the last batch came from the page cache
+        # whether the kernel says if a page is cached (a read that may not wait; Linux 4.14+)
+        self._can_ask = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
+        self._byte = bytearray(1)
 
     def where(self, sample_id: int) -> int:
         where = int(self.ids.searchsorted(sample_id))
@@ -120,20 +123,22 @@ class PackReader:
         """The records at positions ``where``, each checked. Lazily: a caller that decodes each as
         it comes keeps one raw buffer alive at a time (a fresh buffer per sample costs page faults).
 
-        The batch's reads are announced together first (:meth:`_announce`) unless the last
-        batch's reads came from the page cache: then announcing costs a system call per sample and
-        gains nothing. A read counts as the disk's when it takes longer than the page cache could
-        (``FROM_CACHE_WITHIN``, ``FROM_CACHE_RATE``); one such read per batch is allowed for (a
-        preempted worker), the second announces the rest of the batch and the next batch.
+        The batch's reads are announced together (:meth:`_announce`) when they will go to the
+        disk; from the page cache, announcing costs a system call per sample and gains nothing.
+        Which it is, the kernel is asked where it can tell (:meth:`_in_page_cache`): for the
+        batch's first record, and for the next one after any read that took longer than the page
+        cache could (``FROM_CACHE_WITHIN``, ``FROM_CACHE_RATE``). A preempted worker's read is slow
+        too, so the time alone does not decide (measured: it announced 70% of a warm epoch's
+        samples with two workers on two cores). Where the kernel cannot tell, the time decides:
+        the batch is announced unless the last one came from the page cache, and its second slow
+        read announces the rest.
 
         With ``head_size`` (a decoder's: a record's first ``PROBE`` bytes -> how many of them come
         before its body, or None), a record of ``SPLIT_FROM`` bytes or more that has a body comes
         as ``(head, body)``: the body is read straight into its own ``bytes``, so a decoder can
         return it without copying it out of the record (the ImageNet case: a JPEG and its label)."""
-        announced = not self._from_cache
-        if announced:
-            self._announce(where)
-        slow = 0  # reads that came from the disk (or were preempted: one is allowed for)
+        announced = last_slow = False
+        slow = 0  # reads that came from the disk (or were preempted)
         files, check, clock = self._files, self.checksum, time.perf_counter
         columns = (self.ids, self.packs, self.offsets, self.lengths, self.crcs)
         # one loop over plain ints: per sample, a method call costs as much as the checksum
@@ -142,6 +147,13 @@ class PackReader:
             descriptor, size = files.get(sequence) or self._file(sequence, sample_id)
             if start + length > size:
                 raise self._truncated(sample_id, sequence, size, start + length)
+            if not announced:
+                cached = self._in_page_cache(descriptor, start) if done == 0 or last_slow else True
+                if cached is None:  # the kernel cannot tell: the time decides
+                    cached = self._from_cache if done == 0 else not (slow == 2 and last_slow)
+                if not cached:
+                    self._announce(where[done:])
+                    announced = True
             began = clock()
             if head_size is not None and length >= SPLIT_FROM:
                 head = os.pread(descriptor, PROBE, start)
@@ -156,11 +168,8 @@ class PackReader:
             else:
                 record = os.pread(descriptor, length, start)
                 got = len(record)
-            if clock() - began > FROM_CACHE_WITHIN + length / FROM_CACHE_RATE:
-                slow += 1
-                if slow == 2 and not announced:
-                    self._announce(where[done + 1 :])
-                    announced = True
+            last_slow = clock() - began > FROM_CACHE_WITHIN + length / FROM_CACHE_RATE
+            slow += last_slow
             self._from_cache = slow < 2
             if got != length:  # the pack shrank since it was opened
                 raise self._truncated(sample_id, sequence, start + got, start + length)
@@ -168,6 +177,20 @@ class PackReader:
             if found != crc:
                 raise self.damaged(sample_id, sequence, "its bytes do not match their checksum")
             yield record
+
+    def _in_page_cache(self, descriptor: int, start: int) -> bool | None:
+        """Whether the page at ``start`` is in the page cache, as the kernel tells (a one-byte
+        read that may not wait, ``RWF_NOWAIT``, Linux 4.14+); None where it cannot tell."""
+        if not self._can_ask:
+            return None
+        try:
+            os.preadv(descriptor, [self._byte], start, os.RWF_NOWAIT)
+            return True
+        except BlockingIOError:  # the read would wait for the disk
+            return False
+        except OSError:  # this kernel or file system does not do it: the time decides from now
+            self._can_ask = False
+            return None
 
     def _announce(self, where: NDArray[np.int64]) -> None:
         """Tell the kernel every range a batch will read (``POSIX_FADV_WILLNEED``), so that reads
@@ -197,7 +220,10 @@ class PackReader:
         if length < MAPPED_BELOW:
             self._gather_mapped(where, length, out)
         else:
-            self._announce(where)
+            first = int(where[0])
+            descriptor, _ = self._file(int(self.packs[first]), int(self.ids[first]))
+            if self._in_page_cache(descriptor, int(self.offsets[first])) is not True:
+                self._announce(where)
             self._gather_read(where, length, out)
         crcs = self.crcs[where].tolist()
         found = list(map(self.checksum, out))  # one call per row: the least Python per sample
