@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -411,38 +412,45 @@ def hold_memory(keep_for_cache: int) -> subprocess.Popen | None:
     return holder
 
 
+@contextlib.contextmanager
+def page_cache_held(args: argparse.Namespace, nbytes: int) -> Iterator[None]:
+    """Inside the block, the page cache can hold ``--cache-share`` of ``nbytes``, plus 1 GiB of room
+    for the processes at work (:func:`hold_memory`)."""
+    holder = hold_memory(int(args.cache_share * nbytes) + (1 << 30))
+    try:
+        yield
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+
+
 def run_epoch(
     system: str, condition: str, args: argparse.Namespace, store_bytes: int, device: str, decode: bool = False
 ) -> dict:
     """One epoch in a fresh process under ``condition``; its figures."""
-    holder = None
     if condition in ("cold", "pressure"):
         for directory in ("images", *FORMATS.values()):
             if (args.root / directory).exists():
                 evict(args.root / directory)
-    if condition == "pressure":
-        # what the page cache can hold: a share of the store, plus room for the epoch's processes
-        holder = hold_memory(int(args.cache_share * store_bytes) + (1 << 30))
-    before = _disk_sectors_read(device)
     command = [sys.executable, __file__, "--epoch", system, "--root", str(args.root),
                "--count", str(args.count), "--classes", str(args.classes), "--batch", str(args.batch),
                "--workers", str(args.workers)]  # fmt: skip
     if decode:
         command += ["--decode", "--decode-limit", str(args.decode_limit)]
-    child = subprocess.Popen(
-        command, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
     peaks: dict[int, tuple[int, int]] = {}
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(child.pid, peaks, stop), daemon=True)
-    watcher.start()
-    out, _ = child.communicate(timeout=3600)
-    stop.set()
-    watcher.join()
-    disk_bytes = (_disk_sectors_read(device) - before) * 512
-    if holder is not None:
-        holder.kill()
-        holder.wait()
+    with page_cache_held(args, store_bytes) if condition == "pressure" else contextlib.nullcontext():
+        before = _disk_sectors_read(device)
+        child = subprocess.Popen(
+            command, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch, args=(child.pid, peaks, stop), daemon=True)
+        watcher.start()
+        out, _ = child.communicate(timeout=3600)
+        stop.set()
+        watcher.join()
+        disk_bytes = (_disk_sectors_read(device) - before) * 512
     if child.returncode != 0:
         raise RuntimeError(f"{system} ({condition}) failed with exit {child.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
@@ -516,20 +524,15 @@ def main() -> None:
 
     def write_pressed() -> float:
         evict(args.root / "images")
-        holder = hold_memory(int(args.cache_share * set_bytes) + (1 << 30))
-        try:
+        with page_cache_held(args, set_bytes):
             return write("reshuffle-store")
-        finally:
-            if holder is not None:
-                holder.kill()
-                holder.wait()
 
     def write_warm() -> float:
         warm(files)  # as from another device; the store the epochs read is the last one staged
         return write("reshuffle-store")
 
     for system in [s for s in args.systems if s in FORMATS]:
-        # the store's stagings vary run to run (530-770 MB/s cold here): median of 3 each; the
+        # the store's stagings vary run to run (283-770 MB/s cold here): median of 3 each; the
         # peers' writers, 4-7x slower, once
         runs = 3 if system == "reshuffle-store" else 1
         staging[system] = {"mb_per_s": statistics.median(write_cold(system) for _ in range(runs))}
