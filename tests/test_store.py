@@ -181,6 +181,50 @@ def test_reserved_space_becomes_the_next_pack_and_is_never_a_problem(tmp_path):
     assert store.remove_unreferenced() == 0 and not reserve.exists()  # removed, not a leftover
 
 
+@pytest.mark.parametrize("kind", ["crc32", "crc32c"])
+def test_stores_of_either_checksum_are_checked_on_read_and_exchange(tmp_path, kind, monkeypatch):
+    """New stores carry CRC32 (zlib-ng's; the values of zlib.crc32, store.json names none, as
+    before CRC32C); stores staged with CRC32C (store.json says so) keep reading. Either kind is
+    checked on every read, and a sample sent from a store of one kind lands in a store of the
+    other with the receiver's own checksum."""
+    import importlib
+    import zlib
+
+    import crc32c
+
+    from reshuffle.store.reads import CorruptSampleError
+    from reshuffle.store.wire import IncomingStream, OutgoingStream
+
+    expected = {"crc32": zlib.crc32, "crc32c": crc32c.crc32c}
+    staging = importlib.import_module("reshuffle.store.stage")
+    with monkeypatch.context() as patch:
+        patch.setattr(staging, "DEFAULT", kind)  # what the version that wrote the store chose
+        source, _, _ = staged(tmp_path / "theirs", num=60, world=1)
+    store = RankStore.open(tmp_path / "theirs", 0)  # reopened by this version
+    meta = json.loads((tmp_path / "theirs" / "store.json").read_text())
+    assert meta.get("checksum") == (None if kind == "crc32" else "crc32c")
+    for record in store.records:
+        payload = store.read(int(record["id"]))
+        assert payload == source.raw(int(record["id"]))
+        assert int(record["crc"]) == expected[kind](payload)
+    other = "crc32c" if kind == "crc32" else "crc32"
+    with monkeypatch.context() as patch:
+        patch.setattr(staging, "DEFAULT", other)
+        _, _, (mine,) = staged(tmp_path / "mine", num=60, world=1)
+    ids = store.ids[:20]
+    wire = bytearray(OutgoingStream(store, ids).size)
+    OutgoingStream(store, ids).take(len(wire), memoryview(wire))
+    writer = mine.pack_writer()
+    sink = IncomingStream(0, ids, len(wire), source.num_classes, writer)
+    sink.feed(memoryview(bytes(wire)))
+    sink.finish()
+    landed = writer.close()
+    assert [int(crc) for crc in landed["crc"]] == [expected[other](source.raw(int(i))) for i in landed["id"]]
+    damage_flip(None, [None, None, store])
+    with pytest.raises(CorruptSampleError, match=f"sample {int(store.records[4]['id'])} .* damaged"):
+        store.read(int(store.records[4]["id"]))
+
+
 def first_pack(store):
     return sorted(store.pack_dir.glob("pack-*.bin"))[0]
 
