@@ -27,6 +27,7 @@ from reshuffle.data.transforms import build_transform
 from reshuffle.store import (
     CorruptSampleError,
     ExchangeError,
+    RankStore,
     StoreDataset,
     StoreError,
     open_or_stage,
@@ -120,6 +121,35 @@ def test_a_damaged_sample_is_refused_by_every_read_and_the_store_after_it(tmp_pa
     assert any(f"sample {bad} damaged" in line for line in problems), problems
     assert any("1 corrupt sample(s)" in line and str(bad) in line for line in problems), problems
     stores[0].check_damage()  # the other rank's store is untouched
+
+
+@pytest.mark.parametrize("vectored", [True, False], ids=["preadv", "pread"])
+def test_a_batch_of_large_samples_is_read_into_its_rows_and_each_row_checked(tmp_path, monkeypatch, vectored):
+    """Equal-length samples of 16 KiB and more come as one (B, L) array: neighbours in a pack in
+    one read straight into their rows (runs cut at IOV_MAX buffers), every row checked, in any
+    order the plan asks; a flipped byte anywhere in a row, or a pack cut short, is the named
+    error. Without ``os.preadv`` (macOS before 11) the rows are read one by one."""
+    from reshuffle.store import reads
+
+    monkeypatch.setattr(reads, "IOV_MAX", 3)
+    if not vectored:
+        monkeypatch.delattr(os, "preadv")
+    source, _, (store,) = staged(tmp_path / "store", num=40, sample_bytes=20_000, world=1)
+    reader = store.reader
+    where = np.array([5, 6, 7, 8, 9, 0, 30, 2, 3, 1, 39, 38], dtype=np.int64)  # runs and strays
+    data, labels = reader.samples(where)
+    assert data.shape == (where.size, 20_000)
+    for row, position in enumerate(where.tolist()):
+        sample_id = int(reader.ids[position])
+        assert data[row].tobytes() == source.raw(sample_id) and labels[row] == source.targets[sample_id]
+    bad = _flip(store, position=8, at=None)  # the middle of a row inside a run
+    with pytest.raises(CorruptSampleError, match=rf"sample {bad} in this rank's own store is damaged"):
+        reader.samples(where)
+    pack = store.pack_dir / pack_name(int(store.records["pack"][-1]))
+    os.truncate(pack, pack.stat().st_size - 10)
+    reader = RankStore.open(tmp_path / "store", 0).reader
+    with pytest.raises(CorruptSampleError, match="its pack is truncated"):
+        reader.samples(np.array([0, 39], dtype=np.int64))
 
 
 class Items(torch.utils.data.Dataset):

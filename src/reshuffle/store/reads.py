@@ -47,6 +47,23 @@ PROBE = 512
 # here), a disk's random read takes 50 us or more before its first byte (NVMe: about 80 us).
 FROM_CACHE_WITHIN = 50e-6
 FROM_CACHE_RATE = 4e9
+# The most buffers one positional read fills (a run of neighbours longer than this is read in parts).
+IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
+
+
+def read_into(descriptor: int, buffers: list[memoryview], start: int) -> int:
+    """Fill ``buffers`` one after the other with the file's bytes from ``start`` on, in one system
+    call where there is ``os.preadv``; how many bytes were read (fewer at the end of the file)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(descriptor, buffers, start)
+    got = 0
+    for buffer in buffers:
+        data = os.pread(descriptor, len(buffer), start + got)
+        buffer[: len(data)] = data
+        got += len(data)
+        if len(data) < len(buffer):
+            break
+    return got
 
 
 class CorruptSampleError(fmt.StoreError):
@@ -217,41 +234,45 @@ class PackReader:
                 return None
             length = int(lengths[0])
         out = np.empty((where.size, length), dtype=np.uint8)
-        if length < MAPPED_BELOW:
-            self._gather_mapped(where, length, out)
-        else:
+        if length >= MAPPED_BELOW:
             first = int(where[0])
             descriptor, _ = self._file(int(self.packs[first]), int(self.ids[first]))
             if self._in_page_cache(descriptor, int(self.offsets[first])) is not True:
                 self._announce(where)
-            self._gather_read(where, length, out)
+            self._gather_read(where, length, out)  # checks each row as it lands
+            return out, self.labels[where]
+        self._gather_mapped(where, length, out)
         crcs = self.crcs[where].tolist()
         found = list(map(self.checksum, out))  # one call per row: the least Python per sample
         if found != crcs:
             row = next(r for r in range(where.size) if found[r] != crcs[r])
-            raise self.damaged(int(self.ids[where[row]]), int(self.packs[where[row]]),
-                               "its bytes do not match their checksum")  # fmt: skip
+            raise self._mismatch(where, row)
         return out, self.labels[where]
 
     def _gather_read(self, where: NDArray[np.int64], length: int, out: NDArray[np.uint8]) -> None:
-        """Rows of ``out`` by positional reads; runs of neighbours in a pack in one read each."""
+        """Rows of ``out`` read straight into them, a run of neighbours in a pack in one read
+        (``os.preadv``), each run's rows checked as they land, while the CPU's cache holds them (a
+        check after the whole batch would read it from memory again: a fifth of a 110 KB batch's
+        time, measured)."""
         packs, offsets = self.packs[where], self.offsets[where]
         order = np.lexsort((offsets, packs))
+        check, crcs = self.checksum, self.crcs[where].tolist()
         run_start = 0
         for index in range(1, order.size + 1):
-            if index < order.size:
+            if index < order.size and index - run_start < IOV_MAX:
                 prev, this = order[index - 1], order[index]
                 if packs[this] == packs[prev] and offsets[this] == offsets[prev] + length:
                     continue
-            run = order[run_start:index]
-            first = int(run[0])
-            sequence, start = int(packs[first]), int(offsets[first])
-            descriptor, size = self._file(sequence, int(self.ids[where[first]]))
-            end = start + run.size * length
-            data = os.pread(descriptor, end - start, start) if end <= size else b""
-            if len(data) != end - start:
-                raise self._truncated(int(self.ids[where[first]]), sequence, size, end)
-            out[run] = np.frombuffer(data, dtype=np.uint8).reshape(run.size, length)
+            run = order[run_start:index].tolist()
+            sequence, start = int(packs[run[0]]), int(offsets[run[0]])
+            descriptor, size = self._file(sequence, int(self.ids[where[run[0]]]))
+            end = start + len(run) * length
+            got = read_into(descriptor, [memoryview(out[row]) for row in run], start) if end <= size else 0
+            if got != end - start:
+                raise self._truncated(int(self.ids[where[run[0]]]), sequence, size, end)
+            for row in run:
+                if check(out[row]) != crcs[row]:
+                    raise self._mismatch(where, row)
             run_start = index
 
     def _gather_mapped(self, where: NDArray[np.int64], length: int, out: NDArray[np.uint8]) -> None:
@@ -286,6 +307,10 @@ class PackReader:
             f"`reshuffle verify {self.directory.parent}` lists every damaged sample; restage the store "
             "(remove it and start the job again) to recover"
         )
+
+    def _mismatch(self, where: NDArray[np.int64], row: int) -> CorruptSampleError:
+        return self.damaged(int(self.ids[where[row]]), int(self.packs[where[row]]),
+                            "its bytes do not match their checksum")  # fmt: skip
 
     def _truncated(self, sample_id: int, sequence: int, size: int, end: int) -> CorruptSampleError:
         return self.damaged(
