@@ -555,8 +555,11 @@ def main() -> None:
     )
     epochs = []
     for repeat in range(args.repeats):
+        # each repeat starts the round at another system: the first epoch after a change of
+        # condition (a memory holder killed, the cache refilled) ran slow here, whoever ran it
+        turn = repeat % len(args.systems)
         for condition in conditions:
-            for system in args.systems:
+            for system in args.systems[turn:] + args.systems[:turn]:
                 if condition == "warm":
                     run_epoch(system, "warm", args, store_bytes, device)  # fills the cache
                 # a warm epoch takes 1-5 s and varies by +-15% on this VM: 3 of them a repeat
