@@ -308,15 +308,18 @@ def read_epoch(system: str, root: Path, files: list[str], labels: list[int], opt
         loader = DataLoader(dataset, **loader_options)
     else:
         raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+    device = _device_of(root)
+    before = _disk_sectors_read(device)
     started = time.perf_counter()
     samples = nbytes = 0
     for payload, count in loader:
         samples += count
         nbytes += payload if isinstance(payload, int) else 0
     seconds = time.perf_counter() - started
+    disk_bytes = (_disk_sectors_read(device) - before) * 512
     if system == "reshuffle-store":
         data.close()
-    return {"samples": samples, "bytes": nbytes, "seconds": seconds}
+    return {"samples": samples, "bytes": nbytes, "seconds": seconds, "disk_bytes": disk_bytes}
 
 
 def _read_bytes(path: str) -> bytes:
@@ -455,14 +458,14 @@ def run_epoch(
         out, _ = child.communicate(timeout=3600)
         stop.set()
         watcher.join()
-        disk_bytes = (_disk_sectors_read(device) - before) * 512
+        process_disk_bytes = (_disk_sectors_read(device) - before) * 512
     if child.returncode != 0:
         raise RuntimeError(f"{system} ({condition}) failed with exit {child.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
     main_rss, main_anon = peaks.get(child.pid, (0, 0))
     workers = [v for pid, v in peaks.items() if pid != child.pid]
     result.update(
-        system=system, condition=condition, decode=decode, disk_bytes=disk_bytes,
+        system=system, condition=condition, decode=decode, process_disk_bytes=process_disk_bytes,
         main_rss_mb=main_rss / 1024, main_anon_mb=main_anon / 1024,
         worker_rss_mb=max((v[0] for v in workers), default=0) / 1024,
         worker_anon_mb=max((v[1] for v in workers), default=0) / 1024,
@@ -569,7 +572,8 @@ def main() -> None:
                     epochs.append(result)
                     rate = result["samples"] / result["seconds"]
                     print(f"{system:16s} {condition:8s} {rate:8.0f} samples/s  "
-                          f"disk/trained {result['disk_bytes'] / max(1, result['bytes']):.2f}",
+                          f"disk/trained {result['disk_bytes'] / max(1, result['bytes']):.2f} "
+                          f"(whole process {result['process_disk_bytes'] / max(1, result['bytes']):.2f})",
                           flush=True)  # fmt: skip
     for system in args.systems:  # decoded, warm
         run_epoch(system, "warm", args, store_bytes, device, decode=True)
@@ -647,9 +651,11 @@ def report(args, staging, dd_seconds, set_bytes, store_bytes, epochs, conditions
 {machine()}, {os.cpu_count()} CPUs; {args.count:,} JPEGs ({set_bytes / 1e9:.2f} GB, {args.classes} classes,
 {args.size} px, quality 90, 4:4:4), one epoch per system and condition in a fresh process
 (`DataLoader`, batch {args.batch}, {args.workers} workers, shuffled order), median of {args.repeats}
-({args.repeats * WARM_EPOCHS} warm);
+({args.repeats * WARM_EPOCHS} warm), each repeat's round of systems starting at the next one;
 "pressure": a helper holds anonymous memory so that the page cache can hold {args.cache_share:.0%} of
-the store. "disk/trained": bytes read from the disk (`/proc/diskstats`) per byte trained. Memory:
+the store. "disk/trained": bytes read from the disk (`/proc/diskstats`) while the epoch's loop ran,
+per byte trained (the process's start before it, which under pressure rereads libraries the
+helper evicted, is not counted). Memory:
 the peak over the run of the main process and of the busiest worker. Command:
 `.venv/bin/python bench/scale.py --count {args.count} --repeats {args.repeats}`.
 
