@@ -5,7 +5,7 @@ reading).
 Every sample is checked on the read that trains it, so the checksum is on the read path. CRC32
 comes from zlib-ng (the ``zlib-ng`` package), which folds the bytes with carry-less multiplies
 (``VPCLMULQDQ`` on AVX-512 CPUs, ``PCLMULQDQ`` before them, the CRC instructions on ARMv8): 106 KB
-in 1.4-1.5 us on this project's test machine against CRC32C's 3.8-4.1 us (the ``crc32c``
+in 1.0-1.5 us on this project's test machine against CRC32C's 3.6-4.1 us (the ``crc32c``
 package) and the standard library's 19.7 us, the same values as :func:`zlib.crc32` (figures in
 docs/benchmarks.md, "Checked reads").
 """
