@@ -47,6 +47,7 @@ PROBE = 512
 # here), a disk's random read takes 50 us or more before its first byte (NVMe: about 80 us).
 FROM_CACHE_WITHIN = 50e-6
 FROM_CACHE_RATE = 4e9
+MISMATCH = "its bytes do not match their checksum"  # why a damaged sample is, when it is the bytes
 # The most buffers one positional read fills (a run of neighbours longer than this is read in parts).
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
 
@@ -131,7 +132,7 @@ class PackReader:
         if len(payload) != length:  # the pack shrank since it was opened
             raise self._truncated(sample_id, sequence, start + len(payload), start + length)
         if self.checksum(payload) != crc:
-            raise self.damaged(sample_id, sequence, "its bytes do not match their checksum", note_damage)
+            raise self.damaged(sample_id, sequence, MISMATCH, note_damage)
         return payload
 
     def many(
@@ -192,7 +193,7 @@ class PackReader:
                 raise self._truncated(sample_id, sequence, start + got, start + length)
             found = check(record[1], check(record[0])) if isinstance(record, tuple) else check(record)
             if found != crc:
-                raise self.damaged(sample_id, sequence, "its bytes do not match their checksum")
+                raise self.damaged(sample_id, sequence, MISMATCH)
             yield record
 
     def _in_page_cache(self, descriptor: int, start: int) -> bool | None:
@@ -267,11 +268,12 @@ class PackReader:
             sequence, start = int(packs[run[0]]), int(offsets[run[0]])
             descriptor, size = self._file(sequence, int(self.ids[where[run[0]]]))
             end = start + len(run) * length
-            got = read_into(descriptor, [memoryview(out[row]) for row in run], start) if end <= size else 0
+            rows = [memoryview(out[row]) for row in run]
+            got = read_into(descriptor, rows, start) if end <= size else 0
             if got != end - start:
                 raise self._truncated(int(self.ids[where[run[0]]]), sequence, size, end)
-            for row in run:
-                if check(out[row]) != crcs[row]:
+            for row, landed in zip(run, rows, strict=True):
+                if check(landed) != crcs[row]:
                     raise self._mismatch(where, row)
             run_start = index
 
@@ -309,8 +311,7 @@ class PackReader:
         )
 
     def _mismatch(self, where: NDArray[np.int64], row: int) -> CorruptSampleError:
-        return self.damaged(int(self.ids[where[row]]), int(self.packs[where[row]]),
-                            "its bytes do not match their checksum")  # fmt: skip
+        return self.damaged(int(self.ids[where[row]]), int(self.packs[where[row]]), MISMATCH)
 
     def _truncated(self, sample_id: int, sequence: int, size: int, end: int) -> CorruptSampleError:
         return self.damaged(
