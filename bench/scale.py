@@ -370,7 +370,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _watch(pid: int, peaks: dict[int, tuple[int, int]], stop: threading.Event) -> None:
+def watch_memory(pid: int, peaks: dict[int, tuple[int, int]], stop: threading.Event) -> None:
     """Peak (resident, anonymous) per process of ``pid``'s tree, polled every 0.2 s."""
     while not stop.is_set():
         tree, frontier = [], [pid]
@@ -453,7 +453,7 @@ def run_epoch(
             command, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
         )
         stop = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(child.pid, peaks, stop), daemon=True)
+        watcher = threading.Thread(target=watch_memory, args=(child.pid, peaks, stop), daemon=True)
         watcher.start()
         out, _ = child.communicate(timeout=3600)
         stop.set()

@@ -1,22 +1,26 @@
 """Store mode with several ranks at the size it exists for: 2 gloo ranks (4 with ``--ranks 4``
 where the cores allow), each with its share of bench/scale.py's JPEG set in its own store,
-``partial`` 0.1 and ``global`` for 3 epochs, every epoch read in the plan's order through
+``partial`` 0.1 and ``global`` for 5 epochs, every epoch read in the plan's order through
 ``ShuffledData.loader`` (raw bytes, as bench/scale.py's epochs) while the exchange runs beside it.
 
 Per strategy and epoch boundary, each a ratio against a baseline measured in the same run:
 
 * the exchange's rate (sample bytes a rank sent, over the exchange's seconds from start until
   its arrivals were durable) against ``all_to_all_single`` of the very same byte counts between
-  the same ranks (run right after, on a group of its own), and against ``dd``'s direct-I/O
+  the same ranks (run after the last epoch, on a group of its own), and against ``dd``'s direct-I/O
   write rate on the same disk (the arrivals are written and fsynced there);
 * the exposed share: the time the loop waited at the boundary (``end_epoch`` plus the commit in
   ``set_epoch``) over the epoch's time;
 * the store's disk footprint (allocated blocks) over its live sample bytes, at the boundary's
-  peak (arrivals written beside the samples still to be sent) and after the last epoch.
+  peak (arrivals written beside the samples still to be sent) and after the last epoch;
+* each rank's peak anonymous and resident memory (its process, and the busiest of its children:
+  staging's and the loader's workers), with the whole set and again with a quarter of it
+  (``--small-count``): memory that grew with the data set would show as their ratio. The
+  exchange's round buffers grow with an exchange up to their bound, 4 x ``chunk_mb`` per rank.
 
 Run: ``.venv/bin/python bench/scale_ranks.py [--root DIR] [--count 40000] [--ranks 2]`` (makes
 or reuses the JPEG set under ``--root`` as bench/scale.py does; writes the "scale-ranks" section
-of docs/benchmarks.md). About 10 minutes for 40,000 JPEGs on 2 cores.
+of docs/benchmarks.md). About 14 minutes for 40,000 JPEGs on 2 cores.
 """
 
 from __future__ import annotations
@@ -26,14 +30,17 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from common import machine, spawn_ranks, write_results
 from reshuffle.report.table import format_table
-from scale import Files, dd_write_seconds, evict, generate, raw_collate
+from scale import Files, dd_write_seconds, evict, generate, raw_collate, watch_memory
 
 STRATEGIES = {"partial 0.1": ("partial", 0.1), "global": ("global", 0.0)}
+MEMORY = {"anon_mb": "rank anonymous", "rss_mb": "rank resident", "child_anon_mb": "children anonymous",
+          "child_rss_mb": "children resident"}  # fmt: skip
 
 
 def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float, epochs: int,
@@ -45,6 +52,10 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
     from reshuffle import ShuffledData
     from reshuffle.store.space import allocated_bytes
 
+    peaks: dict[int, tuple[int, int]] = {}  # pid -> peak (resident, anonymous) kB
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_memory, args=(os.getpid(), peaks, stop), daemon=True)
+    watcher.start()
     raw_group = dist.new_group(backend="gloo")  # the baseline's own group, as the exchange has one
     started = time.perf_counter()
     data = ShuffledData(Files(files, labels), store_dir, strategy=strategy, fraction=fraction, seed=0,
@@ -70,10 +81,20 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
                "epoch_s": reading_s + exposed_s, "allocated": allocated_bytes(store.directory),
                "live": live}  # fmt: skip
         if stats is not None:
-            # the same byte counts, peer to peer, through the raw collective
-            sizes = torch.zeros(world, dtype=torch.int64)
+            sizes = torch.zeros(world, dtype=torch.int64)  # bytes sent to each peer
             for dst, ids in data.plan.sends(rank).items():  # type: ignore[union-attr]
                 sizes[dst] = int(store.records["length"][store.position(np.asarray(ids))].sum())
+            row.update(sent=stats.bytes_sent, received=stats.bytes_received, exchange_s=stats.seconds,
+                       sizes=sizes)  # fmt: skip
+        rows.append(row)
+    data.close()
+    stop.set()
+    watcher.join()
+    # The baseline: the same byte counts, peer to peer, through the raw collective, after the
+    # memory was measured (its buffers hold what an exchange sends; the store's never do).
+    for row in rows:
+        sizes = row.pop("sizes", None)
+        if sizes is not None:
             received = torch.zeros(world, dtype=torch.int64)
             dist.all_to_all_single(received, sizes, group=raw_group)
             send = torch.empty(int(sizes.sum()), dtype=torch.uint8)
@@ -81,14 +102,15 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
             dist.barrier(group=raw_group)
             raw_started = time.perf_counter()
             dist.all_to_all_single(receive, send, received.tolist(), sizes.tolist(), group=raw_group)
-            raw_s = time.perf_counter() - raw_started
-            row.update(sent=stats.bytes_sent, received=stats.bytes_received, exchange_s=stats.seconds,
-                       raw_s=raw_s)  # fmt: skip
-        rows.append(row)
-    data.close()
+            row["raw_s"] = time.perf_counter() - raw_started
+            del send, receive
     store = data.store
     final = {"allocated": allocated_bytes(store.directory), "live": int(store.records["length"].sum())}
-    return {"staging_s": staging_s, "started": started, "rows": rows, "final": final,
+    own = peaks.pop(os.getpid(), (0, 0))
+    memory = {"rss_mb": own[0] / 1024, "anon_mb": own[1] / 1024,
+              "child_rss_mb": max((v[0] for v in peaks.values()), default=0) / 1024,
+              "child_anon_mb": max((v[1] for v in peaks.values()), default=0) / 1024}  # fmt: skip
+    return {"staging_s": staging_s, "started": started, "rows": rows, "final": final, "memory": memory,
             "reserve_left": (store.pack_dir / "reserve.bin").exists()}  # fmt: skip
 
 
@@ -100,29 +122,38 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
+    parser.add_argument("--small-count", type=int, help="the smaller set's JPEGs (default: a quarter)")
     parser.add_argument("--no-write", action="store_true", help="print the table; leave docs/benchmarks.md")
     args = parser.parse_args()
     files, labels = generate(args.root, args.count, args.classes, args.size, os.cpu_count() or 2)
     set_bytes = sum(os.path.getsize(f) for f in files)
+    args.small_count = args.small_count or args.count // 4
+    runs = {name: (*options, args.count) for name, options in STRATEGIES.items()}
+    runs |= {f"{name}, small": (*options, args.small_count) for name, options in STRATEGIES.items()}
     results = {}
-    for name, (strategy, fraction) in STRATEGIES.items():
+    for name, (strategy, fraction, count) in runs.items():
         store_dir = args.root / f"stores-{strategy}"
         shutil.rmtree(store_dir, ignore_errors=True)
         evict(args.root / "images")  # every staging reads its JPEGs from the disk, as a first one does
-        results[name] = spawn_ranks(_rank, args.ranks, str(store_dir), strategy, fraction, args.epochs, files,
-                                    labels, args.batch, args.workers, timeout_s=3600)  # fmt: skip
+        results[name] = spawn_ranks(_rank, args.ranks, str(store_dir), strategy, fraction, args.epochs,
+                                    files[:count], labels[:count], args.batch, args.workers,
+                                    timeout_s=3600)  # fmt: skip
         shutil.rmtree(store_dir, ignore_errors=True)
+    small = {name: results.pop(f"{name}, small") for name in STRATEGIES}
     moved = max(
         r["sent"] for ranks in results.values() for rank in ranks for r in rank["rows"] if "sent" in r
     )
     dd_mb_s = moved / dd_write_seconds(args.root, moved) / 1e6
-    report(args, results, set_bytes, dd_mb_s)
+    small_bytes = sum(os.path.getsize(f) for f in files[: args.small_count])
+    report(args, results, small, set_bytes, small_bytes, dd_mb_s)
 
 
-def report(args: argparse.Namespace, results: dict, set_bytes: int, dd_mb_s: float) -> None:
+def report(
+    args: argparse.Namespace, results: dict, small: dict, set_bytes: int, small_bytes: int, dd_mb_s: float
+) -> None:
     mb = 1e6
     table = []
     for name, ranks in results.items():
@@ -153,6 +184,18 @@ def report(args: argparse.Namespace, results: dict, set_bytes: int, dd_mb_s: flo
         staging = statistics.fmean(rank["staging_s"] for rank in ranks)
         table.append([name, "end", "-", "-", "-", "-", "-", f"staging {staging:.1f} s", "-", "-",
                       f"{final:.3f}{' (reserve left!)' if reserve else ''}"])  # fmt: skip
+
+    def most(ranks: list, key: str) -> float:
+        return max(rank["memory"][key] for rank in ranks)
+
+    memory_rows = []
+    for name, whole in results.items():
+        part = small[name]
+        for count, nbytes, ranks in ((args.count, set_bytes, whole), (args.small_count, small_bytes, part)):
+            memory_rows.append([f"{name}, {count:,} JPEGs ({nbytes / 1e9:.2f} GB)",
+                                *(round(most(ranks, key)) for key in MEMORY)])  # fmt: skip
+        memory_rows.append([f"{name}: ratio", *(f"{most(whole, key) / most(part, key):.2f}"
+                                                if most(part, key) else "-" for key in MEMORY)])  # fmt: skip
     headers = ["strategy", "epoch", "MB sent per rank", "exchange MB/s", "raw all_to_all MB/s",
                "exchange / raw", "exchange / dd", "epoch s", "read MB/s (all ranks)", "exposed share",
                "store / live bytes"]  # fmt: skip
@@ -163,7 +206,7 @@ def report(args: argparse.Namespace, results: dict, set_bytes: int, dd_mb_s: flo
         f"in the plan's order (raw bytes, batch {args.batch}, {args.workers} DataLoader worker per rank) "
         "while the next epoch's exchange runs beside them. *exchange MB/s*: sample bytes a rank sent over "
         "the exchange's seconds (start until its arrivals were written and fsynced); *raw all_to_all*: "
-        "the same byte counts between the same ranks through `all_to_all_single` right after; *dd*: "
+        "the same byte counts between the same ranks through `all_to_all_single` after the last epoch; *dd*: "
         f"`dd` direct-I/O write on the same disk, {dd_mb_s:.0f} MB/s; *exposed share*: the loop's wait "
         "at the boundary (`end_epoch` plus the commit) over the epoch; *store / live*: allocated "
         "blocks over live sample bytes at the boundary's peak (arrivals beside the samples still "
@@ -171,6 +214,13 @@ def report(args: argparse.Namespace, results: dict, set_bytes: int, dd_mb_s: flo
         "JPEGs cold from the same disk. Command: "
         f"`.venv/bin/python bench/scale_ranks.py --count {args.count} --ranks {args.ranks}`.\n\n"
         + format_table(headers, table, markdown=True)
+        + "\n\nPeak memory per rank (the largest over the ranks), MB: *rank* is the rank's process "
+        "(the plan, the index, the exchange's round buffers, the interpreter and torch), *children* "
+        "the busiest of its children (staging's workers, then the loader's, which were forked "
+        "from the rank and count the pages they share with it). The smaller sets are the first "
+        f"{args.small_count:,} JPEGs. An exchange's round buffers (kept across exchanges) grow with "
+        "what it sends up to their bound, 2 x 2 x `chunk_mb` (here 256 MB) per rank.\n\n"
+        + format_table(["run", *MEMORY.values()], memory_rows, markdown=True)
     )
     print(markdown)
     if not args.no_write:
