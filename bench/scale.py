@@ -28,7 +28,9 @@ Systems: ``reshuffle-store`` (``ShuffledData`` in store mode, 1 rank), ``reshuff
 returns bytes), ``mds`` (MosaicML Streaming, local), ``litdata`` (local), ``webdataset`` (tar
 shards, shuffle buffer 1,000). Results: ``bench/out/scale.json`` and the ``scale`` section of
 docs/benchmarks.md. ``--profile`` instead prints where a warm read's time goes per sample (user
-and system CPU, minor page faults) for each of ``--systems``, read in one process.
+and system CPU, minor page faults) for each of ``--systems``, read in one process;
+``--announcements`` how many records each batch of a store epoch under pressure read one by one
+from the disk before the rest were announced to the kernel.
 """
 
 from __future__ import annotations
@@ -496,6 +498,8 @@ def main() -> None:
     parser.add_argument("--write", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="per sample CPU of warm reads, then exit")
+    parser.add_argument("--announcements", action="store_true",
+                        help="records a batch reads before announcing the rest, under pressure")  # fmt: skip
     args = parser.parse_args()
     files = [
         str(args.root / "images" / f"class_{i % args.classes:03d}" / f"{i:07d}.jpg")
@@ -507,6 +511,9 @@ def main() -> None:
         return
     if args.profile:
         profile(args, files, labels)
+        return
+    if args.announcements:
+        announcements(args, files, labels)
         return
     if args.epoch:
         options = {"batch": args.batch, "workers": args.workers, "decode": args.decode,
@@ -599,6 +606,38 @@ def profile(args: argparse.Namespace, files: list[str], labels: list[int]) -> No
               f"user {(after.ru_utime - before.ru_utime) / samples * 1e6:5.1f} us  "
               f"system {(after.ru_stime - before.ru_stime) / samples * 1e6:5.1f} us  "
               f"minor faults {(after.ru_minflt - before.ru_minflt) / samples:5.1f} per sample")  # fmt: skip
+
+
+def announcements(args: argparse.Namespace, files: list[str], labels: list[int]) -> None:
+    """How soon a store epoch's batches go to the disk side by side under pressure: per batch,
+    the records read one by one before the rest were announced (``POSIX_FADV_WILLNEED``), over
+    one epoch in the plan's order, read in this process (no workers) with the page cache held
+    to ``--cache-share`` of the store (staged by an earlier run, or now)."""
+    from collections import Counter
+
+    from reshuffle import ShuffledData
+
+    _one_rank_group()
+    data = ShuffledData(Files(files, labels), args.root / "store", strategy="local", seed=0, epochs=1)
+    data.set_epoch(0)
+    store = data.store
+    assert store is not None
+    reader, order = store.reader, np.asarray(list(data.sampler))
+    real, seen = reader._announce, []
+    reader._announce = lambda rest: (seen.append(rest.size), real(rest))  # type: ignore[method-assign]
+    counts: Counter[int] = Counter()
+    store_bytes = sum(p.stat().st_size for p in (args.root / "store").rglob("*") if p.is_file())
+    evict(args.root / "store")
+    with page_cache_held(args, store_bytes):
+        for first in range(0, order.size, args.batch):
+            batch, seen[:] = order[first : first + args.batch], []
+            for _ in store.read_many(batch):
+                pass
+            counts[batch.size - seen[0] if seen else batch.size] += 1
+    data.close()
+    batches = sum(counts.values())
+    print(f"{batches} batches of {args.batch}; records read before the rest were announced: "
+          + ", ".join(f"{n}: {c} ({c / batches:.1%})" for n, c in sorted(counts.items())))  # fmt: skip
 
 
 def report(args, staging, dd_seconds, set_bytes, store_bytes, epochs, conditions) -> None:

@@ -166,7 +166,7 @@ class PackReader:
             if start + length > size:
                 raise self._truncated(sample_id, sequence, size, start + length)
             if not announced:
-                cached = self._in_page_cache(descriptor, start) if done == 0 or last_slow else True
+                cached = self._in_page_cache(descriptor, start, length) if done == 0 or last_slow else True
                 if cached is None:  # the kernel cannot tell: the time decides
                     cached = self._from_cache if done == 0 else not (slow == 2 and last_slow)
                 if not cached:
@@ -196,13 +196,16 @@ class PackReader:
                 raise self.damaged(sample_id, sequence, MISMATCH)
             yield record
 
-    def _in_page_cache(self, descriptor: int, start: int) -> bool | None:
-        """Whether the page at ``start`` is in the page cache, as the kernel tells (a one-byte
-        read that may not wait, ``RWF_NOWAIT``, Linux 4.14+); None where it cannot tell."""
+    def _in_page_cache(self, descriptor: int, start: int, length: int) -> bool | None:
+        """Whether the sample of ``length`` bytes at ``start`` is in the page cache, as the kernel
+        tells for the page holding its middle byte (a one-byte read that may not wait,
+        ``RWF_NOWAIT``, Linux 4.14+); None where it cannot tell. That page is the sample's alone
+        when it is 8 KiB or more: its first and last pages may hold a neighbour's bytes, cached
+        when the neighbour was read whether this sample was or not."""
         if not self._can_ask:
             return None
         try:
-            os.preadv(descriptor, [self._byte], start, os.RWF_NOWAIT)
+            os.preadv(descriptor, [self._byte], start + length // 2, os.RWF_NOWAIT)
             return True
         except BlockingIOError:  # the read would wait for the disk
             return False
@@ -238,7 +241,7 @@ class PackReader:
         if length >= MAPPED_BELOW:
             first = int(where[0])
             descriptor, _ = self._file(int(self.packs[first]), int(self.ids[first]))
-            if self._in_page_cache(descriptor, int(self.offsets[first])) is not True:
+            if self._in_page_cache(descriptor, int(self.offsets[first]), length) is not True:
                 self._announce(where)
             self._gather_read(where, length, out)  # checks each row as it lands
             return out, self.labels[where]
