@@ -657,7 +657,7 @@ def test_a_batch_announces_its_reads_when_the_kernel_says_they_will_go_to_the_di
     slow its reads (a preempted worker), an uncached one is, from the record found uncached. The
     kernel keeps pages: the one asked about is the record's own (its middle), never the page it
     shares with a cached neighbour, which would call an uncached record cached (measured under
-    memory pressure: 41% of a random epoch's batches then read one to eleven records one by one
+    memory pressure: 40% of a random epoch's batches then read 1-13 records one by one
     from the disk before announcing the rest)."""
     import errno
 
