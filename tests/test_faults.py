@@ -704,6 +704,58 @@ def test_a_batch_announces_its_reads_when_the_kernel_says_they_will_go_to_the_di
     assert announced == [6, 10]
 
 
+def test_a_batch_that_goes_to_the_disk_announces_the_next_batches_of_the_order(tmp_path, monkeypatch):
+    """The plan knows the whole epoch: a batch whose reads go to the disk announces, with its own,
+    the reads of the next AHEAD_BATCHES batches of the order the dataset follows, so that the
+    disk's queue does not run dry between one batch and the next. The last batches announce what
+    is left; a batch that is not where the order says (a user's own sampler, an order from an
+    epoch before) announces only its own; a cached batch nothing; without an order, its own."""
+    import errno
+
+    from reshuffle.store import dataset as store_dataset
+    from reshuffle.store import reads
+
+    store, items = _blob_store(tmp_path / "store")
+    reader = store.reader
+    announced: list[list[int]] = []
+    real = reader._announce
+    monkeypatch.setattr(
+        reader, "_announce", lambda where: (announced.append(reader.ids[where].tolist()), real(where))
+    )
+    monkeypatch.setattr(store_dataset, "AHEAD_BATCHES", 2)
+    cached = False
+    real_preadv = os.preadv
+
+    def preadv(descriptor, buffers, offset, flags=0):
+        if flags == os.RWF_NOWAIT and not cached:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        return real_preadv(descriptor, buffers, offset, flags)
+
+    monkeypatch.setattr(reads.os, "preadv", preadv)
+    monkeypatch.setattr(reader, "_can_ask", True)
+    order = np.random.default_rng(0).permutation(store.ids)
+    batches = [order[i : i + 4].tolist() for i in range(0, order.size, 4)]
+    items.follow(order)
+
+    def read(batch: list[int]) -> list[list[int]]:
+        announced.clear()
+        assert items.__getitems__(batch) == [Blobs()[i] for i in batch]
+        return list(announced)
+
+    assert read(batches[0]) == [batches[0], batches[1] + batches[2]]
+    assert read(batches[-2]) == [batches[-2], batches[-1]]
+    assert read(batches[-1]) == [batches[-1]]
+    shuffled = [batches[1][1], batches[1][0], *batches[1][2:]]
+    assert read(shuffled) == [shuffled]
+    items.follow(np.random.default_rng(1).permutation(store.ids))  # the epoch after: another order
+    assert read(batches[0]) == [batches[0]]
+    items.follow(None)
+    assert read(batches[0]) == [batches[0]]
+    items.follow(order)
+    cached = True
+    assert read(batches[0]) == []
+
+
 def test_where_the_kernel_cannot_tell_the_time_reads_take_decides(tmp_path, monkeypatch):
     """Without RWF_NOWAIT (an old kernel, a file system without it: the first ask fails), a batch
     after one read from the page cache is not announced; in such a batch the second slow read

@@ -155,6 +155,9 @@ def _train_like_a_user(rank, world, root, mode, epochs, strategy, checkpoint=Non
     seen = {}
     for epoch in range(start, epochs):
         data.set_epoch(epoch)
+        if mode == "store":  # its batches announce the next ones of this order (persistent workers:
+            # of the order they started with; a batch not found there announces only its own)
+            assert np.array_equal(data.dataset._order, data.sampler.indices())
         ids, intact = [], True
         for item, labels in loader:
             batch_ids = (item["feature"] * 3).round().long().tolist()

@@ -230,6 +230,8 @@ class ShuffledData:
         self.sampler.set_epoch(epoch)
         if isinstance(self.dataset, KeyedAugmentation):  # reshuffle's own: augmentation keyed by epoch
             self.dataset.set_epoch(epoch, seed=self.seed)
+        if isinstance(self.dataset, (StoreDataset, StoreItems)):  # reads announced batches ahead
+            self.dataset.follow(self.sampler.indices())
         if (
             self.session is not None
             and self._ended != epoch

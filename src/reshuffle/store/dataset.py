@@ -23,12 +23,45 @@ from reshuffle.data.transforms import Transform
 from reshuffle.store.rank_store import RankStore
 
 T = TypeVar("T")
+# Batches of the epoch's order announced to the kernel with a batch whose reads go to the disk, so
+# that its queue holds the next ones while a worker reads this one (bench/scale.py, page cache 30%
+# of the store: 1.17x the samples/s of announcing each batch alone with 3, 1.18x with 8).
+AHEAD_BATCHES = 3
 
 
 class _StoreReader:
-    """The store a dataset reads, set once the rank's store is staged or reopened."""
+    """The store a dataset reads, set once the rank's store is staged or reopened, and the order
+    its batches come in this epoch (:meth:`follow`)."""
 
     store: RankStore | None = None
+    _order: np.ndarray | None = None
+    _by_id: tuple[np.ndarray, np.ndarray] | None = None  # the order's ids sorted, their places
+
+    def follow(self, order: np.ndarray | None) -> None:
+        """The order this rank reads the epoch in (the plan's; None: unknown). A batch found in
+        it announces the reads of the next ``AHEAD_BATCHES`` batches with its own; a batch that
+        is not (a user's own sampler, a persistent worker's order from an epoch before) its own
+        only. DataLoader workers take the order the dataset had when they started."""
+        if order is None:
+            self._order = self._by_id = None
+            return
+        self._order = np.asarray(order, dtype=np.int64)
+        places = np.argsort(self._order, kind="stable")
+        self._by_id = self._order[places], places
+
+    def _ahead(self, sample_ids: np.ndarray) -> np.ndarray | None:
+        """The ids of the next batches after ``sample_ids`` in the order, if the batch is there."""
+        if self._order is None or self._by_id is None or sample_ids.size == 0:
+            return None
+        ids, places = self._by_id
+        found = int(ids.searchsorted(sample_ids[0]))
+        if found == ids.size or ids[found] != sample_ids[0]:
+            return None
+        start = int(places[found])
+        end = start + sample_ids.size
+        if not np.array_equal(self._order[start:end], sample_ids):
+            return None
+        return self._order[end : end + AHEAD_BATCHES * sample_ids.size]
 
     def _opened(self) -> RankStore:
         if self.store is None:
@@ -55,8 +88,10 @@ class _StoreReader:
     def _many(
         self, sample_ids: np.ndarray, head_size: Callable[[bytes], int | None] | None = None
     ) -> Iterator[Any]:
-        """A batch's records, their disk reads announced together (see :meth:`RankStore.read_many`)."""
-        return self._held(lambda store: store.read_many(sample_ids, head_size))
+        """A batch's records, their disk reads announced together, with the next batches' (see
+        :meth:`RankStore.read_many`)."""
+        ahead = self._ahead(sample_ids)
+        return self._held(lambda store: store.read_many(sample_ids, head_size, ahead))
 
     def __len__(self) -> int:
         return len(self.store) if self.store is not None else 0
@@ -89,7 +124,8 @@ class StoreDataset(_StoreReader, KeyedAugmentation, Dataset):
     def __getitems__(self, sample_ids: Sequence[int]) -> CollatedBatch:
         """A whole batch in one call (see :class:`~reshuffle.data.dataset.CollatedBatch`)."""
         ids = np.asarray(sample_ids, dtype=np.int64)
-        gathered = self._held(lambda store: store.samples(ids)) if hasattr(self.decode, "batch") else None
+        batched = hasattr(self.decode, "batch")
+        gathered = self._held(lambda store: store.samples(ids, self._ahead(ids))) if batched else None
         if gathered is not None:  # equal-length samples and a decoder that takes a whole batch
             raw, labels = gathered
             batch = self.augment_batch(self.transform, getattr(self.decode, "batch")(raw), ids)  # noqa: B009

@@ -167,18 +167,33 @@ class RankStore:
         return self.reader.sample(self.reader.where(sample_id))
 
     def read_many(
-        self, sample_ids: NDArray[np.int64], head_size: Callable[[bytes], int | None] | None = None
+        self,
+        sample_ids: NDArray[np.int64],
+        head_size: Callable[[bytes], int | None] | None = None,
+        ahead: NDArray[np.int64] | None = None,
     ) -> Iterator[bytes | tuple[bytes, bytes]]:
         """The stored bytes of each of ``sample_ids`` (lazily), checked; a batch's disk reads
         overlap. A KeyError for an id not held comes before the first. With ``head_size``, a
-        record with a body comes as ``(head, body)`` (:meth:`PackReader.many
-        <reshuffle.store.reads.PackReader.many>`)."""
-        return self.reader.many(self.position(sample_ids), head_size)
+        record with a body comes as ``(head, body)``; ``ahead``: the ids the next batches will
+        read, announced with this batch's reads when they go to the disk (those not held are
+        left out) (:meth:`PackReader.many <reshuffle.store.reads.PackReader.many>`)."""
+        return self.reader.many(self.position(sample_ids), head_size, self._held_positions(ahead))
 
-    def samples(self, sample_ids: NDArray[np.int64]) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
+    def samples(
+        self, sample_ids: NDArray[np.int64], ahead: NDArray[np.int64] | None = None
+    ) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
         """``(bytes, labels)`` of many samples at once, checked: a (B, L) uint8 array when all B
-        samples are L bytes long; ``None`` when their lengths differ (read them with :meth:`sample`)."""
-        return self.reader.samples(self.position(sample_ids))
+        samples are L bytes long; ``None`` when their lengths differ (read them with :meth:`sample`).
+        ``ahead``: as for :meth:`read_many`."""
+        return self.reader.samples(self.position(sample_ids), self._held_positions(ahead))
+
+    def _held_positions(self, sample_ids: NDArray[np.int64] | None) -> NDArray[np.int64] | None:
+        """Positions in :attr:`records` of those of ``sample_ids`` this store holds."""
+        held = self.reader.ids
+        if sample_ids is None or held.size == 0:
+            return None
+        where = np.minimum(held.searchsorted(sample_ids), held.size - 1)
+        return where[held[where] == sample_ids]
 
     def damage(self) -> str | None:
         """What a read recorded as damaged in this store (``damaged.json``), in words, or None."""

@@ -136,7 +136,10 @@ class PackReader:
         return payload
 
     def many(
-        self, where: NDArray[np.int64], head_size: Callable[[bytes], int | None] | None = None
+        self,
+        where: NDArray[np.int64],
+        head_size: Callable[[bytes], int | None] | None = None,
+        ahead: NDArray[np.int64] | None = None,
     ) -> Iterator[bytes | tuple[bytes, bytes]]:
         """The records at positions ``where``, each checked. Lazily: a caller that decodes each as
         it comes keeps one raw buffer alive at a time (a fresh buffer per sample costs page faults).
@@ -154,7 +157,11 @@ class PackReader:
         With ``head_size`` (a decoder's: a record's first ``PROBE`` bytes -> how many of them come
         before its body, or None), a record of ``SPLIT_FROM`` bytes or more that has a body comes
         as ``(head, body)``: the body is read straight into its own ``bytes``, so a decoder can
-        return it without copying it out of the record (the ImageNet case: a JPEG and its label)."""
+        return it without copying it out of the record (the ImageNet case: a JPEG and its label).
+
+        ``ahead``: positions of the records the next batches will read (the plan's order), announced
+        with this batch's when it goes to the disk, so the disk's queue does not run dry between
+        one batch and the next."""
         announced = last_slow = False
         slow = 0  # reads that came from the disk (or were preempted)
         files, check, clock = self._files, self.checksum, time.perf_counter
@@ -171,6 +178,8 @@ class PackReader:
                     cached = self._from_cache if done == 0 else not (slow == 2 and last_slow)
                 if not cached:
                     self._announce(where[done:])
+                    if ahead is not None and ahead.size:
+                        self._announce(ahead)
                     announced = True
             began = clock()
             if head_size is not None and length >= SPLIT_FROM:
@@ -226,9 +235,12 @@ class PackReader:
             descriptor, _ = files.get(sequence) or self._file(sequence, sample_id)
             os.posix_fadvise(descriptor, start, length, willneed)
 
-    def samples(self, where: NDArray[np.int64]) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
+    def samples(
+        self, where: NDArray[np.int64], ahead: NDArray[np.int64] | None = None
+    ) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
         """``(bytes, labels)`` at positions ``where`` as a (B, L) uint8 array, every row checked,
-        when all B samples are L bytes long; ``None`` when their lengths differ."""
+        when all B samples are L bytes long; ``None`` when their lengths differ. ``ahead``: as
+        for :meth:`many`."""
         if where.size == 0:
             return None
         length = self._uniform_length
@@ -243,6 +255,8 @@ class PackReader:
             descriptor, _ = self._file(int(self.packs[first]), int(self.ids[first]))
             if self._in_page_cache(descriptor, int(self.offsets[first]), length) is not True:
                 self._announce(where)
+                if ahead is not None and ahead.size:
+                    self._announce(ahead)
             self._gather_read(where, length, out)  # checks each row as it lands
             return out, self.labels[where]
         self._gather_mapped(where, length, out)
