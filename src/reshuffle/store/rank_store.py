@@ -148,10 +148,9 @@ class RankStore:
     def position(self, sample_ids: NDArray[np.int64] | int) -> NDArray[np.int64]:
         """Positions of ``sample_ids`` in :attr:`records`; KeyError for ids not held."""
         ids = np.atleast_1d(np.asarray(sample_ids, dtype=np.int64))
-        held = self.reader.ids  # records["id"], contiguous (the reader is rebuilt with the records)
-        where = np.minimum(held.searchsorted(ids), max(0, held.size - 1))
-        if held.size == 0 or not np.array_equal(held[where], ids):
-            missing = ids[held.size == 0 or held[where] != ids]
+        where, found = self._lookup(ids)
+        if not found.all():
+            missing = ids[~found]
             raise KeyError(
                 f"rank {self.rank} does not hold sample(s) {missing[:10].tolist()} at epoch {self.epoch}"
             )
@@ -189,11 +188,17 @@ class RankStore:
 
     def _held_positions(self, sample_ids: NDArray[np.int64] | None) -> NDArray[np.int64] | None:
         """Positions in :attr:`records` of those of ``sample_ids`` this store holds."""
-        held = self.reader.ids
-        if sample_ids is None or held.size == 0:
+        if sample_ids is None:
             return None
-        where = np.minimum(held.searchsorted(sample_ids), held.size - 1)
-        return where[held[where] == sample_ids]
+        where, found = self._lookup(sample_ids)
+        return where[found]
+
+    def _lookup(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+        """Where each of ``ids`` would be in :attr:`records`, and whether it is there."""
+        held = self.reader.ids  # records["id"], contiguous (the reader is rebuilt with the records)
+        where = np.minimum(held.searchsorted(ids), max(0, held.size - 1))
+        found = held[where] == ids if held.size else np.zeros(ids.shape, dtype=bool)
+        return where, found
 
     def damage(self) -> str | None:
         """What a read recorded as damaged in this store (``damaged.json``), in words, or None."""
