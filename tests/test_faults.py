@@ -756,6 +756,44 @@ def test_a_batch_that_goes_to_the_disk_announces_the_next_batches_of_the_order(t
     assert read(batches[0]) == []
 
 
+def test_persistent_workers_follow_each_epochs_order(tmp_path, monkeypatch):
+    """DataLoader workers that outlive an epoch (persistent_workers) hold the dataset as it was
+    when they started; the order they look ahead in is each epoch's all the same (shared memory).
+    An order too long for the shared buffer gets a new one: the workers holding the old one look
+    ahead in none rather than in a stale one."""
+    from reshuffle.store.dataset import StoreItems
+
+    store, items = _blob_store(tmp_path / "store")
+    monkeypatch.setattr(StoreItems, "__getitems__", lambda self, ids: [self._ahead(np.asarray(ids))])
+
+    class Order(torch.utils.data.Sampler):
+        def __init__(self) -> None:
+            self.ids: list[int] = []
+
+        def __iter__(self):
+            return iter(self.ids)
+
+        def __len__(self):
+            return len(self.ids)
+
+    sampler = Order()
+    loader = torch.utils.data.DataLoader(
+        items, batch_size=4, sampler=sampler, num_workers=1, persistent_workers=True,
+        collate_fn=lambda batch: batch[0], multiprocessing_context="fork",
+    )  # fmt: skip
+    for seed in (0, 1, 2):
+        order = np.random.default_rng(seed).permutation(store.ids)
+        items.follow(order)
+        sampler.ids = order.tolist()
+        ahead = [None if a is None else a.tolist() for a in loader]
+        assert ahead[0] == order[4:16].tolist() and ahead[-1] == [], seed
+    longer = np.concatenate([order, order + 1000])
+    items.follow(longer)
+    sampler.ids = order.tolist()
+    assert all(a is None for a in loader)  # the worker's buffer was given up
+    assert items._ahead(order[:4]).tolist() == order[4:16].tolist()  # this process: the new one
+
+
 def test_where_the_kernel_cannot_tell_the_time_reads_take_decides(tmp_path, monkeypatch):
     """Without RWF_NOWAIT (an old kernel, a file system without it: the first ask fails), a batch
     after one read from the page cache is not announced; in such a batch the second slow read

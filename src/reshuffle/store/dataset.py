@@ -31,27 +31,72 @@ AHEAD_BATCHES = 3
 
 class _StoreReader:
     """The store a dataset reads, set once the rank's store is staged or reopened, and the order
-    its batches come in this epoch (:meth:`follow`)."""
+    its batches come in this epoch (:meth:`follow`).
+
+    The order lives in shared memory, as ``[generation, length, ids...]``: DataLoader workers that
+    outlive an epoch (``persistent_workers``) hold a copy of the dataset made when they started,
+    and see each later epoch's order there; each keeps the ids sorted for its look-ups, rebuilt
+    when the generation changes."""
 
     store: RankStore | None = None
+    _shared: torch.Tensor | None = None
+    _written = 0  # the generation this process last wrote (the process that follows)
+    _seen = -1  # the generation _order and _by_id hold
     _order: np.ndarray | None = None
     _by_id: tuple[np.ndarray, np.ndarray] | None = None  # the order's ids sorted, their places
 
     def follow(self, order: np.ndarray | None) -> None:
-        """The order this rank reads the epoch in (the plan's; None: unknown). A batch found in
-        it announces the reads of the next ``AHEAD_BATCHES`` batches with its own; a batch that
-        is not (a user's own sampler, a persistent worker's order from an epoch before) its own
-        only. DataLoader workers take the order the dataset had when they started."""
-        if order is None:
-            self._order = self._by_id = None
+        """The order this rank reads the epoch in (the plan's; None: unknown), for this process
+        and its DataLoader workers, persistent ones included: call it before iterating. A batch
+        found in it announces the reads of the next ``AHEAD_BATCHES`` batches with its own; a
+        batch that is not (a user's own sampler, an order from an epoch before) its own only."""
+        ids = None if order is None else np.asarray(order, dtype=np.int64)
+        length = -1 if ids is None else ids.size
+        shared = self._shared
+        if shared is None and ids is None:
+            self._remember(None, -1)
             return
-        self._order = np.asarray(order, dtype=np.int64)
-        places = np.argsort(self._order, kind="stable")
-        self._by_id = self._order[places], places
+        if shared is None or shared.numel() - 2 < length:
+            if shared is not None:
+                shared[0] = -1  # workers that hold the old one stop using it
+            shared = torch.zeros(2 + length + length // 4, dtype=torch.int64).share_memory_()
+            self._shared = shared
+        self._written += 1
+        shared[0] = -1  # being written: a worker that reads now takes no order
+        if ids is not None:
+            shared[2 : 2 + length] = torch.from_numpy(ids)
+        shared[1] = length
+        shared[0] = self._written
+        self._remember(ids, self._written)
+
+    def _remember(self, order: np.ndarray | None, generation: int) -> None:
+        self._order, self._seen = order, generation
+        if order is None:
+            self._by_id = None
+            return
+        places = np.argsort(order, kind="stable")
+        self._by_id = order[places], places
+
+    def _followed(self) -> np.ndarray | None:
+        """The order last followed, read from shared memory when another process wrote it."""
+        shared = self._shared
+        if shared is None:
+            return self._order
+        generation = int(shared[0])
+        if generation < 0:
+            return None
+        if generation != self._seen:
+            length = int(shared[1])
+            order = shared[2 : 2 + length].numpy().copy() if length >= 0 else None
+            if int(shared[0]) != generation:  # written again while copied
+                return None
+            self._remember(order, generation)
+        return self._order
 
     def _ahead(self, sample_ids: np.ndarray) -> np.ndarray | None:
         """The ids of the next batches after ``sample_ids`` in the order, if the batch is there."""
-        if self._order is None or self._by_id is None or sample_ids.size == 0:
+        order = self._followed()
+        if order is None or self._by_id is None or sample_ids.size == 0:
             return None
         ids, places = self._by_id
         found = int(ids.searchsorted(sample_ids[0]))
@@ -59,9 +104,9 @@ class _StoreReader:
             return None
         start = int(places[found])
         end = start + sample_ids.size
-        if not np.array_equal(self._order[start:end], sample_ids):
+        if not np.array_equal(order[start:end], sample_ids):
             return None
-        return self._order[end : end + AHEAD_BATCHES * sample_ids.size]
+        return order[end : end + AHEAD_BATCHES * sample_ids.size]
 
     def _opened(self) -> RankStore:
         if self.store is None:
