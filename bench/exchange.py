@@ -170,8 +170,9 @@ def random_reads(base: str, sample_bytes: int, num: int, reads: int) -> dict:
         # Every read is checked; the baseline is the same read path with the checksum replaced
         # by a constant function (what reading costs without checking).
         unchecked = RankStore.open(root / "store", 0)
-        unchecked.reader.checksum = lambda payload: 0
+        unchecked.reader.checksum = lambda payload, before=0: 0
         unchecked.reader.crcs[:] = 0
+        unchecked.reader._check_rows = lambda where, rows: None  # a batch's rows, checked at once
         store_dataset, index_dataset = (
             StoreDataset(store, source.decoder, transform),
             SourceDataset(source, transform),
@@ -185,44 +186,75 @@ def random_reads(base: str, sample_bytes: int, num: int, reads: int) -> dict:
                 function(payload)
             checksum_s[name] = (time.perf_counter() - started) / 2000
 
+        def reads_pass(fn) -> float:
+            started = time.perf_counter()
+            for i in order:
+                fn(i)
+            return time.perf_counter() - started
+
+        size = 64  # ids per __getitems__, the path a DataLoader (and the trainer) takes
+        batches = [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+
+        def batches_pass(dataset) -> float:
+            started = time.perf_counter()
+            for batch in batches:
+                dataset.__getitems__(batch)
+            return time.perf_counter() - started
+
         def rate(fn) -> float:
             for i in order[:200]:
                 fn(i)  # warm the page cache and the maps
-            best = []
-            for _ in range(3):
-                started = time.perf_counter()
-                for i in order:
-                    fn(i)
-                best.append(time.perf_counter() - started)
-            return reads / statistics.median(best)
+            return reads / statistics.median(reads_pass(fn) for _ in range(3))
+
+        def batch_rate(dataset) -> float:
+            """Items/s through ``__getitems__``."""
+            dataset.__getitems__(batches[0])
+            return len(batches) * size / statistics.median(batches_pass(dataset) for _ in range(3))
+
+        def paired(checked, unchecked, units: int, rounds: int = 9) -> tuple[float, float, float]:
+            """Checked and unchecked passes alternating (each round starts with the other one):
+            their rates (medians) and the median of the rounds' checked / unchecked ratios, so
+            that the machine's drift falls on both."""
+            checked(), unchecked()  # warm the page cache and the maps
+            times: dict[str, list[float]] = {"checked": [], "unchecked": []}
+            for r in range(rounds):
+                pair = [("checked", checked), ("unchecked", unchecked)]
+                for name, run in pair if r % 2 == 0 else pair[::-1]:
+                    times[name].append(run())
+            checked_s, unchecked_s = times["checked"], times["unchecked"]
+            ratio = statistics.median(u / c for c, u in zip(checked_s, unchecked_s, strict=True))
+            return units / statistics.median(checked_s), units / statistics.median(unchecked_s), ratio
+
+        batched, batched_unchecked, batched_ratio = paired(
+            lambda: batches_pass(store_dataset), lambda: batches_pass(unchecked_dataset), len(batches) * size
+        )
+        single, single_unchecked, single_ratio = paired(
+            lambda: reads_pass(store.read), lambda: reads_pass(unchecked.read), reads
+        )
+        items, items_unchecked, items_ratio = paired(
+            lambda: reads_pass(store_dataset.__getitem__),
+            lambda: reads_pass(unchecked_dataset.__getitem__),
+            reads,
+        )
 
         def one_file(i: int) -> bytes:
             with open(files / f"{i}.bin", "rb") as handle:
                 return handle.read()
 
-        def batch_rate(dataset, size: int = 64) -> float:
-            """Items/s through ``__getitems__``, the path a DataLoader (and the trainer) takes."""
-            batches = [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
-            dataset.__getitems__(batches[0])
-            best = []
-            for _ in range(3):
-                started = time.perf_counter()
-                for batch in batches:
-                    dataset.__getitems__(batch)
-                best.append(time.perf_counter() - started)
-            return len(batches) * size / statistics.median(best)
-
         result = {
-            "store_dataset_batch_per_s": batch_rate(store_dataset),
-            "unchecked_dataset_batch_per_s": batch_rate(unchecked_dataset),
+            "store_dataset_batch_per_s": batched,
+            "unchecked_dataset_batch_per_s": batched_unchecked,
+            "checked_ratio_batches": batched_ratio,
             "index_dataset_batch_per_s": batch_rate(index_dataset),
             "sample_bytes": sample_bytes,
-            "store_per_s": rate(store.read),
-            "unchecked_store_per_s": rate(unchecked.read),
+            "store_per_s": single,
+            "unchecked_store_per_s": single_unchecked,
+            "checked_ratio_reads": single_ratio,
             "tensor_per_s": rate(lambda i: table[i].clone()),
             "files_per_s": rate(one_file),
-            "store_dataset_per_s": rate(store_dataset.__getitem__),
-            "unchecked_dataset_per_s": rate(unchecked_dataset.__getitem__),
+            "store_dataset_per_s": items,
+            "unchecked_dataset_per_s": items_unchecked,
+            "checked_ratio_items": items_ratio,
             "index_dataset_per_s": rate(index_dataset.__getitem__),
             "crc32_gbps": sample_bytes / checksum_s["crc32"] / 1e9,
             "crc32c_gbps": sample_bytes / checksum_s["crc32c"] / 1e9,
@@ -292,9 +324,7 @@ def reads_table(reads: list[dict]) -> str:
                 r["files_per_s"], r["store_per_s"] / r["files_per_s"], r["store_dataset_per_s"],
                 r["index_dataset_per_s"], r["store_dataset_per_s"] / r["index_dataset_per_s"],
                 r["store_dataset_batch_per_s"] / r["index_dataset_batch_per_s"],
-                r["store_per_s"] / r["unchecked_store_per_s"],
-                r["store_dataset_per_s"] / r["unchecked_dataset_per_s"],
-                r["store_dataset_batch_per_s"] / r["unchecked_dataset_batch_per_s"],
+                r["checked_ratio_reads"], r["checked_ratio_items"], r["checked_ratio_batches"],
                 r["crc32_gbps"], r["crc32c_gbps"], r["zlib_gbps"],
             )
             for r in reads
@@ -447,7 +477,8 @@ same bytes:
 Random reads by id (4,000 samples, warm page cache; "StoreDataset" and "SourceDataset" include
 decoding and normalisation). Every store read is checked against the sample's checksum (CRC32
 through zlib-ng for new stores) in the process that reads it; "checked / unchecked" is the rate over the same
-read path with the checksum replaced by a constant function: one positional read of a sample
+read path with the checksum replaced by a constant function, the median of 9 rounds' ratios, each
+round a checked and an unchecked pass in alternating order: one positional read of a sample
 ("reads"), one item through `StoreDataset.__getitem__` ("items"), and 64 ids through
 `__getitems__` ("batches", the path a DataLoader takes). The last columns are the checksums' own
 speeds at that size (one call, warm): the two a store may carry, and the standard library's CRC32

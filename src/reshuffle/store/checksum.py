@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import crc32c
+import numpy as np
+from numpy.typing import NDArray
 from zlib_ng import zlib_ng
 
 from reshuffle.store import format as fmt
@@ -39,3 +41,70 @@ def checksum(name: str) -> Checksum:
             f"(known: {', '.join(sorted(CHECKSUMS))}); upgrade reshuffle, or restage the store"
         )
     return CHECKSUMS[name]
+
+
+_BYTE_BITS = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)
+
+
+class RowChecks:
+    """Checks a batch of equal-length rows with one checksum call over the whole batch.
+
+    A CRC of concatenated rows is the XOR of each row's CRC shifted past the bytes after it,
+    and the shift by ``n`` bytes is linear over GF(2) (what zlib's ``crc32_combine`` computes):
+    ``shift(c) = crc(zeros(n), c) ^ crc(zeros(n), 0)``, for CRC32 and CRC32C alike. So the
+    rows' recorded CRCs predict the batch's, folded with byte tables in a few vectorised steps,
+    where at small sizes one call per row costs more than the bytes (64 rows of 784 B, gathered
+    in 14 us: 9 us checked row by row, 5 us at once). A damaged row changes the batch's CRC as
+    it changes its own (a burst of up to 32 bits always, rows out of place too; otherwise all
+    but 2^-32 of damages); the rows are then checked one by one to name it (:meth:`first_bad`)."""
+
+    def __init__(self, check: Checksum, length: int) -> None:
+        self.check, self.length = check, length
+        zeros = bytes(length)
+        zero = check(zeros, 0)
+        one_row = np.array([check(zeros, 1 << bit) ^ zero for bit in range(32)], dtype=np.uint32)
+        self._step = _byte_tables(one_row)  # shift past one row
+        self._images = [np.array([1 << bit for bit in range(32)], dtype=np.uint32)]  # past k rows
+        self._flat = _byte_tables(self._images[0]).ravel()  # (k, 4 bytes, 256) tables, flattened
+        self._places: dict[int, NDArray[np.intp]] = {}  # batch size -> each row's tables' offsets
+
+    def matches(self, rows: NDArray[np.uint8], crc_bytes: NDArray[np.uint8]) -> bool:
+        """Whether the (B, length) C-contiguous ``rows`` match their recorded CRCs, given as a
+        (B, 4) array of each one's bytes, least significant first (:func:`crc_bytes`)."""
+        size = rows.shape[0]
+        places = self._places.get(size)
+        if places is None:
+            self._grow(size)
+            after = size - 1 - np.arange(size)  # rows after each one
+            places = self._places[size] = (after[:, None] * 1024 + np.arange(4) * 256).astype(np.intp)
+        parts = self._flat.take((crc_bytes + places).ravel())
+        return int(np.bitwise_xor.reduce(parts)) == self.check(rows)
+
+    def first_bad(self, rows: NDArray[np.uint8], crcs: NDArray[np.int64]) -> int | None:
+        """The first row that does not match its CRC (None: all do)."""
+        return next((r for r in range(rows.shape[0]) if self.check(rows[r]) != int(crcs[r])), None)
+
+    def _grow(self, size: int) -> None:
+        tables = [self._flat]
+        while len(self._images) < size:
+            images = self._images[-1]
+            self._images.append(
+                self._step[0][images & 255] ^ self._step[1][(images >> 8) & 255]
+                ^ self._step[2][(images >> 16) & 255] ^ self._step[3][images >> 24]
+            )  # fmt: skip
+            tables.append(_byte_tables(self._images[-1]).ravel())
+        self._flat = np.concatenate(tables)
+
+
+def crc_bytes(crcs: NDArray[np.int64]) -> NDArray[np.uint8]:
+    """(N, 4): the bytes of each 32-bit CRC, least significant first (for :meth:`RowChecks.matches`)."""
+    return np.ascontiguousarray(crcs.astype("<u4")).view(np.uint8).reshape(-1, 4)
+
+
+def _byte_tables(images: NDArray[np.uint32]) -> NDArray[np.uint32]:
+    """(4, 256): for each byte of a 32-bit value, the XOR of the images of its set bits."""
+    tables = np.empty((4, 256), dtype=np.uint32)
+    for byte in range(4):
+        chosen = np.where(_BYTE_BITS, images[8 * byte : 8 * byte + 8][None, :], np.uint32(0))
+        tables[byte] = np.bitwise_xor.reduce(chosen, axis=1)
+    return tables

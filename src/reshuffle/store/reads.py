@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from reshuffle.store import format as fmt
-from reshuffle.store.checksum import LEGACY, checksum
+from reshuffle.store.checksum import LEGACY, RowChecks, checksum, crc_bytes
 
 # Equal-length batches of samples below this many bytes are gathered from a memory map (a page
 # holds several of them); larger ones are read with pread. Set between the two sizes measured
@@ -101,6 +101,8 @@ class PackReader:
         uniform = self.lengths.size and self.lengths.min() == self.lengths.max()
         self._uniform_length = int(self.lengths[0]) if uniform else None  # every sample's, if equal
         self._one_pack = bool(self.packs.size) and self.packs.min() == self.packs.max()
+        # a batch's rows checked at once (equal lengths), and the CRCs' bytes it folds
+        self._row_checks: tuple[RowChecks, NDArray[np.uint8]] | None = None
         self._from_cache = False  # every read of the last batch came from the page cache
         # whether the kernel says if a page is cached (a read that may not wait; Linux 4.14+)
         self._can_ask = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
@@ -260,12 +262,26 @@ class PackReader:
             self._gather_read(where, length, out)  # checks each row as it lands
             return out, self.labels[where]
         self._gather_mapped(where, length, out)
-        crcs = self.crcs[where].tolist()
-        found = list(map(self.checksum, out))  # one call per row: the least Python per sample
-        if found != crcs:
-            row = next(r for r in range(where.size) if found[r] != crcs[r])
-            raise self._mismatch(where, row)
+        self._check_rows(where, out)
         return out, self.labels[where]
+
+    def _check_rows(self, where: NDArray[np.int64], rows: NDArray[np.uint8]) -> None:
+        """Check gathered rows: in one checksum call over the batch when every sample of the store
+        is as long (:class:`~reshuffle.store.checksum.RowChecks`), else one call per row."""
+        length = self._uniform_length
+        if length is None:
+            crcs = self.crcs[where].tolist()
+            found = list(map(self.checksum, rows))  # one call per row: the least Python per sample
+            bad = next((r for r in range(where.size) if found[r] != crcs[r]), None)
+        else:
+            if self._row_checks is None:
+                self._row_checks = RowChecks(self.checksum, length), crc_bytes(self.crcs)
+            checks, by_byte = self._row_checks
+            if checks.matches(rows, by_byte[where]):
+                return
+            bad = checks.first_bad(rows, self.crcs[where])
+        if bad is not None:
+            raise self._mismatch(where, bad)
 
     def _gather_read(self, where: NDArray[np.int64], length: int, out: NDArray[np.uint8]) -> None:
         """Rows of ``out`` read straight into them, a run of neighbours in a pack in one read
