@@ -135,8 +135,9 @@ class _StoreReader:
     ) -> Iterator[Any]:
         """A batch's records, their disk reads announced together, with the next batches' (see
         :meth:`RankStore.read_many`)."""
-        ahead = self._ahead(sample_ids)
-        return self._held(lambda store: store.read_many(sample_ids, head_size, ahead))
+        return self._held(
+            lambda store: store.read_many(sample_ids, head_size, lambda: self._ahead(sample_ids))
+        )
 
     def __len__(self) -> int:
         return len(self.store) if self.store is not None else 0
@@ -170,7 +171,7 @@ class StoreDataset(_StoreReader, KeyedAugmentation, Dataset):
         """A whole batch in one call (see :class:`~reshuffle.data.dataset.CollatedBatch`)."""
         ids = np.asarray(sample_ids, dtype=np.int64)
         batched = hasattr(self.decode, "batch")
-        gathered = self._held(lambda store: store.samples(ids, self._ahead(ids))) if batched else None
+        gathered = self._held(lambda store: store.samples(ids, lambda: self._ahead(ids))) if batched else None
         if gathered is not None:  # equal-length samples and a decoder that takes a whole batch
             raw, labels = gathered
             batch = self.augment_batch(self.transform, getattr(self.decode, "batch")(raw), ids)  # noqa: B009

@@ -169,29 +169,40 @@ class RankStore:
         self,
         sample_ids: NDArray[np.int64],
         head_size: Callable[[bytes], int | None] | None = None,
-        ahead: NDArray[np.int64] | None = None,
+        ahead: Callable[[], NDArray[np.int64] | None] | None = None,
     ) -> Iterator[bytes | tuple[bytes, bytes]]:
         """The stored bytes of each of ``sample_ids`` (lazily), checked; a batch's disk reads
         overlap. A KeyError for an id not held comes before the first. With ``head_size``, a
-        record with a body comes as ``(head, body)``; ``ahead``: the ids the next batches will
-        read, announced with this batch's reads when they go to the disk (those not held are
-        left out) (:meth:`PackReader.many <reshuffle.store.reads.PackReader.many>`)."""
-        return self.reader.many(self.position(sample_ids), head_size, self._held_positions(ahead))
+        record with a body comes as ``(head, body)``; ``ahead``: gives the ids the next batches
+        will read, announced with this batch's reads when they go to the disk, and asked only
+        then (those not held are left out) (:meth:`PackReader.many
+        <reshuffle.store.reads.PackReader.many>`)."""
+        return self.reader.many(self.position(sample_ids), head_size, self._positions_of(ahead))
 
     def samples(
-        self, sample_ids: NDArray[np.int64], ahead: NDArray[np.int64] | None = None
+        self, sample_ids: NDArray[np.int64], ahead: Callable[[], NDArray[np.int64] | None] | None = None
     ) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
         """``(bytes, labels)`` of many samples at once, checked: a (B, L) uint8 array when all B
         samples are L bytes long; ``None`` when their lengths differ (read them with :meth:`sample`).
         ``ahead``: as for :meth:`read_many`."""
-        return self.reader.samples(self.position(sample_ids), self._held_positions(ahead))
+        return self.reader.samples(self.position(sample_ids), self._positions_of(ahead))
 
-    def _held_positions(self, sample_ids: NDArray[np.int64] | None) -> NDArray[np.int64] | None:
-        """Positions in :attr:`records` of those of ``sample_ids`` this store holds."""
-        if sample_ids is None:
+    def _positions_of(
+        self, ahead: Callable[[], NDArray[np.int64] | None] | None
+    ) -> Callable[[], NDArray[np.int64] | None] | None:
+        """What gives the positions in :attr:`records` of those of the ids ``ahead`` gives that
+        this store holds."""
+        if ahead is None:
             return None
-        where, found = self._lookup(sample_ids)
-        return where[found]
+
+        def positions() -> NDArray[np.int64] | None:
+            ids = ahead()
+            if ids is None:
+                return None
+            where, found = self._lookup(ids)
+            return where[found]
+
+        return positions
 
     def _lookup(self, ids: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
         """Where each of ``ids`` would be in :attr:`records`, and whether it is there."""
