@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from reshuffle.store import format as fmt
 from reshuffle.store.meta import StoreMeta, read_meta
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
-from reshuffle.store.reads import CorruptSampleError, PackReader
+from reshuffle.store.reads import Ahead, CorruptSampleError, PackReader
 from reshuffle.store.space import can_punch_holes, reserve
 from reshuffle.store.upkeep import compacted, punch_dead_ranges
 
@@ -169,7 +169,7 @@ class RankStore:
         self,
         sample_ids: NDArray[np.int64],
         head_size: Callable[[bytes], int | None] | None = None,
-        ahead: Callable[[], NDArray[np.int64] | None] | None = None,
+        ahead: Ahead | None = None,
     ) -> Iterator[bytes | tuple[bytes, bytes]]:
         """The stored bytes of each of ``sample_ids`` (lazily), checked; a batch's disk reads
         overlap. A KeyError for an id not held comes before the first. With ``head_size``, a
@@ -180,16 +180,14 @@ class RankStore:
         return self.reader.many(self.position(sample_ids), head_size, self._positions_of(ahead))
 
     def samples(
-        self, sample_ids: NDArray[np.int64], ahead: Callable[[], NDArray[np.int64] | None] | None = None
+        self, sample_ids: NDArray[np.int64], ahead: Ahead | None = None
     ) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
         """``(bytes, labels)`` of many samples at once, checked: a (B, L) uint8 array when all B
         samples are L bytes long; ``None`` when their lengths differ (read them with :meth:`sample`).
         ``ahead``: as for :meth:`read_many`."""
         return self.reader.samples(self.position(sample_ids), self._positions_of(ahead))
 
-    def _positions_of(
-        self, ahead: Callable[[], NDArray[np.int64] | None] | None
-    ) -> Callable[[], NDArray[np.int64] | None] | None:
+    def _positions_of(self, ahead: Ahead | None) -> Ahead | None:
         """What gives the positions in :attr:`records` of those of the ids ``ahead`` gives that
         this store holds."""
         if ahead is None:

@@ -47,8 +47,8 @@ PROBE = 512
 # here), a disk's random read takes 50 us or more before its first byte (NVMe: about 80 us).
 FROM_CACHE_WITHIN = 50e-6
 FROM_CACHE_RATE = 4e9
-# The positions of the records the next batches will read, asked for only when a batch's reads go
-# to the disk (None: none known)
+# Gives what the next batches will read (PackReader: positions; RankStore: ids), asked only when
+# a batch's reads go to the disk (None: none known)
 Ahead = Callable[[], NDArray[np.int64] | None]
 MISMATCH = "its bytes do not match their checksum"  # why a damaged sample is, when it is the bytes
 # The most buffers one positional read fills (a run of neighbours longer than this is read in parts).
