@@ -44,6 +44,7 @@ def checksum(name: str) -> Checksum:
 
 
 _BYTE_BITS = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)
+MOST_ROWS = 256  # rows RowChecks folds at once
 
 
 class RowChecks:
@@ -70,7 +71,17 @@ class RowChecks:
 
     def matches(self, rows: NDArray[np.uint8], crc_bytes: NDArray[np.uint8]) -> bool:
         """Whether the (B, length) C-contiguous ``rows`` match their recorded CRCs, given as a
-        (B, 4) array of each one's bytes, least significant first (:func:`crc_bytes`)."""
+        (B, 4) array of each one's bytes, least significant first (:func:`crc_bytes`). A batch
+        of more than ``MOST_ROWS`` rows is checked in parts of that many (the tables hold 4 KiB
+        per row of the largest part)."""
+        if rows.shape[0] <= MOST_ROWS:
+            return self._matches(rows, crc_bytes)
+        return all(
+            self._matches(rows[start : start + MOST_ROWS], crc_bytes[start : start + MOST_ROWS])
+            for start in range(0, rows.shape[0], MOST_ROWS)
+        )
+
+    def _matches(self, rows: NDArray[np.uint8], crc_bytes: NDArray[np.uint8]) -> bool:
         size = rows.shape[0]
         places = self._places.get(size)
         if places is None:
