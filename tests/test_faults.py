@@ -34,6 +34,7 @@ from reshuffle.store import (
     stage,
     verify_store,
 )
+from reshuffle.store.dataset import StoreItems
 from reshuffle.store.format import pack_name
 from reshuffle.store.wire import OutgoingStream, PeerError, describe_failure
 from reshuffle.train.checkpoint import Checkpoints
@@ -763,30 +764,42 @@ def test_a_batch_that_goes_to_the_disk_announces_the_next_batches_of_the_order(t
     assert read(batches[0]) == [batches[0], batches[1] + batches[2]] and asked == [4]
 
 
-def test_persistent_workers_follow_each_epochs_order(tmp_path, monkeypatch):
+class _Order(torch.utils.data.Sampler):
+    """The ids it is given, in that order (a loop's own sampler)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+
+class _AheadItems(StoreItems):
+    """StoreItems whose batch is what it would announce after itself."""
+
+    def __getitems__(self, ids):
+        return [self._ahead(np.asarray(ids))]
+
+
+def _first(batch):
+    return batch[0]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_persistent_workers_follow_each_epochs_order(tmp_path, context):
     """DataLoader workers that outlive an epoch (persistent_workers) hold the dataset as it was
-    when they started; the order they look ahead in is each epoch's all the same (shared memory).
-    An order too long for the shared buffer gets a new one: the workers holding the old one look
-    ahead in none rather than in a stale one."""
-    from reshuffle.store.dataset import StoreItems
-
-    store, items = _blob_store(tmp_path / "store")
-    monkeypatch.setattr(StoreItems, "__getitems__", lambda self, ids: [self._ahead(np.asarray(ids))])
-
-    class Order(torch.utils.data.Sampler):
-        def __init__(self) -> None:
-            self.ids: list[int] = []
-
-        def __iter__(self):
-            return iter(self.ids)
-
-        def __len__(self):
-            return len(self.ids)
-
-    sampler = Order()
+    when they started; the order they look ahead in is each epoch's all the same (shared memory),
+    forked or spawned. An order too long for the shared buffer gets a new one: the workers holding
+    the old one look ahead in none rather than in a stale one."""
+    store, plain = _blob_store(tmp_path / "store")
+    items = _AheadItems(store, plain.decode)
+    sampler = _Order()
     loader = torch.utils.data.DataLoader(
         items, batch_size=4, sampler=sampler, num_workers=1, persistent_workers=True,
-        collate_fn=lambda batch: batch[0], multiprocessing_context="fork",
+        collate_fn=_first, multiprocessing_context=context,
     )  # fmt: skip
     for seed in (0, 1, 2):
         order = np.random.default_rng(seed).permutation(store.ids)
