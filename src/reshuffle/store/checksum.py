@@ -93,7 +93,7 @@ class RowChecks:
 
     def first_bad(self, rows: NDArray[np.uint8], crcs: NDArray[np.int64]) -> int | None:
         """The first row that does not match its CRC (None: all do)."""
-        return next((r for r in range(rows.shape[0]) if self.check(rows[r]) != int(crcs[r])), None)
+        return first_bad(self.check, rows, crcs)
 
     def _grow(self, size: int) -> None:
         tables = [self._flat]
@@ -105,6 +105,12 @@ class RowChecks:
             )  # fmt: skip
             tables.append(_byte_tables(self._images[-1]).ravel())
         self._flat = np.concatenate(tables)
+
+
+def first_bad(check: Checksum, rows: NDArray[np.uint8], crcs: NDArray[np.int64]) -> int | None:
+    """The first of ``rows`` whose ``check`` is not its CRC in ``crcs`` (None: all match)."""
+    found = list(map(check, rows))  # one call per row: the least Python per row
+    return next((r for r, crc in enumerate(crcs.tolist()) if found[r] != crc), None)
 
 
 def crc_bytes(crcs: NDArray[np.int64]) -> NDArray[np.uint8]:

@@ -27,9 +27,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from reshuffle.store import format as fmt
+from reshuffle.store.announce import Ahead
 from reshuffle.store.meta import StoreMeta, read_meta
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
-from reshuffle.store.reads import Ahead, CorruptSampleError, PackReader
+from reshuffle.store.reads import CorruptSampleError, PackReader
 from reshuffle.store.space import can_punch_holes, reserve
 from reshuffle.store.upkeep import compacted, punch_dead_ranges
 

@@ -32,7 +32,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from reshuffle.store import format as fmt
-from reshuffle.store.checksum import LEGACY, RowChecks, checksum, crc_bytes
+from reshuffle.store.announce import Ahead, Announcing
+from reshuffle.store.checksum import LEGACY, RowChecks, checksum, crc_bytes, first_bad
 
 # Equal-length batches of samples below this many bytes are gathered from a memory map (a page
 # holds several of them); larger ones are read with pread. Set between the two sizes measured
@@ -47,9 +48,6 @@ PROBE = 512
 # here), a disk's random read takes 50 us or more before its first byte (NVMe: about 80 us).
 FROM_CACHE_WITHIN = 50e-6
 FROM_CACHE_RATE = 4e9
-# Gives what the next batches will read (PackReader: positions; RankStore: ids), asked only when
-# a batch's reads go to the disk (None: none known)
-Ahead = Callable[[], NDArray[np.int64] | None]
 MISMATCH = "its bytes do not match their checksum"  # why a damaged sample is, when it is the bytes
 # The most buffers one positional read fills (a run of neighbours longer than this is read in parts).
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
@@ -74,7 +72,7 @@ class CorruptSampleError(fmt.StoreError):
     """A sample on this rank's own disk is damaged (its pack is missing, truncated or altered)."""
 
 
-class PackReader:
+class PackReader(Announcing):
     """The samples of one committed index (``records``) of the store in ``directory``.
 
     Args:
@@ -210,41 +208,6 @@ class PackReader:
                 raise self.damaged(sample_id, sequence, MISMATCH)
             yield record
 
-    def _in_page_cache(self, descriptor: int, start: int, length: int) -> bool | None:
-        """Whether the sample of ``length`` bytes at ``start`` is in the page cache, as the kernel
-        tells for the page holding its middle byte (a one-byte read that may not wait,
-        ``RWF_NOWAIT``, Linux 4.14+); None where it cannot tell. That page is the sample's alone
-        when it is 8 KiB or more: its first and last pages may hold a neighbour's bytes, cached
-        when the neighbour was read whether this sample was or not."""
-        if not self._can_ask:
-            return None
-        try:
-            os.preadv(descriptor, [self._byte], start + length // 2, os.RWF_NOWAIT)
-            return True
-        except BlockingIOError:  # the read would wait for the disk
-            return False
-        except OSError:  # this kernel or file system does not do it: the time decides from now
-            self._can_ask = False
-            return None
-
-    def _announce_ahead(self, ahead: Ahead | None) -> None:
-        where = ahead() if ahead is not None else None
-        if where is not None and where.size:
-            self._announce(where)
-
-    def _announce(self, where: NDArray[np.int64]) -> None:
-        """Tell the kernel every range a batch will read (``POSIX_FADV_WILLNEED``), so that reads
-        from the disk run side by side (a deep queue) instead of one after the other; on a warm
-        cache it costs a lookup per sample."""
-        if where.size < 2 or not hasattr(os, "posix_fadvise"):
-            return
-        ordered = where[np.lexsort((self.offsets[where], self.packs[where]))]
-        files, willneed = self._files, os.POSIX_FADV_WILLNEED
-        columns = (self.ids, self.packs, self.offsets, self.lengths)
-        for sample_id, sequence, start, length in zip(*(c[ordered].tolist() for c in columns), strict=True):
-            descriptor, _ = files.get(sequence) or self._file(sequence, sample_id)
-            os.posix_fadvise(descriptor, start, length, willneed)
-
     def samples(
         self, where: NDArray[np.int64], ahead: Ahead | None = None
     ) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
@@ -276,17 +239,13 @@ class PackReader:
         """Check gathered rows: in one checksum call over the batch when every sample of the store
         is as long (:class:`~reshuffle.store.checksum.RowChecks`), else one call per row."""
         length = self._uniform_length
-        if length is None:
-            crcs = self.crcs[where].tolist()
-            found = list(map(self.checksum, rows))  # one call per row: the least Python per sample
-            bad = next((r for r in range(where.size) if found[r] != crcs[r]), None)
-        else:
+        if length is not None:
             if self._row_checks is None:
                 self._row_checks = RowChecks(self.checksum, length), crc_bytes(self.crcs)
             checks, by_byte = self._row_checks
             if checks.matches(rows, by_byte[where]):
                 return
-            bad = checks.first_bad(rows, self.crcs[where])
+        bad = first_bad(self.checksum, rows, self.crcs[where])
         if bad is not None:
             raise self._mismatch(where, bad)
 
