@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from reshuffle.store import format as fmt
 from reshuffle.store.announce import Ahead, Announcing
-from reshuffle.store.checksum import LEGACY, RowChecks, checksum, crc_bytes, first_bad
+from reshuffle.store.checksum import LEGACY, WORD, RowChecks, checksum, first_bad
 
 # Equal-length batches of samples below this many bytes are gathered from a memory map (a page
 # holds several of them); larger ones are read with pread. Set between the two sizes measured
@@ -102,8 +102,8 @@ class PackReader(Announcing):
         uniform = self.lengths.size and self.lengths.min() == self.lengths.max()
         self._uniform_length = int(self.lengths[0]) if uniform else None  # every sample's, if equal
         self._one_pack = bool(self.packs.size) and self.packs.min() == self.packs.max()
-        # a batch's rows checked at once (equal lengths), and the CRCs' bytes it folds
-        self._row_checks: tuple[RowChecks, NDArray[np.uint8]] | None = None
+        # a batch's rows checked at once (equal lengths), and the CRCs it folds (WORD)
+        self._row_checks: tuple[RowChecks, NDArray[np.uint32]] | None = None
         self._from_cache = False  # every read of the last batch came from the page cache
         # whether the kernel says if a page is cached (a read that may not wait; Linux 4.14+)
         self._can_ask = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
@@ -180,7 +180,7 @@ class PackReader(Announcing):
                 cached = self._in_page_cache(descriptor, start, length) if done == 0 or last_slow else True
                 if cached is None:  # the kernel cannot tell: the time decides
                     cached = self._from_cache if done == 0 else not (slow == 2 and last_slow)
-                if not cached:
+                if not cached:  # this batch's reads first: the disk queues them before the next ones'
                     self._announce(where[done:])
                     self._announce_ahead(ahead)
                     announced = True
@@ -241,9 +241,9 @@ class PackReader(Announcing):
         length = self._uniform_length
         if length is not None:
             if self._row_checks is None:
-                self._row_checks = RowChecks(self.checksum, length), crc_bytes(self.crcs)
-            checks, by_byte = self._row_checks
-            if checks.matches(rows, by_byte[where]):
+                self._row_checks = RowChecks(self.checksum, length), self.crcs.astype(WORD)
+            checks, words = self._row_checks
+            if checks.matches(rows, words[where]):
                 return
         bad = first_bad(self.checksum, rows, self.crcs[where])
         if bad is not None:
