@@ -78,6 +78,30 @@ def test_an_item_with_a_large_bytes_value_keeps_it_as_the_records_body(monkeypat
         decode_item(old[:cut], record[cut:])
 
 
+def test_a_bytes_and_int_pair_read_in_two_parts_decodes_as_decode_item_does():
+    """The store's decoder answers an ImageNet-shaped item (an encoded image and its label) from
+    the head's known layout; every near miss (a list, another order, a wider tuple, a str label, a
+    damaged head) takes the general decoder, so the answers and errors are decode_item's."""
+    from reshuffle.data import items
+
+    jpeg = bytes(range(256)) * 80
+    decoder = items.ItemDecoder()
+    pairs = [(jpeg, 7), (jpeg, -(2**63)), (jpeg, 2**63 - 1)]
+    for item in [*pairs, [jpeg, 7], (7, jpeg), (jpeg, 7, 8), (jpeg, "7")]:
+        record = encode_item(item)
+        cut = items.head_size(record[:512])
+        back = decoder((record[:cut], record[cut:]))
+        assert back == item == decode_item(record[:cut], record[cut:]) and type(back) is type(item)
+        assert type(back[0] if isinstance(item[0], bytes) else back[1]) is bytes
+    record = encode_item((jpeg, 7))
+    cut = items.head_size(record[:512])
+    assert cut == len(items._PAIR_HEAD) + 8  # the layout the decoder knows
+    damaged = bytearray(record[:cut])
+    damaged[13] = ord("B")  # the body's tag: no longer the known layout
+    with pytest.raises(ValueError, match="truncated; the sample is corrupt"):
+        decoder((bytes(damaged), record[cut:]))
+
+
 def test_pil_images_round_trip():
     from PIL import Image
 

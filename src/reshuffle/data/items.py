@@ -276,6 +276,10 @@ _I64, _U32 = struct.Struct("<q"), struct.Struct("<I")
 # the tags as ints (what indexing a memoryview gives)
 _BODY, _BYTES, _INT, _TENSOR, _NUMPY, _PIL, _STR = b"XBITNPS"
 _FLOAT, _BOOL, _NONE, _TUPLE, _LIST, _DICT = b"F?0([{"
+# The head of an RSI2 record whose item is a (bytes, int) tuple, the ImageNet case (an encoded
+# image and its label), up to the int: magic, value size, tuple of 2, the body, an int's tag
+_PAIR_HEAD = MAGIC_BODY + _U32.pack(15) + b"(" + _U32.pack(2) + b"XI"
+_PAIR_HEAD_SIZE = len(_PAIR_HEAD) + 8
 
 
 class ItemDecoder:
@@ -285,7 +289,12 @@ class ItemDecoder:
     head_size = staticmethod(head_size)
 
     def __call__(self, raw: bytes | memoryview | tuple[bytes, bytes]) -> Any:
-        return decode_item(*raw) if isinstance(raw, tuple) else decode_item(raw)
+        if not isinstance(raw, tuple):
+            return decode_item(raw)
+        head, body = raw
+        if len(head) == _PAIR_HEAD_SIZE and head[:-8] == _PAIR_HEAD:  # (bytes, int): decode_item's answer,
+            return body, _I64.unpack_from(head, len(_PAIR_HEAD))[0]  # a fifth of its time per sample
+        return decode_item(head, body)
 
 
 class DatasetSource(SampleSource):
