@@ -58,7 +58,7 @@ class RowChecks:
     where at small sizes one call per row costs more than the bytes (64 rows of 784 B, gathered
     in 14 us: 9 us checked row by row, 3.5 us at once). A damaged row changes the batch's CRC as
     it changes its own (a burst of up to 32 bits always, rows out of place too; otherwise all
-    but 2^-32 of damages); the rows are then checked one by one to name it (:meth:`first_bad`)."""
+    but 2^-32 of damages); the rows are then checked one by one to name it (:func:`first_bad`)."""
 
     def __init__(self, check: Checksum, length: int) -> None:
         self.check, self.length = check, length
@@ -93,10 +93,6 @@ class RowChecks:
         # each CRC byte, least significant first, picks its row's table entry
         parts = self._flat.take(np.add(crcs.view(np.uint8), places))
         return int(np.bitwise_xor.reduce(parts)) == self.check(rows)
-
-    def first_bad(self, rows: NDArray[np.uint8], crcs: NDArray[np.int64]) -> int | None:
-        """The first row that does not match its CRC (None: all do)."""
-        return first_bad(self.check, rows, crcs)
 
     def _grow(self, size: int) -> None:
         tables = [self._flat]
