@@ -129,6 +129,36 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
+def run_command(
+    command: list[str], timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True)`` with a hard timeout that says
+    where the processes hung: at the deadline every process of the tree gets SIGABRT, and the
+    fault handler (``PYTHONFAULTHANDLER``, inherited by ranks and DataLoader workers) prints each
+    one's threads to stderr, which the failure shows."""
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = _tree(process.pid)
+        for pid in reversed(tree):  # the ranks and workers before their launcher
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # one did not die of it (or an orphan holds the pipes)
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = process.communicate()
+        raise AssertionError(
+            f"{' '.join(command)} still running after {timeout} s (hung); its stdout ends:\n{out[-3000:]}\n"
+            f"its stderr, with every process's threads, ends:\n{err[-20000:]}"
+        ) from None
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
 def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL a launcher and every process under it (a node lost), then reap it."""
     for pid in _tree(process.pid):

@@ -14,6 +14,7 @@ import torch
 from reshuffle.store import verify_store
 from reshuffle.train.distributed import free_port
 from reshuffle.train.metrics import order_hash
+from spawn import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -24,9 +25,7 @@ def _torchrun(
 ) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={free_port()}", str(script), *arguments]  # fmt: skip
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    return run_command(command, timeout, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +34,11 @@ def reference_orders(tmp_path_factory, fashion_mnist) -> dict[int, dict[int, str
     partition (2 gloo ranks, store mode, 3 epochs)."""
     log_dir = tmp_path_factory.mktemp("reference")
     plan = ["shuffle.strategy=partial", "shuffle.fraction=0.1", "shuffle.partition=label-sorted"]
-    run = subprocess.run(
+    run = run_command(
         [sys.executable, "-m", "reshuffle", "run", str(ROOT / "configs/fashion-mnist.yaml"), "--nproc", "2",
          f"log.dir={log_dir}", "name=reference", "seed=0", "train.epochs=3", f"data.train_limit={LIMIT}",
          "data.test_limit=200", "shuffle.mode=store", "model.width=8", "train.workers=0", *plan],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        300, {**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     expected = {}
@@ -54,10 +53,8 @@ LIMIT = 1500
 
 def _python(script: Path, *arguments: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """As Lightning's users start it: one process, which starts the other ranks itself."""
-    return subprocess.run(
-        [sys.executable, str(script), *arguments], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    command = [sys.executable, str(script), *arguments]
+    return run_command(command, timeout, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 LAUNCH = {"ddp_store.py": _torchrun, "accelerate_store.py": _torchrun, "lightning_store.py": _python,

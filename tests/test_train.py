@@ -21,7 +21,7 @@ from reshuffle.config import ConfigError, dataset_entry, load_run_config, load_s
 from reshuffle.data.source import DataNotFoundError
 from reshuffle.train.checkpoint import Checkpoints
 from reshuffle.train.loop import train
-from spawn import run_ranks
+from spawn import run_command, run_ranks
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = [
@@ -48,21 +48,8 @@ def run_in_process(tmp_path: Path, *overrides: str, name: str = "run", resume: b
 
 
 def run_cli(tmp_path: Path, *arguments: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reshuffle",
-            "run",
-            str(CONFIGS / "smoke.yaml"),
-            f"log.dir={tmp_path}",
-            *arguments,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    command = [sys.executable, "-m", "reshuffle", "run", str(CONFIGS / "smoke.yaml"), f"log.dir={tmp_path}"]
+    return run_command([*command, *arguments], timeout, {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 # ----------------------------------------------------------------------------- one process

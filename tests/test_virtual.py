@@ -16,6 +16,7 @@ from reshuffle.config import load_run_config
 from reshuffle.models.virtual import GhostBatchNorm, RankDropout, set_groups, virtualize
 from reshuffle.train.checkpoint import Checkpoints
 from reshuffle.train.launch import launch
+from spawn import run_command
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SMALL = [
@@ -74,10 +75,10 @@ def test_rank_dropout_draws_each_slice_from_that_ranks_stream():
 
 def _real(tmp_path: Path, world: int, norm: str, *extra: str) -> Path:
     name = f"real-{world}-{norm}"
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "-m", "reshuffle", "run", str(CONFIGS / "smoke.yaml"), f"log.dir={tmp_path}",
          f"name={name}", "--nproc", str(world), f"model.norm={norm}", *SMALL, *extra],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        240, {**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return tmp_path / name
