@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from reshuffle.store import format as fmt
 from reshuffle.store.announce import Ahead, Announcing
 from reshuffle.store.checksum import LEGACY, WORD, RowChecks, checksum, first_bad
+from reshuffle.store.direct import DirectReads, Row, wanted
 
 # Equal-length batches of samples below this many bytes are gathered from a memory map (a page
 # holds several of them); larger ones are read with pread. Set between the two sizes measured
@@ -108,6 +109,8 @@ class PackReader(Announcing):
         # whether the kernel says if a page is cached (a read that may not wait; Linux 4.14+)
         self._can_ask = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
         self._byte = bytearray(1)
+        # batches that go to the disk read around the page cache: a store bigger than memory
+        self._direct = DirectReads(directory) if wanted(int(self.lengths.sum())) else None
 
     def where(self, sample_id: int) -> int:
         where = int(self.ids.searchsorted(sample_id))
@@ -172,7 +175,8 @@ class PackReader(Announcing):
         columns = (self.ids, self.packs, self.offsets, self.lengths, self.crcs)
         # one loop over plain ints: per sample, a method call costs as much as the checksum
         rows = zip(*(column[where].tolist() for column in columns), strict=True)
-        for done, (sample_id, sequence, start, length, crc) in enumerate(rows):
+        for done, row in enumerate(rows):
+            sample_id, sequence, start, length, crc = row
             descriptor, size = files.get(sequence) or self._file(sequence, sample_id)
             if start + length > size:
                 raise self._truncated(sample_id, sequence, size, start + length)
@@ -180,24 +184,16 @@ class PackReader(Announcing):
                 cached = self._in_page_cache(descriptor, start, length) if done == 0 or last_slow else True
                 if cached is None:  # the kernel cannot tell: the time decides
                     cached = self._from_cache if done == 0 else not (slow == 2 and last_slow)
+                if not cached and self._direct is not None and self._direct.usable():
+                    self._from_cache = False
+                    yield from self._many_direct([row, *rows], head_size)
+                    return
                 if not cached:  # this batch's reads first: the disk queues them before the next ones'
                     self._announce(where[done:])
                     self._announce_ahead(ahead)
                     announced = True
             began = clock()
-            if head_size is not None and length >= SPLIT_FROM:
-                head = os.pread(descriptor, PROBE, start)
-                cut = head_size(head)
-            else:
-                cut = None
-            record: bytes | tuple[bytes, bytes]
-            if cut is not None and cut < length:  # else a damaged head: the whole read finds it
-                head = head[:cut] if cut <= len(head) else os.pread(descriptor, cut, start)
-                body = os.pread(descriptor, length - cut, start + cut)
-                got, record = len(head) + len(body), (head, body)
-            else:
-                record = os.pread(descriptor, length, start)
-                got = len(record)
+            record, got = self._read_buffered(descriptor, start, length, head_size)
             last_slow = clock() - began > FROM_CACHE_WITHIN + length / FROM_CACHE_RATE
             slow += last_slow
             self._from_cache = slow < 2
@@ -206,6 +202,59 @@ class PackReader(Announcing):
             found = check(record[1], check(record[0])) if isinstance(record, tuple) else check(record)
             if found != crc:
                 raise self.damaged(sample_id, sequence, MISMATCH)
+            yield record
+
+    def _read_buffered(
+        self, descriptor: int, start: int, length: int, head_size: Callable[[bytes], int | None] | None
+    ) -> tuple[bytes | tuple[bytes, bytes], int]:
+        """One record read through the page cache, whole or as ``(head, body)`` (:meth:`many`);
+        with the bytes read."""
+        cut = None
+        if head_size is not None and length >= SPLIT_FROM:
+            head = os.pread(descriptor, PROBE, start)
+            cut = head_size(head)
+        if cut is not None and cut < length:  # else a damaged head: the whole read finds it
+            head = head[:cut] if cut <= len(head) else os.pread(descriptor, cut, start)
+            body = os.pread(descriptor, length - cut, start + cut)
+            return (head, body), len(head) + len(body)
+        record = os.pread(descriptor, length, start)
+        return record, len(record)
+
+    def _many_direct(
+        self, rows: list[Row], head_size: Callable[[bytes], int | None] | None
+    ) -> Iterator[bytes | tuple[bytes, bytes]]:
+        """:meth:`many`'s records from ``rows`` on, read around the page cache
+        (:mod:`reshuffle.store.direct`): each checked where it landed, then copied out. A record
+        too long for a slot, or any after a direct read failed, is read through the page cache."""
+        direct, check = self._direct, self.checksum
+        assert direct is not None
+        views, live = direct.read([row for row in rows if direct.fits(row[3])]), True
+        for sample_id, sequence, start, length, crc in rows:
+            descriptor, size = self._files.get(sequence) or self._file(sequence, sample_id)
+            if start + length > size:
+                raise self._truncated(sample_id, sequence, size, start + length)
+            view = None
+            if live and direct.fits(length):
+                try:
+                    view = next(views)
+                except OSError:  # direct.off says why (or a later read took the slots): buffered
+                    live = False
+            if view is None:
+                record, got = self._read_buffered(descriptor, start, length, head_size)
+                found = check(record[1], check(record[0])) if isinstance(record, tuple) else check(record)
+            else:
+                got, found = len(view), check(view)
+            if got != length:  # the pack shrank since it was opened
+                raise self._truncated(sample_id, sequence, start + got, start + length)
+            if found != crc:
+                raise self.damaged(sample_id, sequence, MISMATCH)
+            if view is not None:  # checked where it landed: copied out whole, or as head and body
+                cut = (
+                    head_size(bytes(view[:PROBE])) if head_size is not None and length >= SPLIT_FROM else None
+                )
+                record = (
+                    bytes(view) if cut is None or cut >= length else (bytes(view[:cut]), bytes(view[cut:]))
+                )
             yield record
 
     def samples(
@@ -357,6 +406,8 @@ class PackReader(Announcing):
         return rows, array.size
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         self._rows = {}  # the window views hold the maps' buffers
         maps, self._maps = self._maps, {}
         for data in maps.values():
