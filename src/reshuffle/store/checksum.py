@@ -27,6 +27,7 @@ Checksum = Callable[..., int]
 
 CHECKSUMS: dict[str, Checksum] = {"crc32": zlib_ng.crc32, "crc32c": crc32c.crc32c}
 DEFAULT = "crc32"  # new stores
+MISMATCH = "its bytes do not match their checksum"  # why a damaged sample is, when it is the bytes
 LEGACY = "crc32"  # a store.json without the key (StoreMeta writes none for it)
 # The wire header's magic names the checksum its crc field holds, so peers agree on how to check.
 WIRE_MAGIC = {"crc32": fmt.WIRE_MAGIC, "crc32c": fmt.WIRE_MAGIC_CRC32C}

@@ -22,19 +22,27 @@ import importlib.util
 import mmap
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from reshuffle.store import format as fmt
+from reshuffle.store.checksum import MISMATCH, Checksum
 
 DEPTH = 32  # reads in flight per process (16, 32 and 64 measured: 32 read fastest)
 SLOT = 512 << 10  # bytes of buffer per read in flight: records up to ~500 KB are read directly
 ALIGN = 4096  # O_DIRECT's offsets, lengths and buffers, aligned for any disk's logical block
 SETTING = "RESHUFFLE_DIRECT_READS"
 
+# Records of this many bytes or more may be read in two parts (:meth:`PackReader.many`): the first
+# PROBE bytes hold the head of any item ``reshuffle.data.items`` writes with a body.
+SPLIT_FROM = 16 << 10
+PROBE = 512
+
 # (sample_id, pack, start, length, crc) of one record, as PackReader.many walks them
 Row = tuple[int, int, int, int, int]
+# a decoder's: a record's first PROBE bytes -> how many of them come before its body, or None
+HeadSize = Callable[[bytes], int | None]
 
 
 def wanted(store_bytes: int) -> bool:
@@ -210,3 +218,62 @@ class DirectReads:
         # a spawned DataLoader worker builds its own ring
         return {"directory": self.directory, "off": None, "_pid": -1, "_ring": None, "_files": {},
                 "_generation": 0, "_tag": 0, "_in_flight": 0}  # fmt: skip
+
+
+class AroundPageCache:
+    """Mixin of :class:`~reshuffle.store.reads.PackReader`: a batch's records read directly."""
+
+    checksum: Checksum
+    _direct: DirectReads | None
+    _files: dict[int, tuple[int, int]]  # pack -> (descriptor, size)
+
+    def _file(self, sequence: int, sample_id: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _read_buffered(
+        self, descriptor: int, start: int, length: int, head_size: HeadSize | None
+    ) -> tuple[bytes | tuple[bytes, bytes], int]:
+        raise NotImplementedError
+
+    def damaged(self, sample_id: int, sequence: int, why: str, note: bool = True) -> fmt.StoreError:
+        raise NotImplementedError
+
+    def _truncated(self, sample_id: int, sequence: int, size: int, end: int) -> fmt.StoreError:
+        raise NotImplementedError
+
+    def _many_direct(
+        self, rows: list[Row], head_size: HeadSize | None
+    ) -> Iterator[bytes | tuple[bytes, bytes]]:
+        """:meth:`many`'s records from ``rows`` on, read around the page cache
+        (:mod:`reshuffle.store.direct`): each checked where it landed, then copied out. A record
+        too long for a slot, or any after a direct read failed, is read through the page cache."""
+        direct, check = self._direct, self.checksum
+        assert direct is not None
+        views, live = direct.read([row for row in rows if direct.fits(row[3])]), True
+        for sample_id, sequence, start, length, crc in rows:
+            descriptor, size = self._files.get(sequence) or self._file(sequence, sample_id)
+            if start + length > size:
+                raise self._truncated(sample_id, sequence, size, start + length)
+            view = None
+            if live and direct.fits(length):
+                try:
+                    view = next(views)
+                except OSError:  # direct.off says why (or a later read took the slots): buffered
+                    live = False
+            if view is None:
+                record, got = self._read_buffered(descriptor, start, length, head_size)
+                found = check(record[1], check(record[0])) if isinstance(record, tuple) else check(record)
+            else:
+                got, found = len(view), check(view)
+            if got != length:  # the pack shrank since it was opened
+                raise self._truncated(sample_id, sequence, start + got, start + length)
+            if found != crc:
+                raise self.damaged(sample_id, sequence, MISMATCH)
+            if view is not None:  # checked where it landed: copied out whole, or as head and body
+                cut = (
+                    head_size(bytes(view[:PROBE])) if head_size is not None and length >= SPLIT_FROM else None
+                )
+                record = (
+                    bytes(view) if cut is None or cut >= length else (bytes(view[:cut]), bytes(view[cut:]))
+                )
+            yield record

@@ -33,23 +33,18 @@ from numpy.typing import NDArray
 
 from reshuffle.store import format as fmt
 from reshuffle.store.announce import Ahead, Announcing
-from reshuffle.store.checksum import LEGACY, WORD, RowChecks, checksum, first_bad
-from reshuffle.store.direct import DirectReads, Row, wanted
+from reshuffle.store.checksum import LEGACY, MISMATCH, WORD, RowChecks, checksum, first_bad
+from reshuffle.store.direct import PROBE, SPLIT_FROM, AroundPageCache, DirectReads, wanted
 
 # Equal-length batches of samples below this many bytes are gathered from a memory map (a page
 # holds several of them); larger ones are read with pread. Set between the two sizes measured
 # (784 B and 110 KB, bench/exchange.py and bench/scale.py), not tuned in between.
 MAPPED_BELOW = 16 << 10
-# Records of this many bytes or more may be read in two parts (:meth:`PackReader.many`): the first
-# PROBE bytes hold the head of any item ``reshuffle.data.items`` writes with a body.
-SPLIT_FROM = 16 << 10
-PROBE = 512
 # A read of n bytes that took longer than FROM_CACHE_WITHIN + n / FROM_CACHE_RATE seconds came from
 # the disk: the page cache copies 4 GB/s or more on any machine a store runs on (8 GB/s measured
 # here), a disk's random read takes 50 us or more before its first byte (NVMe: about 80 us).
 FROM_CACHE_WITHIN = 50e-6
 FROM_CACHE_RATE = 4e9
-MISMATCH = "its bytes do not match their checksum"  # why a damaged sample is, when it is the bytes
 # The most buffers one positional read fills (a run of neighbours longer than this is read in parts).
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
 
@@ -73,7 +68,7 @@ class CorruptSampleError(fmt.StoreError):
     """A sample on this rank's own disk is damaged (its pack is missing, truncated or altered)."""
 
 
-class PackReader(Announcing):
+class PackReader(Announcing, AroundPageCache):
     """The samples of one committed index (``records``) of the store in ``directory``.
 
     Args:
@@ -219,43 +214,6 @@ class PackReader(Announcing):
             return (head, body), len(head) + len(body)
         record = os.pread(descriptor, length, start)
         return record, len(record)
-
-    def _many_direct(
-        self, rows: list[Row], head_size: Callable[[bytes], int | None] | None
-    ) -> Iterator[bytes | tuple[bytes, bytes]]:
-        """:meth:`many`'s records from ``rows`` on, read around the page cache
-        (:mod:`reshuffle.store.direct`): each checked where it landed, then copied out. A record
-        too long for a slot, or any after a direct read failed, is read through the page cache."""
-        direct, check = self._direct, self.checksum
-        assert direct is not None
-        views, live = direct.read([row for row in rows if direct.fits(row[3])]), True
-        for sample_id, sequence, start, length, crc in rows:
-            descriptor, size = self._files.get(sequence) or self._file(sequence, sample_id)
-            if start + length > size:
-                raise self._truncated(sample_id, sequence, size, start + length)
-            view = None
-            if live and direct.fits(length):
-                try:
-                    view = next(views)
-                except OSError:  # direct.off says why (or a later read took the slots): buffered
-                    live = False
-            if view is None:
-                record, got = self._read_buffered(descriptor, start, length, head_size)
-                found = check(record[1], check(record[0])) if isinstance(record, tuple) else check(record)
-            else:
-                got, found = len(view), check(view)
-            if got != length:  # the pack shrank since it was opened
-                raise self._truncated(sample_id, sequence, start + got, start + length)
-            if found != crc:
-                raise self.damaged(sample_id, sequence, MISMATCH)
-            if view is not None:  # checked where it landed: copied out whole, or as head and body
-                cut = (
-                    head_size(bytes(view[:PROBE])) if head_size is not None and length >= SPLIT_FROM else None
-                )
-                record = (
-                    bytes(view) if cut is None or cut >= length else (bytes(view[:cut]), bytes(view[cut:]))
-                )
-            yield record
 
     def samples(
         self, where: NDArray[np.int64], ahead: Ahead | None = None
