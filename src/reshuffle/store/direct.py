@@ -4,7 +4,8 @@ A batch whose reads go to the disk is read with direct I/O, ``DEPTH`` reads in f
 process, each into its own slot of a page-aligned buffer, where the reader checks it and copies
 it out. The kernel neither copies the pages through its cache nor has to evict and reclaim them:
 with the page cache at 30% of a 4.2 GB store, 2 readers, this read 1.24x the samples/s of
-buffered reads at a quarter of the CPU (``bench/pressure_reads.py``). A store that fits in the
+buffered reads at a quarter of the CPU (``bench/pressure_reads.py``), and DataLoader epochs ran
+1.32-1.88x (``bench/scale.py``'s harness; docs/benchmarks.md). A store that fits in the
 memory the kernel says is available (``MemAvailable``) keeps buffered reads, so that its later
 epochs read it from memory.
 
@@ -68,7 +69,7 @@ def wanted(store_bytes: int) -> bool:
         warnings.warn(
             f"this rank's store ({store_bytes / 1e9:.1f} GB) is larger than the memory available "
             f"({available / 1e6:.1f} GB): `pip install 'reshuffle[uring]'` reads it around the page cache "
-            "(1.7x the samples/s measured, docs/store.md); without it reads stay buffered",
+            "(1.3-1.9x the samples/s measured, docs/store.md); without it reads stay buffered",
             stacklevel=2,
         )
     return True
