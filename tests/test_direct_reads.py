@@ -10,6 +10,7 @@ import importlib.util
 import json
 import multiprocessing
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,16 @@ def test_which_stores_are_read_around_the_page_cache(monkeypatch):
     monkeypatch.setenv(SETTING, "yes")
     with pytest.raises(ValueError, match=f"{SETTING} must be auto .* got 'yes'"):
         wanted(1)
+
+
+def test_threads_of_one_process_read_exact_records_beside_each_other(root, monkeypatch):
+    """One ring per process: the first thread reads with it, any other through the page cache."""
+    buffered, direct = _store(root, "0", monkeypatch), _store(root, "1", monkeypatch)
+    batches = [buffered.ids[i : i + 50] for i in range(0, 300, 50)]
+    expected = [_read(buffered, ids) for ids in batches]
+    _cold(root)
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            assert list(pool.map(lambda ids: _read(direct, ids), batches)) == expected
+            _cold(root)
+    _assert_direct_ran(direct, root)

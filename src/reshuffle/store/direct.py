@@ -22,6 +22,7 @@ import contextlib
 import importlib.util
 import mmap
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,26 +94,43 @@ class DirectReads:
         self._ring: Any = None
         self._files: dict[int, int] = {}  # pack -> O_DIRECT descriptor
         self._generation = self._tag = self._in_flight = 0  # reads begun; reads submitted; in flight
+        self._thread = -1  # the thread that reads with the ring
+        self._building = threading.Lock()
 
     def fits(self, length: int) -> bool:
         return length + 2 * ALIGN <= SLOT
 
     def usable(self) -> bool:
-        """Whether this process can read directly (builds its ring the first time)."""
-        if self._pid != os.getpid():
-            self._reset()
-            self._pid = os.getpid()
+        """Whether this thread can read directly: the first thread of a process that asks builds
+        the process's ring and reads with it; any other thread reads through the page cache (one
+        ring, one set of slots)."""
+        me, thread = os.getpid(), threading.get_ident()
+        if self._pid != me:
+            # not blocking: a worker forked while another thread held it reads through the page cache
+            if not self._building.acquire(blocking=False):
+                return False
             try:
-                import liburing
+                if self._pid != me:
+                    self._reset()
+                    self._build()
+                    self._pid, self._thread = me, thread
+            finally:
+                self._building.release()
+        return self.off is None and self._thread == thread
 
-                self._ring = liburing.Ring()
-                liburing.io_uring_queue_init(2 * DEPTH, self._ring)
-                self._buffer = mmap.mmap(-1, SLOT * DEPTH)  # page-aligned
-                self._view = memoryview(self._buffer)
-            except (ImportError, OSError) as error:
-                self._ring = None
-                self.off = f"io_uring is not available ({error})"
-        return self.off is None
+    def _build(self) -> None:
+        if self.off is not None:  # inherited: what failed in the parent would fail here
+            return
+        try:
+            import liburing
+
+            self._ring = liburing.Ring()
+            liburing.io_uring_queue_init(2 * DEPTH, self._ring)
+            self._buffer = mmap.mmap(-1, SLOT * DEPTH)  # page-aligned
+            self._view = memoryview(self._buffer)
+        except (ImportError, OSError) as error:
+            self._ring = None
+            self.off = f"io_uring is not available ({error})"
 
     def read(self, rows: list[Row]) -> Iterator[memoryview]:
         """Each row's bytes, in order, as a view valid until the next is asked for. Raises
@@ -216,9 +234,10 @@ class DirectReads:
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
-        # a spawned DataLoader worker builds its own ring
-        return {"directory": self.directory, "off": None, "_pid": -1, "_ring": None, "_files": {},
-                "_generation": 0, "_tag": 0, "_in_flight": 0}  # fmt: skip
+        return {"directory": self.directory}  # a spawned DataLoader worker builds its own ring
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"])  # type: ignore[misc]
 
 
 class AroundPageCache:
