@@ -1,5 +1,5 @@
 """The reads alone under memory pressure: how fast one rank's store is read when the page cache
-holds only a part of it, through the store's read path and through reads around the page cache.
+holds only a part of it, buffered and around the page cache.
 
     .venv/bin/python bench/scale.py                 # first: stages the store this reads
     .venv/bin/python bench/pressure_reads.py        # a few minutes on 2 cores
@@ -11,12 +11,16 @@ checksum, with the page cache held to ``--cache-share`` of the store (bench/scal
 ``pressure``: a helper holds the rest of memory). No DataLoader, no collate: what the reads cost.
 
 * ``store``: :meth:`PackReader.many <reshuffle.store.reads.PackReader.many>`, as a store-mode
-  DataLoader worker calls it: buffered ``pread`` of each sample, the batch and the next three
-  announced to the kernel (``POSIX_FADV_WILLNEED``) when they are not cached.
-* ``uring-D`` (where the ``liburing`` package imports; ``pip install 'reshuffle[bench]'``):
-  ``O_DIRECT`` reads through ``io_uring``, D in flight per process over the process's whole
-  order, each into its own slot of a page-aligned buffer, copied out to ``bytes`` and checked.
-  Not a read path of the library: the measurement of what one would gain.
+  DataLoader worker calls it, with ``RESHUFFLE_DIRECT_READS=0``: buffered ``pread`` of each
+  sample, the batch and the next three announced to the kernel (``POSIX_FADV_WILLNEED``) when
+  they are not cached (how a store is read without liburing).
+* ``direct`` (where the ``liburing`` package imports; ``pip install 'reshuffle[uring]'``): the same
+  call with ``RESHUFFLE_DIRECT_READS=1``: the library's reads around the page cache
+  (:mod:`reshuffle.store.direct`, ``O_DIRECT`` through ``io_uring``, its ``DEPTH`` in flight
+  within each batch).
+* ``uring-D`` (the same condition): ``O_DIRECT`` reads through ``io_uring`` written out here, D in
+  flight per process over the process's whole order (not batch by batch), each into its own slot
+  of a page-aligned buffer, checked and copied out: how deep a queue pays.
 
 Modes alternate within each round; each figure is a median over the rounds. Results:
 ``bench/out/pressure_reads.json`` and the ``pressure-reads`` section of docs/benchmarks.md.
@@ -44,6 +48,7 @@ from reshuffle.store import RankStore
 from reshuffle.store import format as fmt
 from reshuffle.store.checksum import checksum
 from reshuffle.store.dataset import AHEAD_BATCHES
+from reshuffle.store.direct import DEPTH, SETTING
 from scale import _device_of, _disk_sectors_read, evict, page_cache_held
 
 BATCH = 64
@@ -56,7 +61,7 @@ def _batches(store: RankStore) -> list[np.ndarray]:
 
 
 def read_store(store: RankStore, batches: list[np.ndarray], part: int, processes: int) -> tuple[int, int]:
-    """This process's batches through the store's read path; (samples, bytes)."""
+    """This process's batches through the store's reads (``many``); (samples, bytes)."""
     samples = nbytes = 0
     for k in range(part, len(batches), processes):
         following = batches[k + 1 : k + 1 + AHEAD_BATCHES]
@@ -130,10 +135,11 @@ def read_uring(
 
 
 def _worker(mode: str, root: str, part: int, processes: int, queue: multiprocessing.Queue) -> None:
+    os.environ[SETTING] = "1" if mode == "direct" else "0"  # read when the store opens
     store = RankStore.open(Path(root) / "store", 0)
     batches = _batches(store)
     started, cpu = time.perf_counter(), time.process_time()
-    if mode == "store":
+    if mode in ("store", "direct"):
         samples, nbytes = read_store(store, batches, part, processes)
     else:
         samples, nbytes = read_uring(store, batches, part, processes, int(mode.split("-")[1]))
@@ -181,7 +187,7 @@ def main() -> None:
     try:
         import liburing  # noqa: F401
 
-        modes = ["store", *(f"uring-{depth}" for depth in args.depths)]
+        modes = ["store", "direct", *(f"uring-{depth}" for depth in args.depths)]
     except ImportError:
         print("liburing is not installed (pip install 'reshuffle[bench]'): the store's path only", flush=True)
         modes = ["store"]
@@ -214,9 +220,11 @@ Machine: {machine()}. Every sample of bench/scale.py's store ({store.reader.ids.
 {store_bytes / 1e9:.2f} GB) read once in a random order, batches of {BATCH} split between
 {args.processes} forked processes, every record checked, the page cache held to
 {args.cache_share:.0%} of the store; {args.rounds} rounds, the modes alternating. *store*: the
-store's read path (`PackReader.many`, buffered `pread`, this batch and the next
-{AHEAD_BATCHES} announced); *uring-D*: `O_DIRECT` reads through `io_uring`, D in flight per
-process (not a read path of the library). *per round / store*: the median over rounds of the
+store's buffered reads (`PackReader.many` with `RESHUFFLE_DIRECT_READS=0`, `pread`, this batch
+and the next {AHEAD_BATCHES} announced); *direct*: the same call reading around the page cache
+(`RESHUFFLE_DIRECT_READS=1`: `O_DIRECT` through `io_uring`, up to {DEPTH} in flight within each
+batch); *uring-D*: `O_DIRECT` reads through `io_uring` written out in the bench, D in flight per
+process across batches. *per round / store*: the median over rounds of the
 mode's samples/s over the store path's in the same round. *CPU s*: user + system of the readers.
 Command: `.venv/bin/python bench/pressure_reads.py --rounds {args.rounds}`.
 

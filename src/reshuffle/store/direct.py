@@ -3,8 +3,8 @@
 A batch whose reads go to the disk is read with direct I/O, ``DEPTH`` reads in flight per
 process, each into its own slot of a page-aligned buffer, where the reader checks it and copies
 it out. The kernel neither copies the pages through its cache nor has to evict and reclaim them:
-with the page cache at 30% of a 4.2 GB store, 2 readers, this read 1.24x the samples/s of
-buffered reads at a quarter of the CPU (``bench/pressure_reads.py``), and DataLoader epochs ran
+with the page cache at 30% of a 4.2 GB store, 2 readers, this read 1.22x the samples/s of
+buffered reads at less than half the CPU (``bench/pressure_reads.py``), and DataLoader epochs ran
 1.32-1.88x (``bench/scale.py``'s harness; docs/benchmarks.md). A store that fits in the
 memory the kernel says is available (``MemAvailable``) keeps buffered reads, so that its later
 epochs read it from memory.
@@ -31,7 +31,7 @@ from typing import Any
 from reshuffle.store import format as fmt
 from reshuffle.store.checksum import MISMATCH, Checksum
 
-DEPTH = 32  # reads in flight per process (16, 32 and 64 measured: 32 read fastest)
+DEPTH = 32  # reads in flight per process (16, 32 and 64 measured: within the disk's spread)
 SLOT = 512 << 10  # bytes of buffer per read in flight: records up to ~500 KB are read directly
 ALIGN = 4096  # O_DIRECT's offsets, lengths and buffers, aligned for any disk's logical block
 SETTING = "RESHUFFLE_DIRECT_READS"
