@@ -5,9 +5,12 @@ sample's bytes: a positional read (``os.pread``) on a descriptor advised ``POSIX
 the kernel reads no neighbours that would be evicted before use (a memory map of the pack faults
 in up to ``read_ahead_kb`` around each random read). A batch's reads are announced to the kernel
 together (``POSIX_FADV_WILLNEED``) so the disk serves them side by side, and neighbours in a
-batch are coalesced into one read. Batches of equal-length samples smaller than ``MAPPED_BELOW``
-are gathered through a read-only memory map advised ``MADV_RANDOM`` instead (a page is the least
-any read fetches, and one vectorised copy gathers the whole batch).
+batch are coalesced into one read. In a store bigger than the memory available, a batch of
+records (:meth:`PackReader.many`) whose reads go to the disk is read around the page cache instead
+(:mod:`reshuffle.store.direct`: ``O_DIRECT`` through ``io_uring``). Batches of equal-length
+samples smaller than ``MAPPED_BELOW`` are gathered through a read-only memory map advised
+``MADV_RANDOM`` instead (a page is the least any read fetches, and one vectorised copy gathers the
+whole batch).
 
 Every read checks that the sample lies inside its pack and that its bytes match the checksum the
 index recorded when they were written (:mod:`reshuffle.store.checksum`), in the process that reads
