@@ -261,13 +261,26 @@ class AroundPageCache:
     def _truncated(self, sample_id: int, sequence: int, size: int, end: int) -> fmt.StoreError:
         raise NotImplementedError
 
+    def _verify(
+        self, record: bytes | memoryview | tuple[bytes, bytes], got: int, sample_id: int, sequence: int,
+        start: int, length: int, crc: int,
+    ) -> None:  # fmt: skip
+        """Raise for a record of which ``got`` of ``length`` bytes were read or whose bytes (whole,
+        or head and body) do not match ``crc``."""
+        if got != length:  # the pack shrank since it was opened
+            raise self._truncated(sample_id, sequence, start + got, start + length)
+        check = self.checksum
+        found = check(record[1], check(record[0])) if isinstance(record, tuple) else check(record)
+        if found != crc:
+            raise self.damaged(sample_id, sequence, MISMATCH)
+
     def _many_direct(
         self, rows: list[Row], head_size: HeadSize | None
     ) -> Iterator[bytes | tuple[bytes, bytes]]:
         """:meth:`many`'s records from ``rows`` on, read around the page cache
         (:mod:`reshuffle.store.direct`): each checked where it landed, then copied out. A record
         too long for a slot, or any after a direct read failed, is read through the page cache."""
-        direct, check = self._direct, self.checksum
+        direct = self._direct
         assert direct is not None
         views, live = direct.read([row for row in rows if direct.fits(row[3])]), True
         for sample_id, sequence, start, length, crc in rows:
@@ -282,13 +295,9 @@ class AroundPageCache:
                     live = False
             if view is None:
                 record, got = self._read_buffered(descriptor, start, length, head_size)
-                found = check(record[1], check(record[0])) if isinstance(record, tuple) else check(record)
+                self._verify(record, got, sample_id, sequence, start, length, crc)
             else:
-                got, found = len(view), check(view)
-            if got != length:  # the pack shrank since it was opened
-                raise self._truncated(sample_id, sequence, start + got, start + length)
-            if found != crc:
-                raise self.damaged(sample_id, sequence, MISMATCH)
+                self._verify(view, len(view), sample_id, sequence, start, length, crc)
             if view is not None:  # checked where it landed: copied out whole, or as head and body
                 cut = (
                     head_size(bytes(view[:PROBE])) if head_size is not None and length >= SPLIT_FROM else None

@@ -169,7 +169,7 @@ class PackReader(Announcing, AroundPageCache):
         small cached samples a fifth of its time)."""
         announced = last_slow = False
         slow = 0  # reads that came from the disk (or were preempted)
-        files, check, clock = self._files, self.checksum, time.perf_counter
+        files, clock = self._files, time.perf_counter
         columns = (self.ids, self.packs, self.offsets, self.lengths, self.crcs)
         # one loop over plain ints: per sample, a method call costs as much as the checksum
         rows = zip(*(column[where].tolist() for column in columns), strict=True)
@@ -195,11 +195,7 @@ class PackReader(Announcing, AroundPageCache):
             last_slow = clock() - began > FROM_CACHE_WITHIN + length / FROM_CACHE_RATE
             slow += last_slow
             self._from_cache = slow < 2
-            if got != length:  # the pack shrank since it was opened
-                raise self._truncated(sample_id, sequence, start + got, start + length)
-            found = check(record[1], check(record[0])) if isinstance(record, tuple) else check(record)
-            if found != crc:
-                raise self.damaged(sample_id, sequence, MISMATCH)
+            self._verify(record, got, sample_id, sequence, start, length, crc)
             yield record
 
     def _read_buffered(
