@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reshuffle import ShufflePlanner
+from reshuffle import ShuffledData, ShufflePlanner
 from reshuffle.data.synthetic import load_synthetic
-from reshuffle.store import CorruptSampleError, RankStore, stage
+from reshuffle.store import CorruptSampleError, RankStore, direct, stage
 from reshuffle.store import format as fmt
 from reshuffle.store.direct import DEPTH, SETTING, wanted
+from spawn import run_ranks
 
 SAMPLE = 20_000  # bytes: a body (16 KiB and more) a head_size may split off
 
@@ -42,10 +43,10 @@ def root(tmp_path) -> Path:
     return tmp_path / "store"
 
 
-def _cold(root: Path) -> None:
+def _cold(root: Path, rank: int = 0) -> None:
     """Drop the packs from the page cache, so the reader's probe finds the batch on the disk."""
     os.sync()
-    for pack in (root / "rank-00000" / fmt.PACK_DIR).glob("pack-*.bin"):
+    for pack in (root / fmt.rank_dir_name(rank) / fmt.PACK_DIR).glob("pack-*.bin"):
         descriptor = os.open(pack, os.O_RDONLY)
         try:
             os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -174,6 +175,62 @@ def test_which_stores_are_read_around_the_page_cache(monkeypatch):
     monkeypatch.setenv(SETTING, "yes")
     with pytest.raises(ValueError, match=f"{SETTING} must be auto .* got 'yes'"):
         wanted(1)
+
+
+def test_the_stores_of_ranks_on_one_host_count_together(root, monkeypatch):
+    """A store that fits in memory alone, beside another as large on the same host that together
+    do not, is read around the page cache; its next committed state too."""
+    monkeypatch.setenv(SETTING, "auto")
+    size = int(RankStore.open(root, 0).reader.lengths.sum())
+    monkeypatch.setattr(direct, "memory_available", lambda: int(1.5 * size))
+    store = RankStore.open(root, 0)
+    assert store.reader._direct is None and store.ranks_sharing_memory == 1
+    store.share_memory(2)
+    assert store.reader._direct is not None
+    ids = store.reader.ids[:40]
+    _cold(root)
+    assert _read(store, ids) == _read(_store(root, "0", monkeypatch), ids)
+    _assert_direct_ran(store, root)
+    monkeypatch.setenv(SETTING, "auto")
+    store._load(store.directory / fmt.MANIFEST)  # the next committed state keeps the host's count
+    assert store.reader._direct is not None
+    store.share_memory(1)
+    assert store.reader._direct is None
+
+
+class Blobs:
+    """Item ``i``: ``SAMPLE`` bytes that name it, and a label."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> tuple[bytes, int]:
+        return bytes([index]) * SAMPLE, index % 3
+
+
+def _rank_beside_another(rank: int, world: int, store_dir: str) -> tuple[int, bool, bool, bool]:
+    """One rank of a job whose host has memory for one rank's store, not for both: (ranks on
+    the host, whether its store alone would be read around the page cache, whether it is, whether
+    a cold read of its samples gave them intact, directly or saying why not)."""
+    os.environ[SETTING] = "auto"
+    direct.memory_available = lambda: int(0.75 * len(Blobs()) * SAMPLE)  # type: ignore[assignment]
+    data = ShuffledData(Blobs(), store_dir, strategy="local", seed=0, epochs=1)
+    data.set_epoch(0)
+    store = data.store
+    assert store is not None
+    alone, reads = wanted(int(store.reader.lengths.sum())), store.reader._direct
+    _cold(Path(store_dir), rank)
+    ids = list(data.sampler)
+    items = data.dataset.__getitems__(ids)  # type: ignore[attr-defined]
+    intact = all(blob == bytes([i]) * SAMPLE for i, (blob, _) in zip(ids, items, strict=True))
+    read = reads is not None and (reads._generation > 0 or bool(reads.off))
+    data.close()
+    return store.ranks_sharing_memory, alone, reads is not None, intact and read
+
+
+def test_ranks_on_one_host_read_around_the_page_cache_that_holds_one_store_not_both(tmp_path):
+    for sharing, alone, around, read in run_ranks(_rank_beside_another, 2, str(tmp_path / "s"), timeout=120):
+        assert (sharing, alone, around, read) == (2, False, True, True)
 
 
 def test_threads_of_one_process_read_exact_records_beside_each_other(root, monkeypatch):

@@ -3,6 +3,9 @@ then raise on every rank at once when any failed (not after a timeout in the nex
 
 from __future__ import annotations
 
+import hashlib
+import socket
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -19,6 +22,14 @@ def gather_ints(
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
     return torch.stack(everyone).cpu().numpy()
+
+
+def ranks_on_this_host(device: torch.device | None, group: dist.ProcessGroup | None) -> int:
+    """How many ranks of ``group`` run on this rank's host (by host name), itself included
+    (collective): the ranks whose stores share one page cache."""
+    digest = hashlib.blake2b(socket.gethostname().encode(), digest_size=8).digest()
+    host = int.from_bytes(digest, "little", signed=True)
+    return int((gather_ints([host], device, group)[:, 0] == host).sum())
 
 
 def gather_errors(mine: str, group: dist.ProcessGroup | None) -> list[str]:

@@ -7,7 +7,8 @@ with the page cache at 30% of a 4.2 GB store, 2 readers, this read 1.22x the sam
 buffered reads at less than half the CPU (``bench/pressure_reads.py``), and DataLoader epochs ran
 1.32-1.88x (``bench/scale.py``'s harness; docs/benchmarks.md). A store that fits in the
 memory the kernel says is available (``MemAvailable``) keeps buffered reads, so that its later
-epochs read it from memory.
+epochs read it from memory. The ranks of one machine share its page cache: their stores count
+together (``RankStore.share_memory``, called by the store session for the ranks on each host).
 
 Needs Linux, the ``liburing`` package (``pip install 'reshuffle[uring]'``) and a file system
 that takes ``O_DIRECT``; without one of them (a container whose seccomp profile refuses
@@ -48,8 +49,8 @@ HeadSize = Callable[[bytes], int | None]
 
 
 def wanted(store_bytes: int) -> bool:
-    """Whether a store of ``store_bytes`` is read around the page cache (``SETTING``, else:
-    larger than the memory available)."""
+    """Whether stores of ``store_bytes`` (one rank's, or together those of the ranks that share a
+    machine's page cache) are read around it (``SETTING``, else: larger than the memory available)."""
     setting = os.environ.get(SETTING, "auto")
     if setting not in ("auto", "0", "1"):
         raise ValueError(
@@ -58,22 +59,29 @@ def wanted(store_bytes: int) -> bool:
         )
     if setting != "auto":
         return setting == "1"
-    try:
-        with open("/proc/meminfo") as handle:
-            available = next(int(line.split()[1]) for line in handle if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return False
-    if store_bytes <= available * 1024:  # kB
+    available = memory_available()
+    if available is None or store_bytes <= available:
         return False
     if importlib.util.find_spec("liburing") is None and not _said:
         _said.append(True)
         warnings.warn(
-            f"this rank's store ({store_bytes / 1e9:.1f} GB) is larger than the memory available "
-            f"({available / 1e6:.1f} GB): `pip install 'reshuffle[uring]'` reads it around the page cache "
-            "(1.3-1.9x the samples/s measured, docs/store.md); without it reads stay buffered",
+            f"the stores this machine reads ({store_bytes / 1e9:.1f} GB) are larger than the memory "
+            f"available ({available / 1e9:.1f} GB): `pip install 'reshuffle[uring]'` reads them around "
+            "the page cache (1.3-1.9x the samples/s measured, docs/store.md); without it reads stay "
+            "buffered",
             stacklevel=2,
         )
     return True
+
+
+def memory_available() -> int | None:
+    """The bytes of memory the kernel says are available (``MemAvailable``: free, and page cache
+    it can reclaim), or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as handle:
+            return 1024 * next(int(line.split()[1]) for line in handle if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 _said: list[bool] = []  # the missing liburing was said in this process

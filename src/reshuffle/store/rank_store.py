@@ -47,7 +47,8 @@ class RankStore:
         self.epoch = -1
         self.generation = 0
         self.records = np.empty(0, dtype=fmt.RECORD)
-        self.reader = PackReader(self.directory, rank, -1, self.records, meta.checksum)  # new at each load
+        self.ranks_sharing_memory = 1  # ranks whose stores this machine's page cache holds (share_memory)
+        self.reader = self._reader()  # new at each load
         self._holes: bool | None = None  # can this file system punch holes? (probed once)
         self.lock: int | None = None  # the job lock's descriptor (format.lock_directory), once staged
         self.dirty_packs: set[int] | None = None  # packs that lost samples since the last release; None: all
@@ -85,7 +86,19 @@ class RankStore:
         manifest = fmt.read_json(manifest_path, "manifest")
         self.epoch, self.generation, self.records = self._parse(manifest, manifest_path)
         self.reader.close()
-        self.reader = PackReader(self.directory, self.rank, self.epoch, self.records, self.meta.checksum)
+        self.reader = self._reader()
+
+    def _reader(self) -> PackReader:
+        return PackReader(self.directory, self.rank, self.epoch, self.records, self.meta.checksum,
+                          sharing=self.ranks_sharing_memory)  # fmt: skip
+
+    def share_memory(self, ranks: int) -> None:
+        """``ranks`` ranks of the job, this one included, keep their stores on this machine: their
+        reads compete for one page cache, so they go around it (:mod:`reshuffle.store.direct`)
+        when the stores together, not this one alone, are larger than the memory available."""
+        self.ranks_sharing_memory = ranks
+        self.reader.close()
+        self.reader = self._reader()
 
     def _parse(self, manifest: dict[str, Any], path: Path) -> tuple[int, int, np.ndarray]:
         if manifest.get("format") != "reshuffle-rank-store":

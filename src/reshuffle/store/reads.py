@@ -79,11 +79,14 @@ class PackReader(Announcing, AroundPageCache):
         rank, epoch: whose store and which committed state (for messages).
         records: the state's index (``format.RECORD``), sorted by id.
         checksum_name: the store's checksum (``StoreMeta.checksum``).
+        sharing: how many ranks' stores of about this size share this machine's page cache (this
+            one included): whether reads go around it is decided for their bytes together.
     """
 
     def __init__(
-        self, directory: Path, rank: int, epoch: int, records: np.ndarray, checksum_name: str = LEGACY
-    ) -> None:
+        self, directory: Path, rank: int, epoch: int, records: np.ndarray, checksum_name: str = LEGACY,
+        *, sharing: int = 1,
+    ) -> None:  # fmt: skip
         self.directory = directory
         self.rank = rank
         self.epoch = epoch
@@ -107,8 +110,8 @@ class PackReader(Announcing, AroundPageCache):
         # whether the kernel says if a page is cached (a read that may not wait; Linux 4.14+)
         self._can_ask = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
         self._byte = bytearray(1)
-        # batches that go to the disk read around the page cache: a store bigger than memory
-        self._direct = DirectReads(directory) if wanted(int(self.lengths.sum())) else None
+        # batches that go to the disk read around the page cache: stores bigger than memory
+        self._direct = DirectReads(directory) if wanted(int(self.lengths.sum()) * sharing) else None
 
     def where(self, sample_id: int) -> int:
         where = int(self.ids.searchsorted(sample_id))

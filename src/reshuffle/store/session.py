@@ -20,7 +20,7 @@ import torch.distributed as dist
 from reshuffle.data.source import SampleSource
 from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.plan.resize import saved_planner
-from reshuffle.store.collectives import agree, gather_errors, gather_ints
+from reshuffle.store.collectives import agree, gather_errors, gather_ints, ranks_on_this_host
 from reshuffle.store.exchange import Exchanger, ExchangeStats, new_exchange_group
 from reshuffle.store.rank_store import RankStore
 from reshuffle.store.recovery import synchronize
@@ -120,6 +120,8 @@ class StoreSession:
                     dataset=self.dataset, device=self.device, group=self.group, chunk_bytes=self.chunk_bytes,
                 )  # fmt: skip
             log.info("%s", message)
+            # the ranks of a host share its page cache: their stores together decide how they are read
+            self.store.share_memory(ranks_on_this_host(self.device, self.group))
             self.exchanger = Exchanger(
                 self.store, self.planner, group=self.group or new_exchange_group(self.timeout_s),
                 device=self.device, chunk_bytes=self.chunk_bytes, timeout_s=self.timeout_s,
