@@ -423,10 +423,10 @@ def hold_memory(keep_for_cache: int) -> subprocess.Popen | None:
 
 
 @contextlib.contextmanager
-def page_cache_held(args: argparse.Namespace, nbytes: int) -> Iterator[None]:
-    """Inside the block, the page cache can hold ``--cache-share`` of ``nbytes``, plus 1 GiB of room
-    for the processes at work (:func:`hold_memory`)."""
-    holder = hold_memory(int(args.cache_share * nbytes) + (1 << 30))
+def page_cache_held(args: argparse.Namespace, nbytes: int, room: int = 1 << 30) -> Iterator[None]:
+    """Inside the block, the page cache can hold ``--cache-share`` of ``nbytes``, plus ``room``
+    bytes for the processes at work (:func:`hold_memory`)."""
+    holder = hold_memory(int(args.cache_share * nbytes) + room)
     try:
         yield
     finally:

@@ -36,7 +36,16 @@ from pathlib import Path
 
 from common import machine, spawn_ranks, write_results
 from reshuffle.report.table import format_table
-from scale import Files, dd_write_seconds, evict, generate, raw_collate, watch_memory
+from scale import (
+    Files,
+    _device_of,
+    _disk_sectors_read,
+    dd_write_seconds,
+    evict,
+    generate,
+    raw_collate,
+    watch_memory,
+)
 
 STRATEGIES = {"partial 0.1": ("partial", 0.1), "global": ("global", 0.0)}
 MEMORY = {"anon_mb": "rank anonymous", "rss_mb": "rank resident", "child_anon_mb": "children anonymous",
@@ -50,6 +59,7 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
     import torch.distributed as dist
 
     from reshuffle import ShuffledData
+    from reshuffle.store.direct import memory_available
     from reshuffle.store.space import allocated_bytes
 
     peaks: dict[int, tuple[int, int]] = {}  # pid -> peak (resident, anonymous) kB
@@ -61,16 +71,17 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
     data = ShuffledData(Files(files, labels), store_dir, strategy=strategy, fraction=fraction, seed=0,
                         epochs=epochs, chunk_mb=64)  # fmt: skip
     loader = data.loader(batch_size=batch, num_workers=workers, collate_fn=raw_collate)
-    rows, staging_s = [], 0.0
+    rows, staging_s, device = [], 0.0, _device_of(Path(store_dir).parent)
     for epoch in range(epochs):
         boundary = time.perf_counter()
         data.set_epoch(epoch)  # the commit of the exchange that ran during the last epoch (or staging)
         commit_s = time.perf_counter() - boundary
         if epoch == 0:
             staging_s, commit_s = commit_s, 0.0
-        began = time.perf_counter()
+        began, sectors = time.perf_counter(), _disk_sectors_read(device)
         read = sum(nbytes for nbytes, _ in loader)
         reading_s = time.perf_counter() - began
+        disk_read = (_disk_sectors_read(device) - sectors) * 512  # the whole disk's, every rank's
         waited = time.perf_counter()
         stats = data.end_epoch()
         exposed_s = time.perf_counter() - waited + commit_s
@@ -79,7 +90,7 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
         live = int(store.records["length"].sum())
         row = {"epoch": epoch, "read_bytes": read, "reading_s": reading_s, "exposed_s": exposed_s,
                "epoch_s": reading_s + exposed_s, "allocated": allocated_bytes(store.directory),
-               "live": live}  # fmt: skip
+               "live": live, "disk_read": disk_read}  # fmt: skip
         if stats is not None:
             sizes = torch.zeros(world, dtype=torch.int64)  # bytes sent to each peer
             for dst, ids in data.plan.sends(rank).items():  # type: ignore[union-attr]
@@ -87,6 +98,15 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
             row.update(sent=stats.bytes_sent, received=stats.bytes_received, exchange_s=stats.seconds,
                        sizes=sizes)  # fmt: skip
         rows.append(row)
+    store = data.store
+    assert store is not None
+    available = memory_available()
+    reads = {
+        "around": store.reader._direct is not None,
+        "sharing": store.ranks_sharing_memory,
+        "fits_alone": available is not None and int(store.records["length"].sum()) <= available,
+        "available": available or 0,
+    }
     data.close()
     stop.set()
     watcher.join()
@@ -111,7 +131,7 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
               "child_rss_mb": max((v[0] for v in peaks.values()), default=0) / 1024,
               "child_anon_mb": max((v[1] for v in peaks.values()), default=0) / 1024}  # fmt: skip
     return {"staging_s": staging_s, "started": started, "rows": rows, "final": final, "memory": memory,
-            "reserve_left": (store.pack_dir / "reserve.bin").exists()}  # fmt: skip
+            "reserve_left": (store.pack_dir / "reserve.bin").exists(), **reads}  # fmt: skip
 
 
 def main() -> None:

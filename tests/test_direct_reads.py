@@ -168,6 +168,11 @@ def test_which_stores_are_read_around_the_page_cache(monkeypatch):
     monkeypatch.setenv(SETTING, "auto")
     assert not wanted(1 << 20)  # fits in memory: its later epochs read from the page cache
     assert wanted(1 << 60)  # larger than any machine's memory
+    monkeypatch.setattr(direct, "memory_available", lambda: 1000)
+    assert not wanted(1000)  # fits: its later epochs read from the page cache
+    assert wanted(1001)
+    monkeypatch.setattr(direct, "memory_available", lambda: None)
+    assert not wanted(1 << 60)  # the kernel does not say: buffered
     monkeypatch.setenv(SETTING, "0")
     assert not wanted(1 << 60)
     monkeypatch.setenv(SETTING, "1")

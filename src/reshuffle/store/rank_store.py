@@ -94,8 +94,8 @@ class RankStore:
 
     def share_memory(self, ranks: int) -> None:
         """``ranks`` ranks of the job, this one included, keep their stores on this machine: their
-        reads compete for one page cache, so they go around it (:mod:`reshuffle.store.direct`)
-        when the stores together, not this one alone, are larger than the memory available."""
+        reads compete for one page cache, so whether they go around it
+        (:func:`~reshuffle.store.direct.wanted`) is decided for the stores together."""
         self.ranks_sharing_memory = ranks
         self.reader.close()
         self.reader = self._reader()
