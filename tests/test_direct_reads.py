@@ -92,6 +92,21 @@ def test_direct_reads_give_the_records_buffered_reads_give(root, monkeypatch):
     _assert_direct_ran(direct, root)
 
 
+def test_records_the_page_cache_holds_are_read_from_it(root, monkeypatch):
+    """A batch that goes to the disk reads around the page cache only what the cache does not hold."""
+    buffered, direct = _store(root, "0", monkeypatch), _store(root, "1", monkeypatch)
+    ids = direct.ids[:60]
+    _cold(root)
+    _read(direct, ids[:1])  # the packs open
+    reads = direct.reader._direct
+    before = reads._tag  # reads around the cache so far
+    expected = _read(buffered, ids[20:40])  # now cached
+    assert _read(direct, ids) == _read(buffered, ids[:20]) + expected + _read(buffered, ids[40:])
+    _assert_direct_ran(direct, root)
+    if _can_read_directly(root) and reads._asks:  # cachestat(2) answers (Linux 6.5+)
+        assert 30 <= reads._tag - before <= 40  # the 20 cached records were not among them
+
+
 def test_a_damaged_record_read_directly_is_named_before_it_is_returned(root, monkeypatch):
     clean = _store(root, "0", monkeypatch)
     bad = int(clean.ids[len(clean.ids) // 2])
