@@ -309,8 +309,8 @@ class AroundPageCache:
         copied out. A record the page cache holds whole (:meth:`DirectReads.holds`), one too long
         for a slot, or any after a direct read failed, is read through the page cache: in
         consecutive epochs the cache holds what the last one left there (2 ranks, memory for ~60%
-        of their stores: 1.22-1.33x the buffered reads, where reading every record around the
-        cache ran 0.87-1.01x; ``bench/pressure_ranks.py``)."""
+        of their stores: 0.85-1.33x the buffered reads over two runs, median 1.15x, where reading
+        every record around the cache ran 0.78-1.09x; ``bench/pressure_ranks.py``)."""
         direct = self._direct
         assert direct is not None
         files = self._files
