@@ -87,7 +87,17 @@ def memory_available() -> int | None:
 
 
 _said: list[bool] = []  # the missing liburing was said in this process
-_libc = ctypes.CDLL(None, use_errno=True)  # for cachestat(2), which the os module does not offer
+_libc: list[Any] = []  # the C library, for cachestat(2), which the os module does not offer
+
+
+def _system_call() -> Any:
+    """libc's ``syscall``, or None where there is none to load."""
+    if not _libc:
+        try:
+            _libc.append(ctypes.CDLL(None, use_errno=True).syscall)
+        except (OSError, TypeError, AttributeError):  # no C library by that name (Windows)
+            _libc.append(None)
+    return _libc[0]
 
 
 class Superseded(OSError):
@@ -115,11 +125,12 @@ class DirectReads:
         """Whether the page cache holds every page of the ``length`` bytes at ``start``, as
         ``cachestat(2)`` says without reading anything (a one-byte read that may not wait starts
         the page's read when it misses); False where the kernel does not answer (before 6.5)."""
-        if not self._asks:
+        call = _system_call() if self._asks else None
+        if call is None:
             return False
         first = start // ALIGN * ALIGN
         self._range[0], self._range[1] = first, -(-(start + length) // ALIGN) * ALIGN - first
-        if _libc.syscall(CACHESTAT, descriptor, self._range, self._stat, 0) != 0:
+        if call(CACHESTAT, descriptor, self._range, self._stat, 0) != 0:
             self._asks = False
             return False
         return self._stat[0] * mmap.PAGESIZE >= self._range[1]
