@@ -49,6 +49,7 @@ from reshuffle.losses import LossTracker
 from reshuffle.plan import EpochPlan, ShufflePlanner
 from reshuffle.plan.partitions import PARTITIONS
 from reshuffle.sampler import ShuffleSampler, rank_and_world
+from reshuffle.store.collectives import collective_device
 from reshuffle.store.dataset import StoreDataset, StoreItems
 from reshuffle.store.exchange import ExchangeStats
 from reshuffle.store.rank_store import RankStore
@@ -154,7 +155,7 @@ class ShuffledData:
             self.sampler = ShuffleSampler.from_planner(self._planner, self.rank)
         uses_losses = self._planner is not None and self._planner.strategy.uses_losses
         self.tracker = LossTracker(len(self.source)) if uses_losses or track_losses else None
-        self.device = _device(group)
+        self.device = collective_device(group)
         self.store_dir = Path(store_dir) if store_dir is not None else None
         self.dataset: Dataset = self._dataset(dataset, transform)
         self.session: StoreSession | None = None  # store mode's store and exchanges
@@ -392,10 +393,3 @@ def _mode(mode: str | None, store_dir: str | Path | None) -> str:
     if mode == "store" and store_dir is None:
         raise ValueError("mode='store' needs store_dir (a node-local directory for this rank's samples)")
     return mode
-
-
-def _device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where collective tensors live: the current GPU for NCCL, the CPU otherwise."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

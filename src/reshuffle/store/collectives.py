@@ -14,6 +14,13 @@ from reshuffle.store import format as fmt
 from reshuffle.store.wire import PeerError
 
 
+def collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where collective tensors live: the current GPU for NCCL, the CPU otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather_ints(
     values: list[int], device: torch.device | None, group: dist.ProcessGroup | None
 ) -> np.ndarray:

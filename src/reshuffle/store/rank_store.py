@@ -32,6 +32,7 @@ from reshuffle.store.meta import StoreMeta, read_meta
 from reshuffle.store.packs import MAX_PACK_BYTES, PackWriter
 from reshuffle.store.reads import CorruptSampleError, PackReader
 from reshuffle.store.space import can_punch_holes, reserve
+from reshuffle.store.state import parse_state
 from reshuffle.store.upkeep import compacted, punch_dead_ranges
 
 
@@ -84,7 +85,9 @@ class RankStore:
 
     def _load(self, manifest_path: Path) -> None:
         manifest = fmt.read_json(manifest_path, "manifest")
-        self.epoch, self.generation, self.records = self._parse(manifest, manifest_path)
+        self.epoch, self.generation, self.records = parse_state(
+            manifest, manifest_path, self.directory, self.rank, self.meta
+        )
         self.reader.close()
         self.reader = self._reader()
 
@@ -99,41 +102,6 @@ class RankStore:
         self.ranks_sharing_memory = ranks
         self.reader.close()
         self.reader = self._reader()
-
-    def _parse(self, manifest: dict[str, Any], path: Path) -> tuple[int, int, np.ndarray]:
-        if manifest.get("format") != "reshuffle-rank-store":
-            raise fmt.StoreError(f"{path} is not a rank manifest")
-        for key, expected in (("rank", self.rank), ("world_size", self.meta.world_size)):
-            if fmt.manifest_value(manifest, key, int, path) != expected:
-                raise fmt.StoreError(
-                    f"{path} was written for {key} {manifest[key]}, not {expected}: "
-                    "the store was written for another world size or its rank directories were moved"
-                )
-        epoch = fmt.manifest_value(manifest, "epoch", int, path)
-        generation = fmt.manifest_value(manifest, "generation", int, path)
-        index = fmt.manifest_value(manifest, "index", str, path)
-        if fmt.index_generation(index) != generation:
-            raise fmt.StoreError(f"{path}: index file name {index!r} does not match generation {generation}")
-        records = fmt.read_index(
-            fmt.inside(self.directory, index), fmt.manifest_value(manifest, "index_sha256", str, path)
-        )
-        if records.size != fmt.manifest_value(manifest, "count", int, path):
-            raise fmt.StoreError(
-                f"{path}: the index holds {records.size} records, the manifest says {manifest['count']}"
-            )
-        ids = records["id"]
-        if records.size and (
-            ids.min() < 0 or ids.max() >= self.meta.num_samples or np.any(np.diff(ids) <= 0)
-        ):
-            raise fmt.StoreError(f"{path}: the index has ids out of range, unsorted or repeated")
-        if records.size and (records["label"].min() < 0 or records["label"].max() >= self.meta.num_classes):
-            raise fmt.StoreError(f"{path}: the index has labels outside 0..{self.meta.num_classes - 1}")
-        sizes = fmt.manifest_value(manifest, "pack_sizes", dict, path)
-        for sequence in np.unique(records["pack"]).tolist():
-            name = fmt.pack_name(sequence)
-            if name not in sizes:
-                raise fmt.StoreError(f"{path}: records point into {name}, which the manifest does not list")
-        return epoch, generation, records
 
     def referenced_files(self) -> set[str]:
         """Paths (relative to the rank directory) the committed or prepared state uses."""
@@ -345,7 +313,7 @@ class RankStore:
         the old state used are deleted. Punching holes is left to :meth:`release_dead_space`."""
         prepared = self.directory / fmt.PREPARED
         # Parse before the rename, so a damaged prepared state never becomes the manifest.
-        self._parse(fmt.read_json(prepared, "prepared state"), prepared)
+        parse_state(fmt.read_json(prepared, "prepared state"), prepared, self.directory, self.rank, self.meta)
         os.replace(prepared, self.directory / fmt.MANIFEST)
         fmt.fsync_path(self.directory)
         before = self.records
