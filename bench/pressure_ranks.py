@@ -27,14 +27,12 @@ import argparse
 import os
 import shutil
 import statistics
-import tempfile
-from pathlib import Path
 from types import SimpleNamespace
 
 from common import machine, spawn_ranks, write_results
 from reshuffle.report.table import format_table
 from reshuffle.store.direct import SETTING
-from scale import evict, generate, page_cache_held
+from scale import evict, generate, page_cache_held, set_arguments
 from scale_ranks import _rank
 
 MODES = {"chosen": None, "buffered": "0"}  # RESHUFFLE_DIRECT_READS for each run
@@ -79,11 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "reshuffle-scale",
-                        help="where the JPEG set is made or reused (bench/scale.py's)")  # fmt: skip
-    parser.add_argument("--count", type=int, default=40_000, help="JPEGs in the set")
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    set_arguments(parser, "where the JPEG set is made or reused (bench/scale.py's)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)

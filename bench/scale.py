@@ -475,15 +475,20 @@ def run_epoch(
     return result
 
 
+def set_arguments(parser: argparse.ArgumentParser, root_help: str) -> None:
+    """The JPEG set's options, shared by the benchmarks that make or reuse it."""
+    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "reshuffle-scale",
+                        help=root_help)  # fmt: skip
+    parser.add_argument("--count", type=int, default=40_000, help="JPEGs in the set")
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "reshuffle-scale",
-                        help="where the set and every format live (about 5x its size)")  # fmt: skip
-    parser.add_argument("--count", type=int, default=40_000, help="JPEGs in the set")
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    set_arguments(parser, "where the set and every format live (about 5x its size)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--repeats", type=int, default=2)

@@ -29,7 +29,6 @@ import argparse
 import os
 import shutil
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from scale import (
     evict,
     generate,
     raw_collate,
+    set_arguments,
     watch_memory,
 )
 
@@ -136,11 +136,7 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "reshuffle-scale",
-                        help="where the JPEG set is made or reused (bench/scale.py's)")  # fmt: skip
-    parser.add_argument("--count", type=int, default=40_000, help="JPEGs in the set")
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    set_arguments(parser, "where the JPEG set is made or reused (bench/scale.py's)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
