@@ -33,7 +33,7 @@ from common import machine, spawn_ranks, write_results
 from reshuffle.report.table import format_table
 from reshuffle.store.direct import SETTING
 from scale import evict, generate, page_cache_held, set_arguments
-from scale_ranks import _rank
+from scale_ranks import rank_job
 
 MODES = {"chosen": None, "buffered": "0"}  # RESHUFFLE_DIRECT_READS for each run
 
@@ -51,7 +51,7 @@ def run(
         os.environ[SETTING] = MODES[mode]  # the spawned ranks inherit it
     try:
         with page_cache_held(SimpleNamespace(cache_share=share), set_bytes, args.ranks << 30):
-            ranks = spawn_ranks(_rank, args.ranks, str(store_dir), "partial", 0.1, args.epochs, files,
+            ranks = spawn_ranks(rank_job, args.ranks, str(store_dir), "partial", 0.1, args.epochs, files,
                                 labels, args.batch, 1, timeout_s=3600)  # fmt: skip
     finally:
         os.environ.pop(SETTING, None)

@@ -49,7 +49,7 @@ from reshuffle.store import format as fmt
 from reshuffle.store.checksum import checksum
 from reshuffle.store.dataset import AHEAD_BATCHES
 from reshuffle.store.direct import DEPTH, SETTING
-from scale import _device_of, _disk_sectors_read, evict, page_cache_held
+from scale import device_of, disk_sectors_read, evict, page_cache_held
 
 BATCH = 64
 ALIGN = 4096  # O_DIRECT: offsets, lengths and buffers aligned to the disk's block (4 KiB covers 512 B)
@@ -152,7 +152,7 @@ def one_pass(mode: str, args: argparse.Namespace, store_bytes: int, device: str)
     queue = context.Queue()
     evict(args.root / "store")
     with page_cache_held(SimpleNamespace(cache_share=args.cache_share), store_bytes):
-        before, started = _disk_sectors_read(device), time.perf_counter()
+        before, started = disk_sectors_read(device), time.perf_counter()
         workers = [context.Process(target=_worker, args=(mode, str(args.root), part, args.processes, queue))
                    for part in range(args.processes)]  # fmt: skip
         for worker in workers:
@@ -161,7 +161,7 @@ def one_pass(mode: str, args: argparse.Namespace, store_bytes: int, device: str)
         for worker in workers:
             worker.join()
         seconds = time.perf_counter() - started
-        disk_bytes = (_disk_sectors_read(device) - before) * 512
+        disk_bytes = (disk_sectors_read(device) - before) * 512
     samples, nbytes = sum(r[0] for r in results), sum(r[1] for r in results)
     return {"mode": mode, "samples": samples, "bytes": nbytes, "seconds": seconds, "disk_bytes": disk_bytes,
             "cpu_seconds": sum(r[3] for r in results)}  # fmt: skip
@@ -192,7 +192,7 @@ def main() -> None:
         print("liburing is not installed (pip install 'reshuffle[bench]'): the store's path only", flush=True)
         modes = ["store"]
     store = RankStore.open(args.root / "store", 0)
-    store_bytes, device = int(store.reader.lengths.sum()), _device_of(args.root)
+    store_bytes, device = int(store.reader.lengths.sum()), device_of(args.root)
     passes = []
     for round_index in range(args.rounds):
         for mode in modes:

@@ -310,15 +310,15 @@ def read_epoch(system: str, root: Path, files: list[str], labels: list[int], opt
         loader = DataLoader(dataset, **loader_options)
     else:
         raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
-    device = _device_of(root)
-    before = _disk_sectors_read(device)
+    device = device_of(root)
+    before = disk_sectors_read(device)
     started = time.perf_counter()
     samples = nbytes = 0
     for payload, count in loader:
         samples += count
         nbytes += payload if isinstance(payload, int) else 0
     seconds = time.perf_counter() - started
-    disk_bytes = (_disk_sectors_read(device) - before) * 512
+    disk_bytes = (disk_sectors_read(device) - before) * 512
     if system == "reshuffle-store":
         data.close()
     return {"samples": samples, "bytes": nbytes, "seconds": seconds, "disk_bytes": disk_bytes}
@@ -332,7 +332,7 @@ def _read_bytes(path: str) -> bytes:
 # ----------------------------------------------------------------------------- the driver
 
 
-def _disk_sectors_read(device: str) -> int:
+def disk_sectors_read(device: str) -> int:
     for line in Path("/proc/diskstats").read_text().splitlines():
         fields = line.split()
         if fields[2] == device:
@@ -340,7 +340,7 @@ def _disk_sectors_read(device: str) -> int:
     raise ValueError(f"no disk {device} in /proc/diskstats")
 
 
-def _device_of(path: Path) -> str:
+def device_of(path: Path) -> str:
     number = os.stat(path).st_dev
     major, minor = os.major(number), os.minor(number)
     for line in Path("/proc/diskstats").read_text().splitlines():
@@ -450,7 +450,7 @@ def run_epoch(
         command += ["--decode", "--decode-limit", str(args.decode_limit)]
     peaks: dict[int, tuple[int, int]] = {}
     with page_cache_held(args, store_bytes) if condition == "pressure" else contextlib.nullcontext():
-        before = _disk_sectors_read(device)
+        before = disk_sectors_read(device)
         child = subprocess.Popen(
             command, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
         )
@@ -460,7 +460,7 @@ def run_epoch(
         out, _ = child.communicate(timeout=3600)
         stop.set()
         watcher.join()
-        process_disk_bytes = (_disk_sectors_read(device) - before) * 512
+        process_disk_bytes = (disk_sectors_read(device) - before) * 512
     if child.returncode != 0:
         raise RuntimeError(f"{system} ({condition}) failed with exit {child.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
@@ -528,7 +528,7 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     files, labels = generate(args.root, args.count, args.classes, args.size, max(1, os.cpu_count() or 1))
     set_bytes = sum(os.path.getsize(f) for f in files)
-    device = _device_of(args.root)
+    device = device_of(args.root)
     conditions = list(args.conditions)
     staging = {}
 

@@ -37,9 +37,9 @@ from common import machine, spawn_ranks, write_results
 from reshuffle.report.table import format_table
 from scale import (
     Files,
-    _device_of,
-    _disk_sectors_read,
     dd_write_seconds,
+    device_of,
+    disk_sectors_read,
     evict,
     generate,
     raw_collate,
@@ -52,8 +52,8 @@ MEMORY = {"anon_mb": "rank anonymous", "rss_mb": "rank resident", "child_anon_mb
           "child_rss_mb": "children resident"}  # fmt: skip
 
 
-def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float, epochs: int,
-          files: list[str], labels: list[int], batch: int, workers: int) -> dict:  # fmt: skip
+def rank_job(rank: int, world: int, store_dir: str, strategy: str, fraction: float, epochs: int,
+             files: list[str], labels: list[int], batch: int, workers: int) -> dict:  # fmt: skip
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -71,17 +71,17 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
     data = ShuffledData(Files(files, labels), store_dir, strategy=strategy, fraction=fraction, seed=0,
                         epochs=epochs, chunk_mb=64)  # fmt: skip
     loader = data.loader(batch_size=batch, num_workers=workers, collate_fn=raw_collate)
-    rows, staging_s, device = [], 0.0, _device_of(Path(store_dir).parent)
+    rows, staging_s, device = [], 0.0, device_of(Path(store_dir).parent)
     for epoch in range(epochs):
         boundary = time.perf_counter()
         data.set_epoch(epoch)  # the commit of the exchange that ran during the last epoch (or staging)
         commit_s = time.perf_counter() - boundary
         if epoch == 0:
             staging_s, commit_s = commit_s, 0.0
-        began, sectors = time.perf_counter(), _disk_sectors_read(device)
+        began, sectors = time.perf_counter(), disk_sectors_read(device)
         read = sum(nbytes for nbytes, _ in loader)
         reading_s = time.perf_counter() - began
-        disk_read = (_disk_sectors_read(device) - sectors) * 512  # the whole disk's, every rank's
+        disk_read = (disk_sectors_read(device) - sectors) * 512  # the whole disk's, every rank's
         waited = time.perf_counter()
         stats = data.end_epoch()
         exposed_s = time.perf_counter() - waited + commit_s
@@ -102,7 +102,7 @@ def _rank(rank: int, world: int, store_dir: str, strategy: str, fraction: float,
     assert store is not None
     available = memory_available()
     reads = {
-        "around": store.reader._direct is not None,
+        "around": store.reader.around_page_cache,
         "sharing": store.ranks_sharing_memory,
         "fits_alone": available is not None and int(store.records["length"].sum()) <= available,
         "available": available or 0,
@@ -154,7 +154,7 @@ def main() -> None:
         store_dir = args.root / f"stores-{strategy}"
         shutil.rmtree(store_dir, ignore_errors=True)
         evict(args.root / "images")  # every staging reads its JPEGs from the disk, as a first one does
-        results[name] = spawn_ranks(_rank, args.ranks, str(store_dir), strategy, fraction, args.epochs,
+        results[name] = spawn_ranks(rank_job, args.ranks, str(store_dir), strategy, fraction, args.epochs,
                                     files[:count], labels[:count], args.batch, args.workers,
                                     timeout_s=3600)  # fmt: skip
         shutil.rmtree(store_dir, ignore_errors=True)

@@ -80,7 +80,7 @@ def _assert_direct_ran(store: RankStore, root: Path) -> None:
 
 def test_direct_reads_give_the_records_buffered_reads_give(root, monkeypatch):
     buffered, direct = _store(root, "0", monkeypatch), _store(root, "1", monkeypatch)
-    assert buffered.reader._direct is None
+    assert not buffered.reader.around_page_cache
     rng = np.random.default_rng(0)
     for batch in range(8):
         ids = rng.choice(buffered.ids, size=DEPTH + 29, replace=False)  # more than in flight at once
@@ -204,18 +204,18 @@ def test_the_stores_of_ranks_on_one_host_count_together(root, monkeypatch):
     size = int(RankStore.open(root, 0).reader.lengths.sum())
     monkeypatch.setattr(direct, "memory_available", lambda: int(1.5 * size))
     store = RankStore.open(root, 0)
-    assert store.reader._direct is None and store.ranks_sharing_memory == 1
+    assert not store.reader.around_page_cache and store.ranks_sharing_memory == 1
     store.share_memory(2)
-    assert store.reader._direct is not None
+    assert store.reader.around_page_cache
     ids = store.reader.ids[:40]
     _cold(root)
     assert _read(store, ids) == _read(_store(root, "0", monkeypatch), ids)
     _assert_direct_ran(store, root)
     monkeypatch.setenv(SETTING, "auto")
     store._load(store.directory / fmt.MANIFEST)  # the next committed state keeps the host's count
-    assert store.reader._direct is not None
+    assert store.reader.around_page_cache
     store.share_memory(1)
-    assert store.reader._direct is None
+    assert not store.reader.around_page_cache
 
 
 class Blobs:

@@ -113,6 +113,12 @@ class PackReader(Announcing, AroundPageCache):
         # batches that go to the disk read around the page cache: stores bigger than memory
         self._direct = DirectReads(directory) if wanted(int(self.lengths.sum()) * sharing) else None
 
+    @property
+    def around_page_cache(self) -> bool:
+        """Whether batches whose reads go to the disk are read around the page cache
+        (:mod:`reshuffle.store.direct`): stores bigger than the memory available."""
+        return self._direct is not None
+
     def where(self, sample_id: int) -> int:
         where = int(self.ids.searchsorted(sample_id))
         if where >= self.ids.size or self.ids[where] != sample_id:
